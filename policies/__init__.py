@@ -1,0 +1,29 @@
+"""``remat.policies``: named, composable remat policies for ``jax.checkpoint``.
+
+Needs only JAX. The :class:`Policy` value type, the spec-string grammar, the
+registry of presets and the checkpoint-name vocabulary (:mod:`remat.policies.vocab`).
+"""
+
+from remat.policies import presets as _presets  # noqa: F401  (registers the presets)
+from remat.policies import vocab
+from remat.policies.policy import DotsRule, Policy
+from remat.policies.registry import (
+    PolicySpecError,
+    UnknownPolicyError,
+    describe,
+    get,
+    names,
+    register,
+)
+
+__all__ = [
+    "DotsRule",
+    "Policy",
+    "PolicySpecError",
+    "UnknownPolicyError",
+    "describe",
+    "get",
+    "names",
+    "register",
+    "vocab",
+]

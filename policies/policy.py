@@ -1,0 +1,202 @@
+"""The :class:`Policy` value type: what a remat policy saves, offloads or recomputes."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import jax
+from jax.ad_checkpoint import Offloadable, Recompute, Saveable
+
+DotsRule = Literal["all", "no_batch"]
+"""Which matmul (``dot_general``) outputs a rule covers: ``"all"`` as JAX's
+``dots_saveable``, ``"no_batch"`` as ``dots_with_no_batch_dims_saveable``."""
+
+_DOTS_RULES = ("all", "no_batch")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+OFFLOAD_SRC = "device"
+OFFLOAD_DST = "pinned_host"
+
+
+def _names(field: str, value: Iterable[str]) -> frozenset[str]:
+    if isinstance(value, str):
+        raise TypeError(
+            f"Policy.{field} takes a collection of checkpoint names, got the string "
+            f"{value!r}; write {field}=({value!r},)")
+    names = frozenset(value)
+    for n in sorted(names):
+        if not isinstance(n, str) or not _NAME_RE.match(n):
+            raise ValueError(
+                f"invalid checkpoint name {n!r} in Policy.{field}: a name is a letter or "
+                "'_' followed by letters, digits, '_', '.' or '-'")
+    return names
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Policy:
+    """A remat policy: for each residual, save it on device, offload it to host
+    memory, or recompute it in the backward pass.
+
+    A frozen, hashable value; equal policies are equal whatever way they were
+    written. Build one from a spec string with :func:`remat.policies.get`; its
+    ``str()`` is the canonical spec and round-trips (``get(str(p)) == p``).
+
+    Attributes:
+      save: checkpoint names (``jax.ad_checkpoint.checkpoint_name``) kept in
+        device memory.
+      offload: checkpoint names moved to ``pinned_host`` memory after the
+        forward pass and back for the backward pass.
+      dots: also keep matmul outputs: ``"all"`` (JAX's ``dots_saveable``) or
+        ``"no_batch"`` (``dots_with_no_batch_dims_saveable``: only matmuls
+        without batch dimensions, i.e. weight projections, not attention).
+      offload_dots: offload matmul outputs instead, by the same rules
+        (``"no_batch"`` is JAX's ``offload_dot_with_no_batch_dims``).
+      remat: ``False`` is the policy ``"none"``: no ``jax.checkpoint`` at all,
+        every residual kept. ``Policy()`` (the default) is ``"full"``:
+        recompute everything, keep only the inputs of the checkpointed function.
+
+    Raises:
+      ValueError: a name both saved and offloaded, matmuls both saved and
+        offloaded, an unknown dots rule, an invalid name, or ``remat=False``
+        combined with anything else.
+      TypeError: a bare string where a collection of names is expected.
+    """
+
+    save: frozenset[str] = frozenset()
+    offload: frozenset[str] = frozenset()
+    dots: DotsRule | None = None
+    offload_dots: DotsRule | None = None
+    remat: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "save", _names("save", self.save))
+        object.__setattr__(self, "offload", _names("offload", self.offload))
+        for field in ("dots", "offload_dots"):
+            rule = getattr(self, field)
+            if rule is not None and rule not in _DOTS_RULES:
+                raise ValueError(
+                    f"invalid Policy.{field}={rule!r}; valid: None, 'all', 'no_batch'")
+        both = self.save & self.offload
+        if both:
+            raise ValueError(
+                "checkpoint name(s) both saved and offloaded: "
+                f"{', '.join(sorted(both))}; a residual is either kept on device or "
+                "moved to host, choose one")
+        if self.dots is not None and self.offload_dots is not None:
+            raise ValueError(
+                f"matmul outputs both saved (dots={self.dots!r}) and offloaded "
+                f"(offload_dots={self.offload_dots!r}); choose one")
+        if not self.remat and (self.save or self.offload or self.dots or self.offload_dots):
+            raise ValueError(
+                "the policy 'none' (remat=False) keeps every residual and cannot be "
+                f"combined with other terms: {self._terms()}")
+
+    # -- derived views ---------------------------------------------------------
+    @property
+    def is_none(self) -> bool:
+        """True for ``"none"``: no rematerialization at all."""
+        return not self.remat
+
+    @property
+    def is_full(self) -> bool:
+        """True for ``"full"``: rematerialize everything, save nothing."""
+        return self.remat and not (self.save or self.offload or self.dots or self.offload_dots)
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every checkpoint name the policy saves or offloads."""
+        return self.save | self.offload
+
+    @property
+    def offloads(self) -> bool:
+        """True when the policy moves anything to host memory."""
+        return bool(self.offload or self.offload_dots)
+
+    def __or__(self, other: Policy) -> Policy:
+        """The union of two policies: each residual that either keeps.
+
+        Raises:
+          ValueError: when one side is ``"none"`` and the other is not, or the
+            union saves and offloads the same name.
+        """
+        if not isinstance(other, Policy):
+            return NotImplemented
+        if self.is_none or other.is_none:
+            if self == other:
+                return self
+            raise ValueError(
+                f"the policy 'none' cannot be combined with {str(other if self.is_none else self)!r}")
+        order = (None, "no_batch", "all")
+        return Policy(
+            save=self.save | other.save,
+            offload=self.offload | other.offload,
+            dots=max(self.dots, other.dots, key=order.index),
+            offload_dots=max(self.offload_dots, other.offload_dots, key=order.index),
+        )
+
+    # -- spec string -----------------------------------------------------------
+    def _terms(self) -> list[str]:
+        terms = []
+        if self.save:
+            terms.append("save:" + ",".join(sorted(self.save)))
+        if self.offload:
+            terms.append("offload:" + ",".join(sorted(self.offload)))
+        for field in ("dots", "offload_dots"):
+            rule = getattr(self, field)
+            if rule is not None:
+                terms.append(field if rule == "all" else f"{field}:{rule}")
+        return terms
+
+    def __str__(self) -> str:
+        """The canonical spec, e.g. ``"save:out_proj + offload:mlpwo + dots:no_batch"``."""
+        if self.is_none:
+            return "none"
+        return " + ".join(self._terms()) or "full"
+
+    # -- JAX -------------------------------------------------------------------
+    def to_jax(self) -> Callable[..., Any]:
+        """The policy callable for ``jax.checkpoint(policy=...)``.
+
+        Returns JAX's own hashable policy objects where one exists
+        (``jax.checkpoint_policies.nothing_saveable``, ``save_only_these_names``,
+        ``dots_saveable``, ``dots_with_no_batch_dims_saveable``,
+        ``everything_saveable`` for ``"none"``), since JAX's remat engine caches on
+        them; any other combination becomes a hashable callable that returns JAX's
+        three-way answers (``Saveable``, ``Offloadable(device -> pinned_host)``,
+        ``Recompute``). See the JAX doc "Gradient checkpointing with
+        jax.checkpoint".
+        """
+        cp = jax.checkpoint_policies
+        if self.is_none:
+            return cp.everything_saveable
+        if self.is_full:
+            return cp.nothing_saveable
+        if not self.offloads and not self.dots:
+            return cp.save_only_these_names(*sorted(self.save))
+        if not self.offloads and not self.save:
+            return cp.dots_saveable if self.dots == "all" else cp.dots_with_no_batch_dims_saveable
+        return _ThreeWay(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ThreeWay:
+    """A hashable ``jax.checkpoint`` policy for combinations JAX has no object for."""
+
+    policy: Policy
+
+    def __call__(self, prim: Any, *args: Any, **params: Any) -> Any:
+        p, cp = self.policy, jax.checkpoint_policies
+        offloadable = Offloadable(src=OFFLOAD_SRC, dst=OFFLOAD_DST)
+        # JAX's own name and dot predicates, so no private primitive is touched.
+        if cp.save_only_these_names(*p.save)(prim, *args, **params):
+            return Saveable
+        if cp.save_only_these_names(*p.offload)(prim, *args, **params):
+            return offloadable
+        for rule, answer in ((p.dots, Saveable), (p.offload_dots, offloadable)):
+            if rule is not None:
+                test = cp.dots_saveable if rule == "all" else cp.dots_with_no_batch_dims_saveable
+                if test(prim, *args, **params):
+                    return answer
+        return Recompute
