@@ -6,7 +6,9 @@ that moves them breaks one file.
 
 from __future__ import annotations
 
-from jax._src.ad_checkpoint import name_p  # the primitive of `checkpoint_name`
-from jax._src.ad_checkpoint import saved_residuals  # (aval, source) pairs
+from jax._src.ad_checkpoint import (
+    name_p,  # the primitive of `checkpoint_name`
+    saved_residuals,  # (aval, source) pairs
+)
 
 __all__ = ["name_p", "saved_residuals"]
