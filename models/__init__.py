@@ -1,2 +1,29 @@
 """``remat.models``: decoder-only transformers that scan over layers, every
-saveable tensor tagged with the checkpoint-name vocabulary."""
+saveable tensor tagged with the checkpoint-name vocabulary
+(:mod:`remat.policies.vocab`).
+
+- :class:`ModelConfig`, :func:`get_config`, :func:`names`: shapes and options,
+  presets with published shapes (``tiny``, GPT-2 small..xl, Llama 3.2 1B/3B,
+  Llama 3 8B/70B).
+- :class:`Transformer`: ``tokens[B, T] -> logits[B, T, V]``, layers scanned by
+  :func:`remat.scan_layers` under a remat policy; :class:`Block`, one layer.
+- :func:`param_count`: parameters counted through ``jax.eval_shape``.
+"""
+
+from remat.models.config import PUBLISHED_PARAMS, ModelConfig, get_config, names
+from remat.models.layers import Attention, Mlp, attention_implementation, rope
+from remat.models.transformer import Block, Transformer, param_count
+
+__all__ = [
+    "PUBLISHED_PARAMS",
+    "Attention",
+    "Block",
+    "Mlp",
+    "ModelConfig",
+    "Transformer",
+    "attention_implementation",
+    "get_config",
+    "names",
+    "param_count",
+    "rope",
+]

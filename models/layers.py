@@ -1,0 +1,212 @@
+"""Building blocks of the decoder: norms, RoPE, attention, MLPs.
+
+Shape-suffix legend (nanodo style; a local ``x_BxTxD`` has shape ``[B, T, D]``):
+
+- B: batch
+- T: query sequence length; S: key/value sequence length (``S == T`` here)
+- D: model width (``d_model``)
+- N: query heads; K: key/value heads; G = N / K, query heads per kv head
+- H: head width (``head_dim``)
+- F: MLP hidden width (``mlp_dim``)
+- V: vocabulary
+
+Logical axis names (MaxText style, for ``flax.linen`` logical partitioning
+rules): parameters use ``"embed"`` (D), ``"heads"`` (N), ``"kv_heads"`` (K),
+``"head_dim"`` (H), ``"mlp"`` (F), ``"vocab"`` (V), ``"norm"`` (a norm's D);
+activations use ``"batch"``, ``"length"`` plus the same feature names. The
+scanned layer axis is ``"layers"`` (added by :func:`remat.scan_layers`).
+
+Checkpoint names come from :mod:`remat.policies.vocab`; each is placed where
+MaxText places it (``MaxText/layers/attentions.py``, ``linears.py``,
+``llama2.py``), after the logical constraint of the tensor it names.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from remat.models.config import ModelConfig, residual_init_std
+from remat.policies import vocab
+
+# Logical axes of activations.
+BTD = ("batch", "length", "embed")
+BTNH = ("batch", "length", "heads", "head_dim")
+BTKH = ("batch", "length", "kv_heads", "head_dim")
+BNTS = ("batch", "heads", "length", None)
+BTF = ("batch", "length", "mlp")
+BTV = ("batch", "length", "vocab")
+
+
+def tag(x: jax.Array, name: str, axes: tuple[str | None, ...]) -> jax.Array:
+    """Constrain ``x`` to logical ``axes`` (``nn.with_logical_constraint``, a
+    no-op without a mesh and rules) and name it for remat policies
+    (``jax.ad_checkpoint.checkpoint_name``)."""
+    return checkpoint_name(nn.with_logical_constraint(x, axes), name)
+
+
+def kernel_init(config: ModelConfig, axes: tuple[str | None, ...], *,
+                residual: bool = False) -> nn.initializers.Initializer:
+    """Normal(``init_std``) initialiser with logical axis names; ``residual``
+    projections use ``init_std / sqrt(2 L)`` (GPT-2)."""
+    std = residual_init_std(config) if residual else config.init_std
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def norm(config: ModelConfig, name: str) -> nn.Module:
+    """The family's normalisation layer over the last axis: ``LayerNorm`` (scale
+    and bias) for gpt2 (Ba et al. 2016), ``RMSNorm`` (scale) for llama (Zhang &
+    Sennrich 2019). Statistics in float32, output in ``config.dtype``."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+    if config.family == "gpt2":
+        return nn.LayerNorm(
+            epsilon=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+            scale_init=scale_init,
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), name=name)
+    return nn.RMSNorm(epsilon=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+                      scale_init=scale_init, name=name)
+
+
+def rope(x_BxTxMxH: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021, "RoFormer"), Llama's
+    half-split convention (Hugging Face ``rotate_half``): feature ``i`` pairs
+    with ``i + H/2`` and rotates by ``t * theta^(-2i/H)`` at position ``t``.
+
+    Args:
+      x_BxTxMxH: queries or keys, ``[B, T, M, H]`` (M heads), any float dtype;
+        position ``t`` is the index along T.
+      theta: base frequency (``rope_theta``).
+
+    Returns:
+      The rotated array, same shape and dtype; the angles and the rotation are
+      computed in float32.
+    """
+    _, t, _, h = x_BxTxMxH.shape
+    inv_freq_Hh = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    angle_TxHh = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq_Hh[None, :]
+    sin_Tx1xHh, cos_Tx1xHh = jnp.sin(angle_TxHh)[:, None, :], jnp.cos(angle_TxHh)[:, None, :]
+    x1, x2 = jnp.split(x_BxTxMxH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos_Tx1xHh - x2 * sin_Tx1xHh, x2 * cos_Tx1xHh + x1 * sin_Tx1xHh], -1)
+    return out.astype(x_BxTxMxH.dtype)
+
+
+def attention_implementation(config: ModelConfig) -> str:
+    """The ``implementation=`` passed to ``jax.nn.dot_product_attention`` for
+    ``attention="dot_product_attention"``: ``"cudnn"`` (flash attention, Dao et
+    al. 2022, through cuDNN) when the default backend is a GPU and the compute
+    dtype is bf16 or f16 (cuDNN's requirement), else ``"xla"``. cuDNN raises
+    for shapes it does not support (e.g. head_dim > 128 or not a multiple of 8),
+    never falls back silently. Returns ``"einsum"`` for ``attention="xla"``.
+    """
+    if config.attention == "xla":
+        return "einsum"
+    if jax.default_backend() == "gpu" and config.dtype in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
+class Attention(nn.Module):
+    """Causal self-attention with separate query/key/value projections:
+    multi-head (K == N) or grouped-query (K < N, Ainslie et al. 2023, without
+    repeating K/V: queries are grouped ``[B, T, K, G, H]`` against ``[B, S, K, H]``).
+
+    ``__call__(x_BxTxD, *, deterministic) -> [B, T, D]`` in ``config.dtype``.
+    Tags ``query_proj``, ``key_proj``, ``value_proj`` (``[B, T, N|K, H]``,
+    before RoPE), ``attn_scores`` (masked logits ``[B, N, T, S]``) and
+    ``attn_probs`` (after softmax and dropout) with ``attention="xla"``,
+    ``context`` (``[B, T, N, H]``) and ``out_proj`` (``[B, T, D]``). Llama
+    rotates queries and keys with RoPE; gpt2 adds biases. Softmax in float32.
+    Dropout on the probabilities at ``config.attn_dropout`` (rng ``"dropout"``).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, *, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        bias = cfg.family == "gpt2"
+
+        def proj(features: tuple[int, int], heads_axis: str, name: str) -> nn.Module:
+            return nn.DenseGeneral(
+                features, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=kernel_init(cfg, ("embed", heads_axis, "head_dim")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, "head_dim")),
+                name=name)
+
+        q_BxTxNxH = tag(proj((n, h), "heads", "query")(x_BxTxD), vocab.QUERY_PROJ, BTNH)
+        k_BxSxKxH = tag(proj((k, h), "kv_heads", "key")(x_BxTxD), vocab.KEY_PROJ, BTKH)
+        v_BxSxKxH = tag(proj((k, h), "kv_heads", "value")(x_BxTxD), vocab.VALUE_PROJ, BTKH)
+        if cfg.family == "llama":
+            q_BxTxNxH = rope(q_BxTxNxH, cfg.rope_theta)
+            k_BxSxKxH = rope(k_BxSxKxH, cfg.rope_theta)
+
+        if cfg.attention == "xla":
+            ctx_BxTxNxH = self._einsum_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, deterministic)
+        else:
+            ctx_BxTxNxH = jax.nn.dot_product_attention(
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True,
+                implementation=attention_implementation(cfg))
+        ctx_BxTxNxH = tag(ctx_BxTxNxH, vocab.CONTEXT, BTNH)
+
+        out_BxTxD = nn.DenseGeneral(
+            cfg.d_model, axis=(-2, -1), use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            kernel_init=kernel_init(cfg, ("heads", "head_dim", "embed"), residual=True),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="out")(ctx_BxTxNxH)
+        return tag(out_BxTxD, vocab.OUT_PROJ, BTD)
+
+    def _einsum_attention(self, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
+                          deterministic: bool) -> jax.Array:
+        cfg = self.config
+        b, t, n, h = q_BxTxNxH.shape
+        s, k = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+        g = n // k
+        # Query head n = k * G + g attends with kv head k (Llama's repeat_kv order).
+        q_BxTxKxGxH = (q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype)).reshape(b, t, k, g, h)
+        scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH)
+        scores_BxNxTxS = scores_BxKxGxTxS.reshape(b, n, t, s)
+        causal_TxS = jnp.tril(jnp.ones((t, s), dtype=bool), k=s - t)
+        scores_BxNxTxS = jnp.where(causal_TxS, scores_BxNxTxS, jnp.finfo(scores_BxNxTxS.dtype).min)
+        scores_BxNxTxS = tag(scores_BxNxTxS, vocab.ATTN_SCORES, BNTS)
+        probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS.astype(jnp.float32), axis=-1).astype(cfg.dtype)
+        probs_BxNxTxS = nn.Dropout(cfg.attn_dropout, name="attn_dropout")(
+            probs_BxNxTxS, deterministic=deterministic)
+        probs_BxNxTxS = tag(probs_BxNxTxS, vocab.ATTN_PROBS, BNTS)
+        probs_BxKxGxTxS = probs_BxNxTxS.reshape(b, k, g, t, s)
+        ctx_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH)
+        return ctx_BxTxKxGxH.reshape(b, t, n, h)
+
+
+class Mlp(nn.Module):
+    """The feed-forward block, ``[B, T, D] -> [B, T, D]`` in ``config.dtype``.
+
+    gpt2: ``wo(gelu_tanh(wi x))`` with biases (Hendrycks & Gimpel 2016; GPT-2's
+    ``gelu_new``), tags ``mlpwi`` and ``mlpwo``. llama: SwiGLU ``wo(silu(wi_0
+    x) * wi_1 x)`` without biases (Shazeer 2020), tags ``mlpwi_0`` (gate),
+    ``mlpwi_1`` (up) and ``mlpwo``.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        cfg = self.config
+        bias = cfg.family == "gpt2"
+
+        def dense(features: int, axes: tuple[str, str], name: str, residual: bool = False) -> nn.Module:
+            return nn.Dense(
+                features, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=kernel_init(cfg, axes, residual=residual),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)), name=name)
+
+        if cfg.family == "gpt2":
+            h_BxTxF = tag(dense(cfg.mlp_dim, ("embed", "mlp"), "wi")(x_BxTxD), vocab.MLPWI, BTF)
+            h_BxTxF = nn.gelu(h_BxTxF, approximate=True)
+        else:
+            gate_BxTxF = tag(dense(cfg.mlp_dim, ("embed", "mlp"), "wi_0")(x_BxTxD), vocab.MLPWI_0, BTF)
+            up_BxTxF = tag(dense(cfg.mlp_dim, ("embed", "mlp"), "wi_1")(x_BxTxD), vocab.MLPWI_1, BTF)
+            h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+        out_BxTxD = dense(cfg.d_model, ("mlp", "embed"), "wo", residual=True)(h_BxTxF)
+        return tag(out_BxTxD, vocab.MLPWO, BTD)
