@@ -1,0 +1,496 @@
+"""``remat train``: byte-level language modelling on real text under a named remat policy.
+
+One run lives in one folder ``DIR``:
+
+- ``run.json``: the :class:`TrainConfig` (``--resume`` reads it back);
+- ``data/``: the corpus as memory-mapped byte files (:func:`remat.data.build_corpus`);
+- ``checkpoints/<step>/``: orbax checkpoints (parameters, optimizer state, PRNG key,
+  data position, elapsed seconds) every ``ckpt_every`` steps, at the end, and on Ctrl-C;
+- ``metrics.jsonl``: one JSON object per step: ``step``, ``train_loss`` and
+  ``val_loss`` (nats per byte; ``val_loss`` is ``null`` between evaluations), ``lr``,
+  ``tokens_per_s`` and ``seconds`` (wall time since the run started, summed over
+  resumed segments);
+- ``loss.png``: train and validation loss against step (matplotlib).
+
+The optimizer is AdamW (Loshchilov & Hutter 2019) with linear warmup then cosine decay
+(``optax.warmup_cosine_decay_schedule``) and global-norm gradient clipping
+(``optax.clip_by_global_norm``), as in nanoGPT / GPT-3 style training. The step is
+:func:`remat.step.make_train_step`, compiled once ahead of time
+(``jax.jit(...).lower(...).compile()``); the same compiled object gives the
+compile-time memory figure of the summary. On accelerators the model computes in
+bfloat16 (parameters stay float32); on CPU in float32.
+
+Resume is exact: a batch is a pure function of the data position
+(:class:`remat.data.Batches`) and the checkpoint holds everything else that evolves,
+so ``N/2`` steps + ``--resume`` + ``N/2`` steps gives the same losses and parameters
+as ``N`` steps in one go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax.training.train_state import TrainState
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from remat.data import Batches, Corpus, build_corpus, eval_batches
+from remat.step import init_train_state, lm_loss, make_train_step
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (stored as ``DIR/run.json``).
+
+    The defaults are tuned so that ``remat train --model tiny --policy minimal`` reaches
+    validation loss <= 2.4 nats/byte on the standard-library corpus within 5 minutes on a
+    2-core CPU.
+
+    Attributes:
+      model: a preset name of :func:`remat.models.get_config` (e.g. ``"tiny"``).
+      policy: remat policy name or spec (``remat policies`` lists them).
+      groups: ``None``, ``"sqrt"`` or ``(G, K)`` with ``G * K`` = layers: nested
+        checkpointing of groups of layers (:func:`remat.scan_layers`).
+      steps: optimizer steps in the whole run.
+      batch: sequences per step, B.
+      seq: bytes per sequence, T (<= the model's ``max_seq_len``).
+      lr: peak learning rate (reached after ``warmup`` steps).
+      warmup: linear warmup steps from 0.
+      min_lr_ratio: the cosine decays to ``lr * min_lr_ratio`` at ``steps``.
+      weight_decay: AdamW decoupled weight decay, on matrices only (``ndim >= 2``).
+      b1, b2: AdamW moment decay rates.
+      clip: maximum global gradient norm.
+      data: files/folders of text; ``None`` is the Python standard library.
+      data_ext: keep only files with these suffixes when walking ``data`` folders.
+      val_fraction: share of files held out for validation.
+      eval_every: evaluate the validation loss every this many steps (and at the end).
+      eval_windows: validation windows of ``seq`` bytes per evaluation (evenly spaced).
+      ckpt_every: checkpoint every this many steps (and at the end).
+      seed: seeds parameter init, data order and the dropout key.
+    """
+
+    model: str = "tiny"
+    policy: str = "minimal"
+    groups: str | tuple[int, int] | None = None
+    steps: int = 300
+    batch: int = 16
+    seq: int = 128
+    lr: float = 3e-3
+    warmup: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip: float = 1.0
+    data: tuple[str, ...] | None = None
+    data_ext: tuple[str, ...] | None = None
+    val_fraction: float = 0.1
+    eval_every: int = 50
+    eval_windows: int = 256
+    ckpt_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "eval_every", "eval_windows", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.seq < 2:
+            raise ValueError(f"seq must be >= 2, got {self.seq!r}")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError(f"warmup must be in [0, steps={self.steps}), got {self.warmup!r}")
+        if self.lr <= 0 or self.clip <= 0:
+            raise ValueError(f"lr and clip must be > 0, got lr={self.lr!r}, clip={self.clip!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of all fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_json` (lists back to tuples)."""
+        d = dict(d)
+        for k in ("groups", "data", "data_ext"):
+            if isinstance(d.get(k), list):
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+RESUME_MUST_MATCH = ("model", "steps", "batch", "seq", "lr", "warmup", "min_lr_ratio", "weight_decay",
+                     "b1", "b2", "clip", "data", "data_ext", "val_fraction", "seed")
+"""Fields that change the numbers of a run, so ``--resume`` refuses a different value.
+The policy, groups, evaluation and checkpoint cadence may change on resume: remat does
+not change the mathematics (bitwise equality is then not promised: XLA may fuse the
+recomputation differently)."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+      state: the final ``TrainState`` (``state.step`` = steps done).
+      train_loss: last step's training loss, nats/byte.
+      val_loss: last validation loss, nats/byte.
+      tokens_per_s: input bytes per second of step time over this process' steps.
+      seconds: wall seconds of the whole run (all resumed segments).
+      peak_bytes: compile-time peak device memory of one train step, bytes.
+      peak_source: where ``peak_bytes`` came from.
+      out: the run folder.
+    """
+
+    state: TrainState
+    train_loss: float
+    val_loss: float
+    tokens_per_s: float
+    seconds: float
+    peak_bytes: int
+    peak_source: str
+    out: Path
+
+    def summary(self) -> str:
+        """The one-line summary printed at the end of ``remat train``."""
+        return (f"done: {int(self.state.step)} steps in {self.seconds:.0f} s · "
+                f"val loss {self.val_loss:.3f} nats/byte (train {self.train_loss:.3f}) · "
+                f"{self.tokens_per_s:,.0f} tokens/s · step peak memory "
+                f"{self.peak_bytes / 2**20:.1f} MiB ({self.peak_source}) · {self.out}")
+
+
+def make_lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """The learning-rate schedule of :func:`make_optimizer` (for logging)."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup, decay_steps=cfg.steps,
+        end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Clip-by-global-norm then AdamW on a warmup + cosine schedule (see module doc)."""
+    schedule = make_lr_schedule(cfg)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
+
+
+def build_model(cfg: TrainConfig) -> tuple[nn.Module, bool]:
+    """The :class:`remat.models.Transformer` of ``cfg.model`` under ``cfg.policy``/``cfg.groups``.
+
+    Returns:
+      ``(model, deterministic)``: ``deterministic`` is False when the preset has dropout.
+
+    Raises:
+      ValueError: unknown model/policy/groups (from :mod:`remat.models`), or ``seq``
+        longer than the model's ``max_seq_len``.
+    """
+    from remat.models import Transformer, get_config
+
+    overrides = {} if jax.default_backend() == "cpu" else {"dtype": "bfloat16"}
+    mcfg = get_config(cfg.model, **overrides)
+    if cfg.seq > mcfg.max_seq_len:
+        raise ValueError(f"seq={cfg.seq} exceeds max_seq_len={mcfg.max_seq_len} of model {cfg.model!r}")
+    deterministic = mcfg.dropout_rate == 0 and not mcfg.attn_dropout
+    return Transformer(mcfg, policy=cfg.policy, groups=cfg.groups), deterministic
+
+
+def step_peak_bytes(step: Callable, compiled: jax.stages.Compiled, *args: Any) -> tuple[int, str]:
+    """Compile-time peak device memory of one train step, in bytes, and its source.
+
+    Uses :func:`remat.analyze` (``Report.peak_bytes``) when that exists; otherwise
+    XLA's ``compiled.memory_analysis().peak_memory_in_bytes`` of the already compiled step.
+    """
+    import remat
+
+    analyze = getattr(remat, "analyze", None)
+    if analyze is not None:
+        return int(analyze(step, *args).peak_bytes), "compile-time, remat.analyze"
+    return int(compiled.memory_analysis().peak_memory_in_bytes), "compile-time, XLA memory_analysis"
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> None:
+    """Plot ``train_loss`` and ``val_loss`` (nats/byte) against step from a metrics file."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    train = [(r["step"], r["train_loss"]) for r in rows if r["train_loss"] is not None]
+    val = [(r["step"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
+    if train:
+        ax.plot(*zip(*train, strict=True), lw=1, alpha=0.7, label="train")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation")
+    ax.axhline(math.log(256), color="gray", ls=":", lw=1, label="uniform (ln 256)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.set_title(f"remat train: {metrics_path.parent.name}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(png_path, dpi=110)
+
+
+def load_config(out: str | Path, given: dict[str, Any]) -> TrainConfig:
+    """The config to resume the run in ``out``: its ``run.json`` updated by ``given``.
+
+    Raises:
+      FileNotFoundError: ``out/run.json`` missing (nothing to resume).
+      ValueError: ``given`` changes a field of :data:`RESUME_MUST_MATCH`; names it with
+        the old and new values.
+    """
+    path = Path(out) / "run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"nothing to resume in {str(out)!r}: no run.json (start without --resume)")
+    saved = TrainConfig.from_json(json.loads(path.read_text()))
+    for k, v in given.items():
+        if k in RESUME_MUST_MATCH and getattr(saved, k) != v:
+            raise ValueError(f"--resume: {k}={v!r} differs from the run's {k}={getattr(saved, k)!r}; "
+                             f"these must match to resume: {', '.join(RESUME_MUST_MATCH)}")
+    return dataclasses.replace(saved, **given)
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, disable=not enabled)
+
+
+class _Interrupt:
+    """SIGINT turns into a flag checked between steps (so a step and its state are never torn);
+    a second Ctrl-C raises at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model: nn.Module | None = None,
+          deterministic: bool = True, console: Console | None = None, progress: bool = True) -> TrainResult:
+    """Train ``cfg`` into the run folder ``out`` (layout in the module doc).
+
+    Args:
+      cfg: the run's settings.
+      out: run folder (created if missing).
+      resume: continue from the latest checkpoint in ``out``; the config must agree
+        with ``out/run.json`` on :data:`RESUME_MUST_MATCH`.
+      model: a linen module ``int32[B, T] -> logits[B, T, 256]`` to use instead of
+        :func:`build_model` (tests use a small one); ``deterministic`` then says
+        whether to run it without dropout.
+      console: where progress and messages go (default: a new rich ``Console``).
+      progress: show the rich progress bar.
+
+    Returns:
+      :class:`TrainResult`.
+
+    Raises:
+      ValueError: ``out`` already holds checkpoints and ``resume`` is False, or the
+        loss becomes non-finite (names the step).
+      FileNotFoundError: ``resume`` with no checkpoint in ``out``.
+      remat.data.CorpusError: bad data paths, empty corpus, binary file.
+      KeyboardInterrupt: after Ctrl-C, once the checkpoint of the last finished step is saved.
+    """
+    console = console or Console()
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    mngr = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    try:
+        return _train(cfg, out, mngr, resume, model, deterministic, console, progress)
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+
+
+def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: bool,
+           model: nn.Module | None, deterministic: bool, console: Console, progress: bool) -> TrainResult:
+    latest = mngr.latest_step()
+    if resume and latest is None:
+        raise FileNotFoundError(f"nothing to resume in {str(out)!r}: no checkpoint (start without --resume)")
+    if not resume and latest is not None:
+        raise ValueError(f"{str(out)!r} already holds a run (checkpoint at step {latest}); "
+                         "pass --resume to continue it or choose another --out")
+    if model is None:
+        model, deterministic = build_model(cfg)
+    (out / "run.json").write_text(json.dumps(cfg.to_json(), indent=1))
+
+    corpus: Corpus = build_corpus(cfg.data, out / "data", val_fraction=cfg.val_fraction,
+                                  suffixes=cfg.data_ext)
+    console.print(corpus.summary(), highlight=False)
+    batches = Batches(corpus.train, batch=cfg.batch, seq=cfg.seq, seed=cfg.seed)
+    val = [jnp.asarray(b) for b in eval_batches(corpus.val, batch=cfg.batch, seq=cfg.seq,
+                                                  max_windows=cfg.eval_windows)]
+
+    tx = make_optimizer(cfg)
+    init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    example = jnp.asarray(batches.batch_at(0))
+    init = jax.jit(partial(init_train_state, model, tx))
+    metrics_path = out / "metrics.jsonl"
+    if resume:
+        abstract = jax.eval_shape(init, example, init_key)
+        target = {"params": abstract.params, "opt_state": abstract.opt_state, "step": abstract.step,
+                  "rng": rng}
+        restored = mngr.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        tree, meta = restored["state"], restored["meta"]
+        state = TrainState(step=tree["step"], apply_fn=model.apply, params=tree["params"], tx=tx,
+                           opt_state=tree["opt_state"])
+        rng, position, prior_seconds = tree["rng"], meta["data_position"], meta["seconds"]
+        rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        metrics_path.write_text("".join(r + "\n" for r in rows if r and json.loads(r)["step"] <= latest))
+        train_loss = next((json.loads(r)["train_loss"] for r in reversed(rows)
+                           if r and json.loads(r)["step"] == latest), None) or float("nan")
+        console.print(f"resumed {out} at step {latest} (data position {position})", highlight=False)
+    else:
+        state = init(example, init_key)
+        position, prior_seconds, train_loss = 0, 0.0, float("nan")
+        metrics_path.write_text("")
+
+    step_fn = make_train_step(model, deterministic=deterministic)
+    t_compile = time.perf_counter()
+    compiled = jax.jit(step_fn, donate_argnums=0).lower(state, example, rng).compile()
+
+    def eval_fn(params: Any, tokens: jax.Array) -> jax.Array:
+        return lm_loss(model.apply({"params": params}, tokens, deterministic=True), tokens)
+
+    eval_compiled = jax.jit(eval_fn).lower(state.params, val[0]).compile()
+    console.print(f"compiled train and eval steps in {time.perf_counter() - t_compile:.1f} s",
+                  highlight=False)
+
+    def evaluate() -> float:
+        return float(np.mean([float(eval_compiled(state.params, b)) for b in val]))
+
+    def save(step: int) -> None:
+        if mngr.latest_step() == step:
+            return
+        tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": rng}
+        meta = {"data_position": position, "seconds": seconds(), "config": cfg.to_json()}
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                meta=ocp.args.JsonSave(meta)))
+
+    lr_at = make_lr_schedule(cfg)
+    step = int(state.step)
+    start = time.perf_counter()
+    seconds = lambda: prior_seconds + time.perf_counter() - start
+    step_time, val_loss = 0.0, float("nan")
+    with _Interrupt() as interrupt, _progress(console, progress) as bar, open(metrics_path, "a") as log:
+        def record(row: dict[str, Any]) -> None:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+
+        if latest is None:
+            val_loss = evaluate()
+            record({"step": 0, "train_loss": None, "val_loss": val_loss, "lr": 0.0,
+                    "tokens_per_s": None, "seconds": seconds()})
+        task = bar.add_task("train", total=cfg.steps, completed=step, loss="-", tps="-")
+        while step < cfg.steps and not interrupt.requested:
+            tokens = batches.batch_at(position)
+            rng, step_rng = jax.random.split(rng)
+            t0 = time.perf_counter()
+            state, m = compiled(state, tokens, step_rng)
+            train_loss = float(m["loss"])
+            dt = time.perf_counter() - t0
+            step_time += dt
+            step += 1
+            position += cfg.batch
+            if not math.isfinite(train_loss):
+                raise ValueError(f"training diverged: loss {train_loss} at step {step} "
+                                 f"(lr={lr_at(step - 1):.2e}); lower --lr")
+            row_val = None
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val_loss = row_val = evaluate()
+                bar.console.print(f"step {step}: train loss {train_loss:.3f}, "
+                                  f"val loss {val_loss:.3f} nats/byte", highlight=False)
+            tps = cfg.batch * cfg.seq / dt
+            record({"step": step, "train_loss": train_loss, "val_loss": row_val, "lr": float(lr_at(step - 1)),
+                    "tokens_per_s": tps, "seconds": seconds()})
+            bar.update(task, completed=step, loss=f"{train_loss:.3f}", tps=f"{tps:,.0f}")
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                save(step)
+        if interrupt.requested:
+            save(step)
+            mngr.wait_until_finished()
+            console.print(f"interrupted: checkpoint saved at step {step}; continue with "
+                          f"remat train --out {out} --resume", highlight=False)
+            raise KeyboardInterrupt
+
+    if math.isnan(val_loss):  # resumed a finished run: nothing trained, evaluate once
+        val_loss = evaluate()
+    plot_metrics(metrics_path, out / "loss.png")
+    peak, source = step_peak_bytes(step_fn, compiled, state, example, rng)
+    done_steps = step - (latest or 0)
+    return TrainResult(state=state, train_loss=train_loss, val_loss=val_loss,
+                       tokens_per_s=done_steps * cfg.batch * cfg.seq / step_time if step_time else 0.0,
+                       seconds=seconds(), peak_bytes=peak, peak_source=source, out=out)
+
+
+
+def parse_groups(text: str) -> str | tuple[int, int]:
+    """``"sqrt"`` or ``"G,K"`` (two positive integers) from the command line.
+
+    Raises:
+      ValueError: anything else, naming the text and the valid forms.
+    """
+    if text == "sqrt":
+        return text
+    parts = text.split(",")
+    if len(parts) == 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        return int(parts[0]), int(parts[1])
+    raise ValueError(f"--groups {text!r}: valid forms are 'sqrt' or 'G,K' (positive integers, G*K = layers)")
+
+
+def main(args: Any) -> int:
+    """``remat train`` on parsed arguments (an ``argparse.Namespace`` whose unset options are
+    None): resolve the config, train, print the summary. Returns the exit status (130 after
+    Ctrl-C, with the checkpoint saved)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    if "groups" in given:
+        given["groups"] = parse_groups(given["groups"])
+    for k in ("data", "data_ext"):
+        if k in given:
+            given[k] = tuple(given[k])
+    out = args.out or f"runs/{given.get('model', TrainConfig.model)}"
+    cfg = load_config(out, given) if args.resume else TrainConfig(**given)
+    console = Console()
+    console.print(f"remat train → {out}: " + ", ".join(f"{k}={v}" for k, v in cfg.to_json().items()),
+                  highlight=False)
+    try:
+        result = train(cfg, out, resume=args.resume, console=console)
+    except KeyboardInterrupt:
+        return 130
+    console.print(result.summary(), highlight=False)
+    return 0
