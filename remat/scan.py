@@ -1,0 +1,262 @@
+"""``remat.scan_layers``: a stack of identical layers, scanned, each layer
+rematerialized by a policy, with optional nested (sqrt-N) checkpointing.
+
+Which policy applies where (FAULTS K2): the *layer* policy decides what each
+layer keeps for its own backward pass. With ``groups=(G, K)`` a second,
+outer level checkpoints each group of K layers with "full" remat: the
+forward pass keeps only the G group inputs; the backward pass re-runs one
+group at a time, keeping that group's K layer inputs plus what the layer
+policy saves, and then differentiates each layer. Activation memory is
+O(G + K) layer inputs instead of O(L) (Chen et al. 2016, "Training Deep
+Nets with Sublinear Memory Cost"), for one extra forward pass of the
+layers. The layer policy is never overridden by the group level.
+
+Both levels are direct bodies of a ``lax.scan``, so they use
+``prevent_cse=False``: scan already keeps XLA from merging the recomputation
+into the forward pass, and the CSE barriers would only cost speed (JAX doc,
+``jax.checkpoint``: "in some settings, like when used inside a lax.scan,
+this CSE prevention mechanism is unnecessary").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from remat.apply import abstract, module_fields, module_names, split_static, static_indices, validate_once
+from remat.policies import Policy, get
+
+Groups = tuple[int, int] | Literal["sqrt"] | None
+"""``None`` (one scan), ``(G, K)`` with ``G * K == num_layers``, or ``"sqrt"``."""
+PolicyArg = str | Policy | Sequence[tuple[int, "str | Policy"]]
+"""One policy for every layer, or ``(num_layers_i, policy_i)`` segments."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A run of consecutive layers scanned together.
+
+    Attributes:
+      num_layers: how many layers.
+      policy: the per-layer policy.
+      groups: ``(G, K)`` for nested checkpointing (``G * K == num_layers``), or None.
+    """
+
+    num_layers: int
+    policy: Policy
+    groups: tuple[int, int] | None
+
+
+def factorizations(n: int) -> list[tuple[int, int]]:
+    """Every ``(G, K)`` with ``G * K == n``, e.g. ``6 -> [(1, 6), (2, 3), (3, 2), (6, 1)]``."""
+    return [(g, n // g) for g in range(1, n + 1) if n % g == 0]
+
+
+def plan(num_layers: int, policy: PolicyArg = "full", groups: Groups = None) -> tuple[Segment, ...]:
+    """Split a stack into the segments that :func:`scan_layers` scans.
+
+    ``groups="sqrt"`` picks ``K = round(sqrt(n))`` and ``G = n // K`` per
+    policy segment; the ``n - G*K`` remaining layers (fewer than K; e.g. for a
+    prime count) form one more ungrouped segment.
+
+    Raises:
+      ValueError: a non-positive layer count, segments that do not add up to
+        ``num_layers``, or ``groups`` that do not factor the stack (the
+        message lists the valid factorizations).
+    """
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    if isinstance(policy, (str, Policy)):
+        parts = [(num_layers, get(policy))]
+    else:
+        parts = [(n, get(p)) for n, p in policy]
+        counts = [n for n, _ in parts]
+        if any(not isinstance(n, int) or n < 1 for n in counts) or sum(counts) != num_layers:
+            raise ValueError(
+                f"policy segments {counts} must be positive and add up to num_layers={num_layers}")
+    segments: list[Segment] = []
+    for n, p in parts:
+        if groups is None:
+            segments.append(Segment(n, p, None))
+        elif groups == "sqrt":
+            k = max(1, round(math.sqrt(n)))
+            g = n // k
+            segments.append(Segment(g * k, p, (g, k)))
+            if n - g * k:
+                segments.append(Segment(n - g * k, p, None))
+        else:
+            valid = ", ".join(map(str, factorizations(n)))
+            if (not isinstance(groups, tuple) or len(groups) != 2
+                    or not all(isinstance(v, int) and v >= 1 for v in groups)
+                    or groups[0] * groups[1] != n or len(parts) > 1):
+                raise ValueError(
+                    f"groups={groups!r} must be (G, K) with G * K == {n} layers (one policy "
+                    f"segment), or 'sqrt'; valid: {valid}")
+            segments.append(Segment(n, p, groups))
+    return tuple(segments)
+
+
+def _map_leaves(fn: Any, tree: Any) -> Any:
+    """Apply ``fn(array, names_or_None) -> (array, names)`` to every leaf,
+    keeping logical-partitioning boxes (``nn.Partitioned``) intact."""
+
+    def leaf(x: Any) -> Any:
+        if isinstance(x, nn.Partitioned):
+            value, names = fn(x.value, x.names)
+            return x.replace(value=value, names=names)
+        return fn(x, None)[0]
+
+    return jax.tree.map(leaf, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _to_segments(stored: Any, segments: tuple[Segment, ...]) -> dict[str, Any]:
+    """``[L, ...]`` parameters -> ``{"segment_i": [G, K, ...] or [n, ...]}``."""
+    if not stored:
+        return {}
+    out, start = {}, 0
+    for i, seg in enumerate(segments):
+        shape = seg.groups or (seg.num_layers,)
+
+        def cut(x: Any, names: Any, start: int = start, seg: Segment = seg, shape: tuple = shape) -> Any:
+            x = jax.lax.slice_in_dim(x, start, start + seg.num_layers).reshape(*shape, *x.shape[1:])
+            return x, names and (*("layers",) * (len(shape) - 1), *names)
+
+        out[f"segment_{i}"] = _map_leaves(cut, stored)
+        start += seg.num_layers
+    return out
+
+
+def _from_segments(inner: dict[str, Any], segments: tuple[Segment, ...]) -> Any:
+    """The inverse of :func:`_to_segments`."""
+    if not inner:
+        return {}
+    parts = []
+    for i, seg in enumerate(segments):
+        lead = len(seg.groups or (seg.num_layers,))
+
+        def flat(x: Any, names: Any, lead: int = lead, n: int = seg.num_layers) -> Any:
+            return x.reshape(n, *x.shape[lead:]), names and ("layers", *names[lead:])
+
+        parts.append(_map_leaves(flat, inner[f"segment_{i}"]))
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(*xs: Any) -> Any:
+        if isinstance(xs[0], nn.Partitioned):
+            return xs[0].replace(value=jnp.concatenate([x.value for x in xs]))
+        return jnp.concatenate(xs)
+
+    return jax.tree.map(cat, *parts, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyArg = "full",
+                groups: Groups = None, static_argnames: Sequence[str] = (),
+                broadcast_argnames: Sequence[str] = (),
+                split_rngs: Sequence[str] = ("params", "dropout")) -> type[nn.Module]:
+    """A linen module class that applies ``block_cls`` ``num_layers`` times,
+    as a ``lax.scan`` over layers, each layer rematerialized by ``policy``.
+
+    The block is written as a plain layer, ``__call__(self, x, ...) -> x`` with
+    the output of the same shape and dtype as ``x`` (no scan plumbing: the
+    carry adapter is added here). The returned class takes the block's own
+    constructor attributes and is called like the block::
+
+        Stack = remat.scan_layers(Block, num_layers=32, policy="minimal",
+                                  groups="sqrt", static_argnames=("deterministic",))
+        y_BxTxD = Stack(config=cfg, name="layers")(x_BxTxD, deterministic=True)
+
+    Parameters are the block's tree with a leading ``[num_layers]`` axis on
+    every leaf (logical axis name ``"layers"``), whatever the grouping or
+    segmentation, so one set of parameters gives the same loss and gradients
+    under every ``groups`` and ``policy``.
+
+    Args:
+      block_cls: a linen module class; its first argument after ``self`` is
+        the carry ``x``.
+      num_layers: L, the number of layers (>= 1).
+      policy: a policy for every layer (name, spec or :class:`Policy`), or a
+        sequence of ``(num_layers_i, policy_i)`` segments that add up to L,
+        e.g. ``[(20, "full"), (12, "minimal")]``; each segment is scanned
+        separately.
+      groups: nested checkpointing, see the module doc: ``(G, K)`` or
+        ``"sqrt"``; memory O(G + K) layer inputs instead of O(L).
+      static_argnames: block arguments that are Python constants at trace
+        time (e.g. ``"deterministic"``); hashable values only.
+      broadcast_argnames: block arguments (arrays) passed unchanged to every
+        layer, e.g. an attention mask. Every other argument must be static.
+      split_rngs: RNG streams split per layer (each layer gets its own
+        dropout mask); other streams are shared by all layers.
+
+    Raises:
+      ValueError: bad ``num_layers``/``groups``/segments (see :func:`plan`), a
+        static or broadcast name that is not a parameter of the block.
+      MissingCheckpointNameError: at first trace, a name the policy saves or
+        offloads that the block never emits.
+      TypeError: at call time, an argument that is neither static nor
+        broadcast, or an unhashable static value.
+    """
+    segments = plan(num_layers, policy, groups)
+    orig = block_cls.__call__
+    static_indices(orig, (*static_argnames, *broadcast_argnames), skip_self=True)
+    sig = inspect.signature(orig)
+    self_name, carry_name = list(sig.parameters)[:2]
+    where = f"module {block_cls.__name__}"
+    rngs = {r: True for r in split_rngs}
+
+    def run_segment(seg: Segment, child: nn.Module, x: Any, static: dict, bcast: dict) -> Any:
+        def layer(mdl: nn.Module, carry: Any, b: dict) -> tuple[Any, None]:
+            return orig(mdl, carry, **static, **b), None
+
+        body = layer if seg.policy.is_none else nn.remat(
+            layer, policy=seg.policy.to_jax(), prevent_cse=False)
+        scan = lambda f, n: nn.scan(
+            f, variable_axes={"params": 0}, split_rngs=rngs, in_axes=nn.broadcast, length=n,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        if seg.groups is None:
+            return scan(body, seg.num_layers)(child, x, bcast)[0]
+        g, k = seg.groups
+        inner = scan(body, k)
+        group = nn.remat(lambda mdl, carry, b: inner(mdl, carry, b), prevent_cse=False,
+                         policy=jax.checkpoint_policies.nothing_saveable)
+        return scan(group, g)(child, x, bcast)[0]
+
+    class ScannedLayers(block_cls):  # type: ignore[valid-type, misc]
+        @nn.compact
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            static, dynamic = split_static(sig, static_argnames, (self, *args), kwargs, where)
+            dynamic.pop(self_name)
+            x = dynamic.pop(carry_name)
+            unknown = sorted(set(dynamic) - set(broadcast_argnames))
+            if unknown:
+                raise TypeError(
+                    f"{where}: argument(s) {', '.join(unknown)} are neither static nor broadcast; "
+                    "name them in static_argnames (Python constants) or broadcast_argnames (arrays)")
+            fields = module_fields(self, block_cls)
+            for seg in segments:
+                validate_once(
+                    seg.policy, (block_cls, seg.policy, tuple(sorted(static.items())),
+                                 tuple(sorted(fields.items())), str(abstract((x, dynamic)))),
+                    lambda: module_names(block_cls, fields, orig, static,
+                                         abstract({carry_name: x, **dynamic})), where)
+
+            def run(mdl: nn.Module, x: Any, bcast: dict) -> Any:
+                for i, seg in enumerate(segments):
+                    child = block_cls(**fields, parent=mdl, name=f"segment_{i}")
+                    x = run_segment(seg, child, x, static, bcast)
+                return x
+
+            mapped = nn.map_variables(
+                run, "params", init=True, mutable=self.is_initializing(),
+                trans_in_fn=lambda v: {c: _to_segments(t, segments) for c, t in v.items()},
+                trans_out_fn=lambda v: {c: _from_segments(t, segments) for c, t in v.items()})
+            return mapped(self, x, dynamic)
+
+    ScannedLayers.__name__ = ScannedLayers.__qualname__ = f"Scanned{block_cls.__name__}"
+    return ScannedLayers
