@@ -1,0 +1,331 @@
+"""One model's train step under many remat policies: the memory/compute
+trade-off and its Pareto frontier, measured compile-only (DESIGN §6).
+
+The step is :func:`remat.step.make_train_step` (forward, next-token loss,
+gradients, an optax AdamW update) on the abstract state of
+``jax.eval_shape(remat.step.init_train_state, ...)``, donated, so parameters,
+gradients and optimizer state all appear in the memory figures. The abstract
+state is built once and reused for every policy; each policy is traced and
+lowered on the main thread while the previous one compiles on a worker thread,
+and policies that lower to the same XLA program (e.g. ``minimal`` and
+``dots_with_no_batch_dims_saveable`` on a model whose only unbatched matmuls
+are the named projections) share one compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from rich.table import Table
+
+from remat import analysis, models
+from remat import policies as registry
+from remat.analysis import Report, format_bytes, format_flops
+from remat.policies import Policy
+from remat.step import init_train_state, make_train_step
+
+__all__ = [
+    "SweepResult", "TrainStepSetup", "default_policies", "inspect_policy", "pareto_frontier", "plot_sweep",
+    "setup", "sweep",
+]
+
+DEFAULT_SEQ = 2048
+"""Default sequence length, capped at the model's ``max_seq_len``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStepSetup:
+    """The abstract inputs of one model's train step, shared by every policy.
+
+    Attributes:
+      config: the model config.
+      batch: sequences per step (B).
+      seq: tokens per sequence (T).
+      groups: nested-checkpointing groups passed to :class:`remat.models.Transformer`.
+      state: the abstract ``TrainState`` (``jax.ShapeDtypeStruct`` leaves:
+        float params, AdamW ``mu``/``nu``, step count).
+      tokens: ``ShapeDtypeStruct(int32[B, T])``.
+      rng: a PRNG key (dropout; unused when deterministic).
+    """
+
+    config: models.ModelConfig
+    batch: int
+    seq: int
+    groups: Any
+    state: Any
+    tokens: jax.ShapeDtypeStruct
+    rng: jax.Array
+
+    def step_args(self) -> tuple[Any, jax.ShapeDtypeStruct, jax.Array]:
+        """``(state, tokens, rng)`` for ``make_train_step(model)``."""
+        return self.state, self.tokens, self.rng
+
+    def model(self, policy: str | Policy) -> models.Transformer:
+        """The model under ``policy``."""
+        return models.Transformer(self.config, policy=policy, groups=self.groups)
+
+
+def setup(model: str | models.ModelConfig, *, batch: int = 1, seq: int | None = None,
+          dtype: str | None = None, groups: Any = None,
+          optimizer: optax.GradientTransformation | None = None) -> TrainStepSetup:
+    """Build the abstract train-step inputs for a model (nothing allocated).
+
+    Args:
+      model: a preset name (:func:`remat.models.names`) or a ``ModelConfig``.
+      batch: sequences per step, >= 1.
+      seq: tokens per sequence, 1..``max_seq_len``; default
+        ``min(DEFAULT_SEQ, max_seq_len)``.
+      dtype: compute dtype override (``"bf16"``, ``"f32"``, ``"f16"``); None keeps the preset's.
+      groups: ``None``, ``(G, K)`` or ``"sqrt"`` (see :func:`remat.scan_layers`).
+      optimizer: default ``optax.adamw(3e-4)``.
+
+    Raises:
+      ValueError: unknown preset (the message lists them), ``batch < 1``, or
+        ``seq`` outside ``1..max_seq_len``.
+    """
+    config = models.get_config(model) if isinstance(model, str) else model
+    if dtype is not None:
+        config = dataclasses.replace(config, dtype=dtype)
+    if seq is None:
+        seq = min(DEFAULT_SEQ, config.max_seq_len)
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be >= 1")
+    if not 1 <= seq <= config.max_seq_len:
+        raise ValueError(f"seq={seq} must be in 1..{config.max_seq_len} (the model's max_seq_len)")
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    rng = jax.random.key(0)
+    init_model = models.Transformer(config, policy="full", groups=groups)
+    tx = optimizer if optimizer is not None else optax.adamw(3e-4)
+    state = jax.eval_shape(lambda t, k: init_train_state(init_model, tx, t, k), tokens, rng)
+    return TrainStepSetup(config, batch, seq, groups, state, tokens, rng)
+
+
+def _measure(s: TrainStepSetup, policy: str | Policy, label: str) -> analysis._Traced:
+    step = make_train_step(s.model(policy))
+    return analysis._trace(step, s.step_args(), {}, label, donate_argnums=0)
+
+
+def inspect_policy(s: TrainStepSetup, policy: str | Policy, *,
+            compiler_options: dict[str, Any] | None = None) -> Report:
+    """The :class:`Report` of ``s``'s train step under ``policy``, with its
+    recompute overhead against policy ``"none"`` (traced only, not compiled).
+
+    Raises:
+      remat.policies.PolicySpecError / UnknownPolicyError: a bad spec.
+      remat.MissingCheckpointNameError: the policy names a tag the model does not emit.
+    """
+    label = policy if isinstance(policy, str) else str(policy)
+    report = analysis.analyze(make_train_step(s.model(policy)), *s.step_args(), label=label,
+                              donate_argnums=0, compiler_options=compiler_options)
+    if registry.get(policy).is_none:
+        return report.with_baseline(report.flops)
+    base = _measure(s, "none", "none")
+    return report.with_baseline(analysis.count_flops(base.traced.jaxpr)[0])
+
+
+def default_policies(emitted: Sequence[str]) -> list[str]:
+    """Every registered preset that applies to a model emitting the checkpoint
+    names ``emitted`` (``vocab.missing_names`` of its saved/offloaded names is
+    empty), one name per distinct :class:`Policy` value (registry order: the
+    first name of equal policies wins, e.g. ``none`` over ``save_everything``).
+    """
+    seen: set[Policy] = set()
+    out = []
+    for name in registry.names():
+        p = registry.get(name)
+        if p in seen or registry.vocab.missing_names(p.names, frozenset(emitted)):
+            continue
+        seen.add(p)
+        out.append(name)
+    return out
+
+
+def pareto_frontier(reports: Sequence[Report]) -> tuple[int, ...]:
+    """Indices of the reports that no other beats on both ``peak_bytes`` and
+    ``flops`` (lower is better on each, strictly better on one), by peak bytes."""
+    idx = []
+    for i, r in enumerate(reports):
+        dominated = any(
+            o.peak_bytes <= r.peak_bytes and o.flops <= r.flops
+            and (o.peak_bytes < r.peak_bytes or o.flops < r.flops)
+            for o in reports)
+        if not dominated:
+            idx.append(i)
+    return tuple(sorted(idx, key=lambda i: (reports[i].peak_bytes, reports[i].flops)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+    """A model's train step under several policies.
+
+    Attributes:
+      model: preset name (or config repr).
+      batch: sequences per step.
+      seq: tokens per sequence.
+      reports: one :class:`Report` per policy, in the order asked, each with
+        ``recompute_overhead`` against ``"none"``.
+      frontier: indices into ``reports`` on the Pareto frontier (peak bytes
+        vs FLOPs), by peak bytes.
+      wall_seconds: the whole sweep, setup included.
+    """
+
+    model: str
+    batch: int
+    seq: int
+    reports: tuple[Report, ...]
+    frontier: tuple[int, ...]
+    wall_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the fields, reports via :meth:`Report.to_dict`, frontier as labels."""
+        return {"model": self.model, "batch": self.batch, "seq": self.seq,
+                "wall_seconds": self.wall_seconds,
+                "frontier": [self.reports[i].label for i in self.frontier],
+                "reports": [r.to_dict() for r in self.reports]}
+
+    def table(self) -> Table:
+        """A rich table sorted by peak bytes; frontier rows marked ``*``."""
+        n = len(self.reports)
+        t = Table(title=f"remat sweep: {self.model}, batch {self.batch} x seq {self.seq} "
+                        f"({n} policies, {self.wall_seconds:.1f} s)",
+                  caption="* = Pareto frontier (no policy has both less peak memory and fewer FLOPs); "
+                          "memory per device, compile-only")
+        for col, just in (("", "center"), ("policy", "left"), ("peak", "right"), ("temp", "right"),
+                          ("residuals", "right"), ("on host", "right"), ("FLOPs", "right"),
+                          ("recompute", "right")):
+            t.add_column(col, justify=just)
+        front = set(self.frontier)
+        for i in sorted(range(n), key=lambda i: (self.reports[i].peak_bytes, self.reports[i].flops)):
+            r = self.reports[i]
+            t.add_row("*" if i in front else "", r.label, format_bytes(r.peak_bytes),
+                      format_bytes(r.temp_bytes), format_bytes(r.residual_bytes),
+                      format_bytes(r.host_residual_bytes) if r.host_residual_bytes else "-",
+                      format_flops(r.flops),
+                      "-" if r.recompute_overhead is None else f"{r.recompute_overhead:+.1%}",
+                      style="bold" if i in front else None)
+        return t
+
+
+def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[str | Policy] | None = None,
+          *, batch: int = 1, seq: int | None = None, dtype: str | None = None, groups: Any = None,
+          workers: int = 2, compiler_options: dict[str, Any] | None = None,
+          on_report: Callable[[Report], None] | None = None) -> SweepResult:
+    """Measure a model's train step under many policies (compile-only).
+
+    ``"none"`` is traced first (always: it is the baseline of
+    ``recompute_overhead`` and gives the checkpoint names the model emits);
+    then each policy is traced and lowered on this thread and compiled on a
+    pool of ``workers`` threads.
+
+    Args:
+      model: a preset name, a ``ModelConfig`` or a :class:`TrainStepSetup`
+        (then ``batch``/``seq``/``dtype``/``groups`` are ignored).
+      policies: preset names, spec strings or Policies; default
+        :func:`default_policies` of the model.
+      batch, seq, dtype, groups: see :func:`setup`.
+      workers: compile threads (>= 1).
+      compiler_options: see :func:`remat.analyze`.
+      on_report: called with each finished report (e.g. to advance a progress bar).
+
+    Returns:
+      A :class:`SweepResult`.
+
+    Raises:
+      ValueError: ``workers < 1``, an empty or duplicated policy list, and the errors of :func:`setup`.
+      remat.policies.PolicySpecError / UnknownPolicyError: a bad spec.
+      remat.MissingCheckpointNameError: a policy names a tag the model does not emit.
+    """
+    t0 = time.perf_counter()
+    if workers < 1:
+        raise ValueError(f"workers={workers} must be >= 1")
+    s = model if isinstance(model, TrainStepSetup) else setup(
+        model, batch=batch, seq=seq, dtype=dtype, groups=groups)
+    name = model if isinstance(model, str) else "custom config"
+    base = _measure(s, "none", "none")
+    base_flops, _ = analysis.count_flops(base.traced.jaxpr)
+    if policies is None:
+        emitted = analysis._names(base.traced.jaxpr.jaxpr, set())
+        policies = default_policies(sorted(emitted))
+    labels = [p if isinstance(p, str) else str(p) for p in policies]
+    if not labels:
+        raise ValueError("no policies to sweep")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicated policies in {labels}")
+    for p in policies:
+        registry.get(p)  # a bad spec fails before any compile
+
+    reports: list[Report | None] = [None] * len(labels)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: list[tuple[int, analysis._Traced, Future, str | None]] = []
+        programs: dict[str, tuple[Future, str]] = {}  # lowered program hash -> (its compile, first label)
+
+        def collect(i: int, t: analysis._Traced, f: Future, same_as: str | None) -> None:
+            compiled, seconds = f.result()
+            r = analysis._report(t, compiled, 0.0 if same_as else seconds).with_baseline(base_flops)
+            if same_as:
+                r = dataclasses.replace(r, notes=(*r.notes, f"the same XLA program as {same_as!r}: "
+                                                  "its compile was reused"))
+            reports[i] = r
+            if on_report is not None:
+                on_report(r)
+
+        for i, (p, label) in enumerate(zip(policies, labels, strict=True)):
+            t = base if label == "none" else _measure(s, p, label)
+            program = hashlib.sha256(t.lowered.as_text(debug_info=False).encode()).hexdigest()
+            if program in programs:
+                f, same_as = programs[program][0], programs[program][1]
+            else:
+                f, same_as = pool.submit(analysis._compile, t, compiler_options), None
+                programs[program] = (f, label)
+            pending.append((i, t, f, same_as))
+            while pending and pending[0][2].done():
+                collect(*pending.pop(0))
+        for item in pending:
+            collect(*item)
+    done = tuple(r for r in reports if r is not None)
+    return SweepResult(name, s.batch, s.seq, done, pareto_frontier(done), time.perf_counter() - t0)
+
+
+def plot_sweep(result: SweepResult, path: str | None = None) -> Any:
+    """Peak memory (GiB) against FLOPs (TFLOP) per policy, the Pareto frontier
+    drawn as a step line, every point labelled. Uses matplotlib's Agg backend.
+
+    Args:
+      result: from :func:`sweep`.
+      path: save the figure there (format from the extension: .png, .svg, .pdf).
+
+    Returns:
+      The ``matplotlib.figure.Figure``.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    ax = fig.add_subplot()
+    gib = [r.peak_bytes / 2**30 for r in result.reports]
+    tflop = [r.flops / 1e12 for r in result.reports]
+    front = set(result.frontier)
+    ax.scatter([g for i, g in enumerate(gib) if i not in front],
+               [f for i, f in enumerate(tflop) if i not in front], color="tab:gray", label="policy")
+    ax.scatter([gib[i] for i in result.frontier], [tflop[i] for i in result.frontier],
+               color="tab:red", zorder=3, label="Pareto frontier")
+    ax.step([gib[i] for i in result.frontier], [tflop[i] for i in result.frontier],
+            where="post", color="tab:red", alpha=0.6)
+    for i, r in enumerate(result.reports):
+        ax.annotate(r.label, (gib[i], tflop[i]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("peak memory per device (GiB)")
+    ax.set_ylabel("train step FLOPs (TFLOP)")
+    ax.set_title(f"{result.model}: batch {result.batch} x seq {result.seq}, "
+                 f"{result.reports[0].backend} compile-only")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
