@@ -1,21 +1,30 @@
 """remat: named, checked, measured rematerialization policies for JAX and Flax.
 
 ``remat.policies`` holds the policy value type, spec strings and presets;
-``remat.checkpoint``, ``remat.remat`` and ``remat.scan_layers`` apply them.
+``remat.checkpoint``, ``remat.remat`` and ``remat.scan_layers`` apply them;
+``remat.analyze`` and ``remat.sweep`` measure them compile-only.
 """
 
 from remat import policies
+from remat.analysis import Report, ResidualRow, analyze
 from remat.apply import MissingCheckpointNameError, checkpoint, checkpoint_names, remat
 from remat.policies import Policy
 from remat.scan import scan_layers
+from remat.sweep import SweepResult, plot_sweep, sweep
 
 __all__ = [
     "MissingCheckpointNameError",
     "Policy",
+    "Report",
+    "ResidualRow",
+    "SweepResult",
+    "analyze",
     "checkpoint",
     "checkpoint_names",
+    "plot_sweep",
     "policies",
     "remat",
     "scan_layers",
+    "sweep",
 ]
 __version__ = "0.1.0"

@@ -86,6 +86,91 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect", help="measure one policy on a model's train step (compile-only)",
+        description="Compile (never run) the train step of a model preset (forward, loss, gradients, "
+                    "AdamW) on abstract inputs and report per-device memory, the residuals the policy "
+                    "keeps by name x layers (device or host), FLOPs with every layer counted and the "
+                    "recompute overhead against policy 'none'.")
+    p.add_argument("--model", required=True, help="model preset (see remat.models.names())")
+    p.add_argument("--policy", required=True, help="remat policy name or spec (see `remat policies`)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
+    p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
+    p.add_argument("--groups", help="nested layer groups: 'sqrt' or 'G,K' with G*K = layers")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-': stdout only)")
+
+    def run(args: argparse.Namespace) -> int:
+        from remat.sweep import inspect_policy, setup
+        from remat.train import parse_groups
+
+        console = Console()
+        with console.status(f"compiling the {args.model} train step under {args.policy!r} ..."):
+            s = setup(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype,
+                      groups=parse_groups(args.groups) if args.groups else None)
+            report = inspect_policy(s, args.policy)
+        if args.json == "-":
+            print(json.dumps(report.to_dict(), indent=2))
+            return 0
+        console.print(report)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report.to_dict(), f, indent=2)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep", help="measure many policies on a model's train step; Pareto table and plot",
+        description="Compile (never run) the train step of a model preset under every policy preset "
+                    "that applies to it (or --policies) and print a table sorted by peak memory per "
+                    "device, the Pareto frontier (memory vs FLOPs) marked.")
+    p.add_argument("--model", required=True, help="model preset (see remat.models.names())")
+    p.add_argument("--policies", help="comma-separated policy names or specs (default: every preset "
+                                      "that applies to the model, one per distinct policy)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
+    p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
+    p.add_argument("--groups", help="nested layer groups: 'sqrt' or 'G,K' with G*K = layers")
+    p.add_argument("--workers", type=int, default=2, help="compile threads (default 2)")
+    p.add_argument("--json", metavar="PATH", help="write every report as JSON to PATH")
+    p.add_argument("--plot", metavar="PATH", help="save the memory-vs-FLOPs plot (.png, .svg, .pdf)")
+
+    def run(args: argparse.Namespace) -> int:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from remat.sweep import plot_sweep, sweep
+        from remat.train import parse_groups
+
+        specs = [x.strip() for x in args.policies.split(",")] if args.policies else None
+        if specs is not None and not all(specs):
+            raise ValueError(f"--policies {args.policies!r} has an empty entry")
+        console = Console(stderr=True)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task(f"tracing {args.model} ...", total=None)
+
+            def advance(r: object, done: int, total: int) -> None:
+                bar.update(task, description=f"compiled {getattr(r, 'label', '')}", completed=done,
+                           total=total)
+
+            result = sweep(args.model, specs, batch=args.batch, seq=args.seq, dtype=args.dtype,
+                                 groups=parse_groups(args.groups) if args.groups else None,
+                                 workers=args.workers, on_report=advance)
+        Console().print(result.table())
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result.to_dict(), f, indent=2)
+        if args.plot:
+            plot_sweep(result, args.plot)
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``remat`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -93,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_policies(sub)
     _add_train(sub)
+    _add_inspect(sub)
+    _add_sweep(sub)
     return parser
 
 

@@ -217,7 +217,7 @@ class SweepResult:
 def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[str | Policy] | None = None,
           *, batch: int = 1, seq: int | None = None, dtype: str | None = None, groups: Any = None,
           workers: int = 2, compiler_options: dict[str, Any] | None = None,
-          on_report: Callable[[Report], None] | None = None) -> SweepResult:
+          on_report: Callable[[Report, int, int], None] | None = None) -> SweepResult:
     """Measure a model's train step under many policies (compile-only).
 
     ``"none"`` is traced first (always: it is the baseline of
@@ -233,7 +233,8 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
       batch, seq, dtype, groups: see :func:`setup`.
       workers: compile threads (>= 1).
       compiler_options: see :func:`remat.analyze`.
-      on_report: called with each finished report (e.g. to advance a progress bar).
+      on_report: called as ``on_report(report, done, total)`` with each finished
+        report (e.g. to advance a progress bar).
 
     Returns:
       A :class:`SweepResult`.
@@ -275,7 +276,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
                                                   "its compile was reused"))
             reports[i] = r
             if on_report is not None:
-                on_report(r)
+                on_report(r, sum(x is not None for x in reports), len(reports))
 
         for i, (p, label) in enumerate(zip(policies, labels, strict=True)):
             t = base if label == "none" else _measure(s, p, label)
