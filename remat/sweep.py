@@ -250,18 +250,19 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
     s = model if isinstance(model, TrainStepSetup) else setup(
         model, batch=batch, seq=seq, dtype=dtype, groups=groups)
     name = model if isinstance(model, str) else "custom config"
+    if policies is not None:  # bad input fails before any trace or compile
+        labels = [p if isinstance(p, str) else str(p) for p in policies]
+        if not labels:
+            raise ValueError("no policies to sweep")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"duplicated policies in {labels}")
+        for p in policies:
+            registry.get(p)
     base = _measure(s, "none", "none")
     base_flops, _ = analysis.count_flops(base.traced.jaxpr)
     if policies is None:
-        emitted = analysis._names(base.traced.jaxpr.jaxpr, set())
-        policies = default_policies(sorted(emitted))
+        policies = default_policies(sorted(analysis._names(base.traced.jaxpr.jaxpr, set())))
     labels = [p if isinstance(p, str) else str(p) for p in policies]
-    if not labels:
-        raise ValueError("no policies to sweep")
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"duplicated policies in {labels}")
-    for p in policies:
-        registry.get(p)  # a bad spec fails before any compile
 
     reports: list[Report | None] = [None] * len(labels)
     with ThreadPoolExecutor(max_workers=workers) as pool:
