@@ -40,7 +40,8 @@ def _step(spec: str):
     return step
 
 
-PARAMS = {"wi": jax.ShapeDtypeStruct((L, D, F), jnp.float32), "wo": jax.ShapeDtypeStruct((L, F, D), jnp.float32)}
+PARAMS = {"wi": jax.ShapeDtypeStruct((L, D, F), jnp.float32),
+          "wo": jax.ShapeDtypeStruct((L, F, D), jnp.float32)}
 X = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
 
 
