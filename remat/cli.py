@@ -113,7 +113,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         if args.json == "-":
             print(json.dumps(report.to_dict(), indent=2))
             return 0
-        console.print(report)
+        (console if console.is_terminal else Console(width=150)).print(report)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report.to_dict(), f, indent=2)
@@ -160,7 +160,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
             result = sweep(args.model, specs, batch=args.batch, seq=args.seq, dtype=args.dtype,
                                  groups=parse_groups(args.groups) if args.groups else None,
                                  workers=args.workers, on_report=advance)
-        Console().print(result.table())
+        out = Console()
+        (out if out.is_terminal else Console(width=130)).print(result.table())
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result.to_dict(), f, indent=2)
