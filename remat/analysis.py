@@ -23,7 +23,12 @@ scan level multiplies "layers" by its length), past ``device_put`` (the move
 to host memory of an offload policy) and ``reduce_precision``, to a
 ``checkpoint_name`` (its name) or another op (its primitive and source line).
 A value stacked by the layer scan that is the scan's own carry is the layer
-input. Values that an inner checkpoint saves while a group of layers is
+input. A value made from the step inputs by data movement alone (a slice,
+transpose or cast of the parameters) is a view of the arguments, not an
+activation, and is left out. JAX drops from the backward pass what it does not
+read (dead-code elimination), so a value whose only use is an addition (e.g. a
+layer's last projection, ``mlpwo``) is never a residual, whatever the policy
+says. Values that an inner checkpoint saves while a group of layers is
 recomputed during the backward pass (nested remat) are transient and are not
 residuals here; they appear in ``temp_bytes``.
 
