@@ -1,0 +1,162 @@
+"""``remat.testing``: assertions for your own models, built on chex.
+
+Three checks that a remat policy does what it promises on *your* function:
+same numbers (:func:`assert_policy_parity`), the residuals you expect
+(:func:`assert_saved_names`) and memory in the order you expect
+(:func:`assert_memory_ordered`). The first two take a plain function of
+arrays and apply the policy to all of it with :func:`remat.checkpoint`; the
+memory check takes ``build(policy) -> function`` so the policy is applied
+per layer, where remat saves memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from remat.apply import checkpoint
+from remat.policies import Policy, get
+
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-10, 1e-10),
+    "float32": (1e-5, 1e-5),
+    "bfloat16": (2e-2, 2e-2),
+    "float16": (1e-2, 1e-2),
+}
+"""``(rtol, atol)`` per dtype of the compared arrays, used when the caller
+gives none. Recomputation changes the order of XLA's fusions, so results
+agree to rounding, not bit for bit; bf16 allows for its 8-bit mantissa."""
+
+
+def _loss(fn: Callable[..., Any]) -> Callable[..., jax.Array]:
+    def loss(*args: Any) -> jax.Array:
+        out = fn(*args)
+        return sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(out))
+
+    return loss
+
+
+def _tolerance(tree: Any, rtol: float | None, atol: float | None) -> tuple[float, float]:
+    dtypes = {str(jnp.asarray(x).dtype) for x in jax.tree.leaves(tree)}
+    loosest = max((TOLERANCES.get(d, TOLERANCES["float32"]) for d in dtypes), default=TOLERANCES["float32"])
+    return (loosest[0] if rtol is None else rtol, loosest[1] if atol is None else atol)
+
+
+def assert_policy_parity(fn: Callable[..., Any], policy: str | Policy | Sequence[str | Policy], *args: Any,
+                         rtol: float | None = None, atol: float | None = None) -> None:
+    """Assert that ``fn`` under ``policy`` gives the same outputs and the same
+    gradients (of the sum of all outputs, with respect to every argument) as
+    without remat.
+
+    Example::
+
+        def mlp(w1, w2, x):
+            h = checkpoint_name(jnp.tanh(x @ w1), "mlpwi")
+            return checkpoint_name(h @ w2, "mlpwo")
+
+        remat.testing.assert_policy_parity(mlp, "save:mlpwi", w1, w2, x)
+        remat.testing.assert_policy_parity(mlp, ["full", "save:mlpwo"], w1, w2, x)
+
+    Args:
+      fn: arrays in, a pytree of arrays out.
+      policy: a preset name, spec string or :class:`Policy`, or a list of them
+        (the reference is then computed once).
+      *args: concrete arrays (pytrees allowed); gradients are taken for all.
+      rtol, atol: tolerances; default per dtype from :data:`TOLERANCES`.
+
+    Raises:
+      AssertionError: outputs or gradients differ (chex names the leaf and
+        the message names the policy).
+    """
+    argnums = tuple(range(len(args)))
+
+    def outputs_and_grads(f: Callable[..., Any]) -> Any:
+        return jax.jit(lambda *a: (f(*a), jax.grad(_loss(f), argnums=argnums)(*a)))(*args)
+
+    want = outputs_and_grads(fn)
+    for p in [policy] if isinstance(policy, (str, Policy)) else policy:
+        got = outputs_and_grads(checkpoint(fn, p))
+        for what, w, g in zip(("outputs", "gradients"), want, got, strict=True):
+            rt, at = _tolerance(w, rtol, atol)
+            chex.assert_trees_all_close(g, w, rtol=rt, atol=at,
+                                        custom_message=f"{what} under policy {str(get(p))!r}")
+
+
+def saved_names(fn: Callable[..., Any], policy: str | Policy, *args: Any) -> dict[str, frozenset[str]]:
+    """The checkpoint names that ``fn`` under ``policy`` keeps for the backward
+    pass, by memory kind: ``{"device": {...}, "host": {...}}``.
+
+    Found by JAX's residual analysis of the gradient (``remat.analysis``);
+    arguments may be ``jax.ShapeDtypeStruct`` (nothing is computed).
+    """
+    from remat.analysis import residual_rows
+
+    loss = _loss(checkpoint(fn, policy))
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
+    out: dict[str, set[str]] = {"device": set(), "host": set()}
+    for row in residual_rows(jaxpr):
+        if row.source == "checkpoint_name":
+            out[row.memory_kind].add(row.name)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def assert_saved_names(fn: Callable[..., Any], policy: str | Policy, *args: Any,
+                       names: Iterable[str], offloaded: Iterable[str] = ()) -> None:
+    """Assert exactly which checkpoint names the policy keeps on device
+    (``names``) and on host (``offloaded``).
+
+    Example::
+
+        remat.testing.assert_saved_names(mlp, "save:mlpwi", w1, w2, x, names={"mlpwi"})
+
+    Raises:
+      AssertionError: listing the names kept, missing and unexpected.
+    """
+    got = saved_names(fn, policy, *args)
+    for kind, want in (("device", frozenset(names)), ("host", frozenset(offloaded))):
+        if got[kind] != want:
+            raise AssertionError(
+                f"policy {str(get(policy))!r} keeps on {kind} {sorted(got[kind])}, expected "
+                f"{sorted(want)}: missing {sorted(want - got[kind])}, unexpected {sorted(got[kind] - want)}")
+
+
+def temp_bytes(build: Callable[[Policy], Callable[..., Any]], policy: str | Policy, *args: Any) -> int:
+    """``temp_size_in_bytes`` of the compiled gradient (of the sum of the
+    outputs, with respect to every argument) of ``build(policy)``,
+    compile-only: arguments may be ``jax.ShapeDtypeStruct``."""
+    grad = jax.grad(_loss(build(get(policy))), argnums=tuple(range(len(args))))
+    return jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def assert_memory_ordered(build: Callable[[Policy], Callable[..., Any]],
+                          policies: Sequence[str | Policy], *args: Any) -> None:
+    """Assert that the gradient's compile-time ``temp_size_in_bytes`` does
+    not increase along ``policies`` (most memory first, e.g.
+    ``["none", "minimal", "full"]``). Compile-only; arguments may be
+    ``jax.ShapeDtypeStruct``.
+
+    ``build(policy)`` returns the function to measure with the policy applied
+    where it belongs, typically per layer inside a scan: rematerializing a
+    whole function at once saves no memory, since the backward pass
+    recomputes all of it before using any of it.
+
+    Example::
+
+        def build(policy):
+            layer = remat.checkpoint(layer_fn, policy)
+            return lambda ws, x: jax.lax.scan(lambda c, w: (layer(w, c), None), x, ws)[0]
+
+        remat.testing.assert_memory_ordered(build, ["none", "save:mlpwi", "full"], ws, x)
+
+    Raises:
+      AssertionError: giving every policy's bytes.
+    """
+    figures = [(str(get(p)), temp_bytes(build, p, *args)) for p in policies]
+    if any(a[1] < b[1] for a, b in itertools.pairwise(figures)):
+        table = ", ".join(f"{p}: {b} B" for p, b in figures)
+        raise AssertionError(f"temp_size_in_bytes is not non-increasing along the policies: {table}")
