@@ -114,6 +114,12 @@ class Policy:
         """True when the policy moves anything to host memory."""
         return bool(self.offload or self.offload_dots)
 
+    def on_device(self) -> Policy:
+        """The same policy with every offloaded value kept on device instead:
+        the explicit fallback for a backend without ``pinned_host`` memory."""
+        return dataclasses.replace(self, save=self.save | self.offload, offload=frozenset(),
+                                   dots=self.dots or self.offload_dots, offload_dots=None)
+
     def __or__(self, other: Policy) -> Policy:
         """The union of two policies: each residual that either keeps.
 

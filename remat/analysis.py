@@ -60,6 +60,7 @@ from rich.console import Group
 from rich.table import Table
 
 from remat import _compat
+from remat.apply import jaxpr_names
 
 __all__ = [
     "FAST_CPU_COMPILE", "Report", "ResidualRow", "analyze", "count_flops", "default_compiler_options",
@@ -496,16 +497,6 @@ def _count_dots(eqns: Iterable[Any], mult: int = 1) -> tuple[int, int]:
     return dots, batched
 
 
-def _names(j: jcore.Jaxpr, out: set[str]) -> set[str]:
-    for eqn in j.eqns:
-        name = _compat.eqn_checkpoint_name(eqn)
-        if name is not None:
-            out.add(name)
-        for sub in jcore.jaxprs_in_params(eqn.params):
-            _names(_open(sub), out)
-    return out
-
-
 def residual_rows(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> tuple[ResidualRow, ...]:
     """The residuals of a traced step that contains its own backward pass.
 
@@ -633,7 +624,7 @@ def _report(t: _Traced, compiled: Any, compile_seconds: float) -> Report:
         residual_bytes=residual_bytes, host_residual_bytes=host_residual_bytes, residuals=rows,
         flops=flops, recompute_flops=None, recompute_overhead=None,
         dots_forward=dots, dots_forward_batched=batched, dots_kept=dots_kept,
-        checkpoint_names=tuple(sorted(_names(jaxpr, set()))),
+        checkpoint_names=tuple(sorted(frozenset().union(*jaxpr_names(jaxpr)))),
         trace_seconds=t.trace_seconds, compile_seconds=compile_seconds, notes=tuple(notes))
 
 

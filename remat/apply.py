@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import flax.linen as nn
@@ -41,22 +42,30 @@ class MissingCheckpointNameError(ValueError):
             "Tag values with jax.ad_checkpoint.checkpoint_name, or fix the policy.")
 
 
-def _subjaxprs(params: dict[str, Any]) -> Iterable[Any]:
-    for value in params.values():
-        for v in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(v, jax.extend.core.ClosedJaxpr):
-                yield v.jaxpr
-            elif isinstance(v, jax.extend.core.Jaxpr):
-                yield v
+_OPAQUE = ("custom_vjp_call", "custom_jvp_call", "custom_vjp_call_jaxpr")
 
 
-def _jaxpr_names(jaxpr: Any, out: set[str]) -> set[str]:
+def _jaxpr_names(jaxpr: Any, visible: set[str], hidden: set[str], opaque: bool = False) -> None:
     for eqn in jaxpr.eqns:
         if (name := eqn_checkpoint_name(eqn)) is not None:
-            out.add(name)
-        for sub in _subjaxprs(eqn.params):
-            _jaxpr_names(sub, out)
-    return out
+            (hidden if opaque else visible).add(name)
+        inner = opaque or eqn.primitive.name in _OPAQUE
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            _jaxpr_names(sub, visible, hidden, inner)
+
+
+def jaxpr_names(jaxpr: Any) -> tuple[frozenset[str], frozenset[str]]:
+    """The checkpoint names in a (closed) jaxpr and all its sub-jaxprs, as
+    ``(visible, hidden)``: hidden names occur only inside a
+    ``custom_vjp``/``custom_jvp`` function, where policies cannot see them."""
+    visible: set[str] = set()
+    hidden: set[str] = set()
+    _jaxpr_names(getattr(jaxpr, "jaxpr", jaxpr), visible, hidden)
+    return frozenset(visible), frozenset(hidden - visible)
+
+
+def _traced_names(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[frozenset[str], frozenset[str]]:
+    return jaxpr_names(jax.make_jaxpr(lambda a, k: fn(*a, **k))(args, kwargs))
 
 
 def checkpoint_names(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> frozenset[str]:
@@ -70,17 +79,28 @@ def checkpoint_names(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> froze
     Returns:
       The names, e.g. ``frozenset({"query_proj", "mlpwo"})``.
     """
-    closed = jax.make_jaxpr(lambda a, k: fn(*a, **k))(args, kwargs)
-    return frozenset(_jaxpr_names(closed.jaxpr, set()))
+    visible, hidden = _traced_names(fn, args, kwargs)
+    return visible | hidden
 
 
-def check_names(policy: Policy, emitted: frozenset[str], where: str) -> None:
+def check_names(policy: Policy, emitted: frozenset[str], where: str,
+                hidden: frozenset[str] = frozenset()) -> None:
     """Raise :class:`MissingCheckpointNameError` if ``policy`` saves or offloads
     a name that is not in ``emitted`` (fused/split alternatives such as
-    ``qkv_proj`` vs ``query_proj`` count, see :mod:`remat.policies.vocab`)."""
+    ``qkv_proj`` vs ``query_proj`` count, see :mod:`remat.policies.vocab`).
+
+    ``hidden`` are names emitted only inside a ``custom_vjp``/``custom_jvp``
+    function: a policy cannot see them (FAULTS K6), so they count as missing,
+    with advice to tag the custom function's output instead.
+    """
     missing = missing_names(policy.names, emitted)
     if missing:
-        raise MissingCheckpointNameError(policy, missing, emitted, where)
+        err = MissingCheckpointNameError(policy, missing, emitted, where)
+        if missing & hidden:
+            err.args = (f"{err.args[0]} {', '.join(sorted(missing & hidden))} is tagged inside a "
+                        "custom_vjp/custom_jvp function, where remat policies cannot see it: tag the "
+                        "custom function's output instead.",)
+        raise err
 
 
 def abstract(tree: Any) -> Any:
@@ -101,20 +121,65 @@ def abstract(tree: Any) -> Any:
 _VALIDATED: set[Any] = set()
 
 
-def validate_once(policy: Policy, key: Any, names_fn: Callable[[], frozenset[str]], where: str) -> None:
-    """Run ``check_names(policy, names_fn(), where)`` once per hashable ``key``
-    (a policy without names is never checked). Unhashable keys are checked
-    every time."""
-    if not policy.names:
-        return
+def validate_once(policy: Policy, key: Any, fn: Callable[..., Any], args: tuple, where: str) -> None:
+    """Check, once per hashable ``key``, that ``fn(*args)`` emits every name
+    ``policy`` saves or offloads, and that the backend can offload if the
+    policy offloads. A policy without names is never traced; unhashable keys
+    are checked every time.
+
+    Raises:
+      MissingCheckpointNameError: see :func:`check_names`.
+      OffloadUnsupportedError: see :func:`check_offload`.
+    """
     try:
         if key in _VALIDATED:
             return
     except TypeError:
         key = None
-    check_names(policy, names_fn(), where)
+    check_offload(policy)
+    if policy.names:
+        visible, hidden = _traced_names(fn, args, {})
+        check_names(policy, visible, where, hidden)
     if key is not None:
         _VALIDATED.add(key)
+
+
+class OffloadUnsupportedError(ValueError):
+    """The policy offloads to ``pinned_host`` memory, which the backend lacks."""
+
+
+def check_offload(policy: Policy, device: jax.Device | None = None) -> None:
+    """Raise :class:`OffloadUnsupportedError` if ``policy`` offloads and the
+    device has no ``pinned_host`` memory (FAULTS K3: otherwise nothing moves,
+    or the compiler crashes). The explicit fallback is
+    :meth:`Policy.on_device`, which keeps the offloaded values on device.
+    """
+    if not policy.offloads:
+        return
+    device = device or jax.devices()[0]
+    kinds = sorted(m.kind for m in device.addressable_memories())
+    if "pinned_host" not in kinds:
+        raise OffloadUnsupportedError(
+            f"remat policy {str(policy)!r} offloads to 'pinned_host', but backend "
+            f"{device.platform!r} ({device.device_kind}) has memories {kinds}; to keep those values on "
+            f"device instead, use {str(policy.on_device())!r} (Policy.on_device())")
+
+
+_STATIC_FLOATS: dict[tuple[str, str], set[float]] = {}
+
+
+def _warn_changing_floats(static: dict[str, Any], where: str) -> None:
+    """FAULTS K4: a Python float static argument that changes every step
+    retraces and recompiles every step; warn once it has taken 8 values."""
+    for name, value in static.items():
+        if isinstance(value, float):
+            seen = _STATIC_FLOATS.setdefault((where, name), set())
+            seen.add(value)
+            if len(seen) == 8:
+                warnings.warn(
+                    f"{where}: static argument {name!r} has taken {len(seen)} different float values; "
+                    "each one retraces and recompiles. Pass it as an ordinary (traced) argument.",
+                    stacklevel=3)
 
 
 def static_indices(fn: Callable[..., Any], static_argnames: Sequence[str], *, skip_self: bool) -> None:
@@ -158,6 +223,7 @@ def split_static(sig: inspect.Signature, static_argnames: Sequence[str], args: t
                 f"{where}: static argument {n!r} got an unhashable value of type "
                 f"{type(v).__name__}; static arguments must be hashable Python values (bool, int, "
                 "str, ...). Pass arrays as ordinary (traced) arguments.") from None
+    _warn_changing_floats(static, where)
     return static, arguments
 
 
@@ -197,7 +263,7 @@ def checkpoint(fn: F, policy: str | Policy, *, static_argnames: Sequence[str] = 
         static, dynamic = split_static(sig, static_argnames, args, kwargs, where)
         inner = lambda dyn: fn(**static, **dyn)
         validate_once(pol, (fn, pol, tuple(sorted(static.items())), str(abstract(dynamic))),
-                      lambda: checkpoint_names(inner, abstract(dynamic)), where)
+                      inner, (abstract(dynamic),), where)
         return jax.checkpoint(inner, policy=pol.to_jax(), prevent_cse=prevent_cse)(dynamic)
 
     return wrapper  # type: ignore[return-value]
@@ -260,21 +326,22 @@ def _remat_method(cls: type[nn.Module], orig: Callable[..., Any], pol: Policy,
         validate_once(
             pol, (cls, orig, pol, tuple(sorted(static.items())), tuple(sorted(fields.items())),
                   str(abstract(dynamic))),
-            lambda: module_names(cls, fields, orig, static, abstract(dynamic)), where)
+            module_init(cls, fields, orig, static), (abstract(dynamic),), where)
         body = lambda mdl, dyn: orig(mdl, **static, **dyn)
         return nn.remat(body, policy=pol.to_jax(), prevent_cse=prevent_cse)(self, dynamic)
 
     return method
 
 
-def module_names(cls: type[nn.Module], fields: dict[str, Any], method: Callable[..., Any],
-                 static: dict[str, Any], dynamic: dict[str, Any]) -> frozenset[str]:
-    """The checkpoint names a linen module's method emits, found by tracing
-    its ``init`` on abstract inputs (nothing is allocated)."""
+def module_init(cls: type[nn.Module], fields: dict[str, Any], method: Callable[..., Any],
+                static: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
+    """A pure function ``dynamic_kwargs -> variables`` that initialises a fresh
+    ``cls(**fields)`` through ``method``; traced on abstract inputs it shows
+    which checkpoint names the module emits (nothing is allocated)."""
     key = jax.random.key(0)
 
     def run(dyn: dict[str, Any]) -> Any:
         return cls(**fields, parent=None).init({"params": key, "dropout": key}, **static, **dyn,
-                                  method=method)
+                                               method=method)
 
-    return checkpoint_names(run, dynamic)
+    return run

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from remat.apply import abstract, module_fields, module_names, split_static, static_indices, validate_once
+from remat.apply import abstract, module_fields, module_init, split_static, static_indices, validate_once
 from remat.policies import Policy, get
 
 Groups = tuple[int, int] | Literal["sqrt"] | None
@@ -243,8 +243,8 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
                 validate_once(
                     seg.policy, (block_cls, seg.policy, tuple(sorted(static.items())),
                                  tuple(sorted(fields.items())), str(abstract((x, dynamic)))),
-                    lambda: module_names(block_cls, fields, orig, static,
-                                         abstract({carry_name: x, **dynamic})), where)
+                    module_init(block_cls, fields, orig, static), (abstract({carry_name: x, **dynamic}),),
+                    where)
 
             def run(mdl: nn.Module, x: Any, bcast: dict) -> Any:
                 for i, seg in enumerate(segments):

@@ -29,6 +29,7 @@ from rich.table import Table
 from remat import analysis, models
 from remat import policies as registry
 from remat.analysis import Report, format_bytes, format_flops
+from remat.apply import jaxpr_names
 from remat.policies import Policy
 from remat.step import init_train_state, make_train_step
 
@@ -261,7 +262,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
     base = _measure(s, "none", "none")
     base_flops, _ = analysis.count_flops(base.traced.jaxpr)
     if policies is None:
-        policies = default_policies(sorted(analysis._names(base.traced.jaxpr.jaxpr, set())))
+        policies = default_policies(sorted(frozenset().union(*jaxpr_names(base.traced.jaxpr))))
     labels = [p if isinstance(p, str) else str(p) for p in policies]
 
     reports: list[Report | None] = [None] * len(labels)

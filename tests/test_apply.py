@@ -275,3 +275,53 @@ def test_checkpoint_names_looks_inside_scan_and_remat(params):
     names = remat.checkpoint_names(lambda p: stack("full", (2, 3)).apply(p, X, deterministic=True), params)
     assert names == {"decoder_layer_input", "mlpwi", "mlpwo"}
     assert policies.get("minimal").names - names  # the MLP block lacks the attention names
+
+
+# -- fault kinds (../shared/FAULTS.md) ------------------------------------------------------
+def test_offload_on_a_backend_without_pinned_host_is_a_clear_error(monkeypatch):
+    """FAULTS K3: no silent no-op; the message gives the explicit on-device fallback."""
+
+    class NoHost:
+        platform, device_kind = "fake", "Fake TPU"
+
+        def addressable_memories(self):
+            return [type("Memory", (), {"kind": "device"})()]
+
+    from remat import apply
+
+    with pytest.raises(apply.OffloadUnsupportedError,
+                       match=r"remat policy 'save:mlpwo \+ offload:mlpwi' offloads to 'pinned_host', but "
+                             r"backend 'fake' \(Fake TPU\) has memories \['device'\]; to keep those values "
+                             r"on device instead, use 'save:mlpwi,mlpwo' \(Policy.on_device\(\)\)"):
+        apply.check_offload(policies.get("save:mlpwo + offload:mlpwi"), NoHost())
+    apply.check_offload(policies.get("save:mlpwo"), NoHost())  # nothing offloaded: fine
+    assert policies.get("offload_dots:no_batch + offload:a").on_device() == policies.get("dots:no_batch + save:a")
+
+
+def test_a_tag_inside_a_custom_vjp_is_reported_as_invisible_to_policies():
+    """FAULTS K6: a name tagged inside a custom_vjp forward is not seen by the policy."""
+
+    @jax.custom_vjp
+    def kernel(x):
+        return checkpoint_name(jnp.sin(x), vocab.CONTEXT)
+
+    kernel.defvjp(lambda x: (kernel(x), x), lambda x, g: (g * jnp.cos(x),))
+    f = remat.checkpoint(lambda x: kernel(x) * 2, "save:context")
+    with pytest.raises(remat.MissingCheckpointNameError,
+                       match="context is tagged inside a custom_vjp/custom_jvp function, where remat "
+                             "policies cannot see it: tag the custom function's output instead"):
+        jax.grad(lambda x: f(x).sum())(X)
+    assert remat.checkpoint_names(kernel, X) == {"context"}
+
+
+def test_a_float_static_argument_that_keeps_changing_warns():
+    """FAULTS K4: a Python float static argument retraces at every new value."""
+
+    def f(x, scale):
+        return checkpoint_name(x * scale, vocab.MLPWO)
+
+    g = jax.jit(remat.checkpoint(f, "save:mlpwo", static_argnames=("scale",)), static_argnames=("scale",))
+    with pytest.warns(UserWarning, match="static argument 'scale' has taken 8 different float values; "
+                                         "each one retraces"):
+        for i in range(8):
+            g(X, scale=1.0 + i)
