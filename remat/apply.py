@@ -137,6 +137,7 @@ def validate_once(policy: Policy, key: Any, fn: Callable[..., Any], args: tuple,
     except TypeError:
         key = None
     check_offload(policy)
+    _warn_prng(where)
     if policy.names:
         visible, hidden = _traced_names(fn, args, {})
         check_names(policy, visible, where, hidden)
@@ -163,6 +164,18 @@ def check_offload(policy: Policy, device: jax.Device | None = None) -> None:
             f"remat policy {str(policy)!r} offloads to 'pinned_host', but backend "
             f"{device.platform!r} ({device.device_kind}) has memories {kinds}; to keep those values on "
             f"device instead, use {str(policy.on_device())!r} (Policy.on_device())")
+
+
+def _warn_prng(where: str) -> None:
+    """FAULTS K7: remat regenerates dropout masks in the backward pass from the
+    same key; only the default threefry PRNG guarantees the same bits there."""
+    impl = jax.config.jax_default_prng_impl
+    if impl != "threefry2x32":
+        warnings.warn(
+            f"{where}: the default PRNG implementation is {impl!r}; random bits recomputed by remat "
+            "(dropout masks) may differ from the forward pass, so gradients can differ from no remat. "
+            "Use jax.config.update('jax_default_prng_impl', 'threefry2x32') for exact parity.",
+            stacklevel=4)
 
 
 _STATIC_FLOATS: dict[tuple[str, str], set[float]] = {}

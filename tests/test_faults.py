@@ -1,0 +1,57 @@
+"""The inputs of ../shared/FAULTS.md not covered next to their feature's tests.
+
+Index of where each fault kind is tested:
+K1 tests/test_apply.py (missing tags), tests/test_policies.py (none vs full, save+offload), here (vmap dots);
+K2 tests/test_apply.py (groups cut memory, prevent_cse=False under scan); the two-level rule:
+   remat/scan.py;
+K3 tests/test_apply.py (capability check), tests/test_sweep.py (offloaded carry: host bytes > 0), nested
+   offload in tests/test_apply.py (policies with offload under groups);
+K4 tests/test_apply.py (static by name, kwargs, unhashable static, changing floats);
+K5 tests/test_apply.py (one layer, (1, 1) groups, per-layer dropout masks);
+K6 tests/test_apply.py (custom_vjp tags, debug callbacks run twice);
+K7 tests/test_apply.py (dropout parity, weak-typed floats), tests/test_models.py (bf16 tolerances),
+   here (PRNG);
+K8 tests/test_analysis.py (residual rows by name x layers, trip-count FLOPs, memory fallback).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.ad_checkpoint import checkpoint_name
+
+import remat
+from remat.policies import vocab
+
+# 8 pipeline stages (or experts), each with its own weights, under an outer vmap
+W = jax.ShapeDtypeStruct((8, 2, 16, 16), jnp.float32)
+X = jax.ShapeDtypeStruct((8, 32, 16), jnp.float32)
+
+
+def layer(w, x):
+    h = checkpoint_name(jnp.tanh(x @ w[0]), vocab.MLPWI)
+    return checkpoint_name(jnp.tanh(h @ w[1]), vocab.MLPWO)
+
+
+def step(policy):
+    f = jax.vmap(remat.checkpoint(layer, policy))
+    return jax.grad(lambda w, x: f(w, x).sum())
+
+
+def test_dots_rule_under_vmap_keeps_nothing_and_the_report_says_so():
+    """K1: under an outer vmap every matmul has a batch dimension, so
+    dots_with_no_batch_dims keeps none; name-based policies still work."""
+    shape_rule = remat.analyze(step("dots_with_no_batch_dims_saveable"), W, X)
+    assert shape_rule.dots_kept == 0 and shape_rule.dots_forward == shape_rule.dots_forward_batched == 2
+    assert any("a dots:no_batch rule keeps none of them" in n for n in shape_rule.notes)
+    named = remat.analyze(step("save:mlpwi,mlpwo"), W, X)
+    assert "mlpwi" in {r.name for r in named.residuals}
+
+
+def test_a_non_default_prng_warns_that_recomputed_dropout_may_differ():
+    """K7: only threefry guarantees the recomputed masks equal the forward ones."""
+    f = remat.checkpoint(layer, "save:mlpwi")
+    with jax.default_prng_impl("rbg"), pytest.warns(UserWarning, match="the default PRNG implementation "
+                                                                        "is 'rbg'; random bits recomputed"):
+        jax.make_jaxpr(f)(jnp.ones((2, 16, 16)), jnp.ones((3, 16)))
