@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+
 from remat.models.config import ModelConfig, residual_init_std
 from remat.policies import vocab
 
@@ -106,6 +107,45 @@ def attention_implementation(config: ModelConfig) -> str:
     return "xla"
 
 
+class Projection(nn.Module):
+    """A linear map of the trailing axes, ``[..., *in] -> [..., *features]``,
+    kernel ``[*in, *features]`` (+ bias ``[*features]`` for gpt2), computed with
+    ``lax.dot_general`` in ``config.dtype`` (parameters kept in
+    ``config.param_dtype``).
+
+    Used instead of ``nn.DenseGeneral``, whose initialiser unboxes a
+    logically-partitioned kernel while it is still flattened to 2-D, which
+    fails under a mesh for kernels of rank > 2 (flax 0.12).
+
+    Attributes:
+      config: for dtypes and the init std.
+      features: output feature shape, e.g. ``(N, H)``.
+      in_axes: logical names of the contracted trailing input axes.
+      out_axes: logical names of ``features``.
+      residual: use the residual-projection init std (GPT-2).
+    """
+
+    config: ModelConfig
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    residual: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        n_in = len(self.in_axes)
+        init = kernel_init(cfg, (*self.in_axes, *self.out_axes), residual=self.residual)
+        kernel = self.param("kernel", init, (*x.shape[-n_in:], *self.features), cfg.param_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (contract, ((), ())))
+        if cfg.family == "gpt2":
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes),
+                              self.features, cfg.param_dtype)
+            y = y + bias.astype(cfg.dtype)
+        return y
+
+
 class Attention(nn.Module):
     """Causal self-attention with separate query/key/value projections:
     multi-head (K == N) or grouped-query (K < N, Ainslie et al. 2023, without
@@ -126,14 +166,9 @@ class Attention(nn.Module):
     def __call__(self, x_BxTxD: jax.Array, *, deterministic: bool) -> jax.Array:
         cfg = self.config
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.family == "gpt2"
 
         def proj(features: tuple[int, int], heads_axis: str, name: str) -> nn.Module:
-            return nn.DenseGeneral(
-                features, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                kernel_init=kernel_init(cfg, ("embed", heads_axis, "head_dim")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, "head_dim")),
-                name=name)
+            return Projection(cfg, features, ("embed",), (heads_axis, "head_dim"), name=name)
 
         q_BxTxNxH = tag(proj((n, h), "heads", "query")(x_BxTxD), vocab.QUERY_PROJ, BTNH)
         k_BxSxKxH = tag(proj((k, h), "kv_heads", "key")(x_BxTxD), vocab.KEY_PROJ, BTKH)
@@ -150,11 +185,8 @@ class Attention(nn.Module):
                 implementation=attention_implementation(cfg))
         ctx_BxTxNxH = tag(ctx_BxTxNxH, vocab.CONTEXT, BTNH)
 
-        out_BxTxD = nn.DenseGeneral(
-            cfg.d_model, axis=(-2, -1), use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=kernel_init(cfg, ("heads", "head_dim", "embed"), residual=True),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="out")(ctx_BxTxNxH)
+        out_BxTxD = Projection(cfg, (cfg.d_model,), ("heads", "head_dim"), ("embed",), residual=True,
+                               name="out")(ctx_BxTxNxH)
         return tag(out_BxTxD, vocab.OUT_PROJ, BTD)
 
     def _einsum_attention(self, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
@@ -193,13 +225,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         cfg = self.config
-        bias = cfg.family == "gpt2"
 
         def dense(features: int, axes: tuple[str, str], name: str, residual: bool = False) -> nn.Module:
-            return nn.Dense(
-                features, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                kernel_init=kernel_init(cfg, axes, residual=residual),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)), name=name)
+            return Projection(cfg, (features,), axes[:1], axes[1:], residual=residual, name=name)
 
         if cfg.family == "gpt2":
             h_BxTxF = tag(dense(cfg.mlp_dim, ("embed", "mlp"), "wi")(x_BxTxD), vocab.MLPWI, BTF)

@@ -12,11 +12,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+import remat
 from remat.models.config import ModelConfig
 from remat.models.layers import BTD, BTV, Attention, Mlp, kernel_init, norm, tag
 from remat.policies import Policy, vocab
-
-import remat
 
 
 class Block(nn.Module):

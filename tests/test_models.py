@@ -1,0 +1,353 @@
+"""Tests for ``remat.models``: configs and presets, parameter counts, the
+blocks' tags and shapes, attention and RoPE against references, and gradient
+parity of every registered remat policy on both block families.
+
+Compiles use cheap CPU backend options (:data:`FAST`): LLVM's optimisation
+level changes neither the HLO (remat, CSE and fusion decisions are made
+before it) nor the float semantics, and cuts compile time about 4x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import remat
+import remat.policies as P
+from remat import models as M
+from remat.policies.vocab import missing_names
+from remat.step import lm_loss
+from remat.testing import TOLERANCES
+
+FAST = ({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+        if jax.default_backend() == "cpu" else {})
+B, T = 2, 16
+FAMILIES = ("llama", "gpt2")
+UNIQUE_POLICIES = list({P.get(n): n for n in reversed(P.names())}.values())[::-1]
+"""One name per distinct :class:`remat.Policy` value (aliases such as
+``nothing_saveable``/``full`` compile to the same program)."""
+
+
+def jit(fn):
+    return jax.jit(fn, compiler_options=FAST)
+
+
+def small(family: str, dtype: str = "float32", **overrides) -> M.ModelConfig:
+    """``tiny`` shrunk for fast compiles: 4 layers, D=32, N=4 heads of 8, F=64;
+    GQA (K=2) for llama, MHA for gpt2."""
+    kv = 2 if family == "llama" else 4
+    return M.get_config("tiny", family=family, dtype=dtype, num_layers=4, d_model=32, num_heads=4,
+                        num_kv_heads=kv, head_dim=8, mlp_dim=64, max_seq_len=32, **overrides)
+
+
+TOKENS = jax.random.randint(jax.random.key(1), (B, T), 0, 256, dtype=jnp.int32)
+DROPOUT_KEY = jax.random.key(2)
+
+
+@functools.cache
+def params_of(config: M.ModelConfig):
+    return jit(M.Transformer(config).init)(jax.random.key(0), TOKENS)["params"]
+
+
+@functools.cache
+def loss_and_grads(config: M.ModelConfig, policy: str, groups=None, deterministic: bool = True):
+    """``(loss, grads)`` of the next-token loss on :data:`TOKENS`, dropout seeded
+    by :data:`DROPOUT_KEY` when not ``deterministic``; same parameters whatever
+    the policy and grouping."""
+    model = M.Transformer(config, policy=policy, groups=groups)
+
+    def loss(p):
+        logits = model.apply({"params": p}, TOKENS, deterministic=deterministic,
+                             rngs={"dropout": DROPOUT_KEY})
+        return lm_loss(logits, TOKENS)
+
+    return jit(jax.value_and_grad(loss))(params_of(config))
+
+
+# -- configs and presets -----------------------------------------------------------------
+
+def test_names_and_tiny_preset():
+    assert M.names() == ["tiny", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl",
+                         "llama3.2-1b", "llama3.2-3b", "llama3-8b", "llama3-70b"]
+    cfg = M.get_config("tiny")
+    assert (cfg.family, cfg.vocab_size, cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
+            cfg.head_dim, cfg.mlp_dim, cfg.max_seq_len, cfg.dropout_rate, cfg.tie_embeddings) == (
+        "llama", 256, 4, 128, 4, 2, 32, 384, 512, 0.0, True)
+    assert cfg.dtype == jnp.float32 and cfg.param_dtype == jnp.float32
+    hash(cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.d_model = 64  # type: ignore[misc]
+
+
+def test_get_config_overrides_and_dtype_strings():
+    cfg = M.get_config("tiny", family="gpt2", dtype="bf16")
+    assert cfg.family == "gpt2" and cfg.dtype == jnp.bfloat16 and cfg.dtype == np.dtype("bfloat16")
+    assert M.get_config("tiny", dtype=jnp.bfloat16) == M.get_config("tiny", dtype="bfloat16")
+    assert M.get_config("gpt2-small", dtype="f32").dtype == jnp.float32
+    assert M.get_config("llama3-8b").dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("name, match", [
+    ("gpt2-smal", r"unknown model preset 'gpt2-smal' \(did you mean 'gpt2-small'"),
+    ("llama-8b", r"did you mean 'llama3-8b'.*valid names: tiny, gpt2-small"),
+    ("bert", r"unknown model preset 'bert'; valid names: tiny, gpt2-small, gpt2-medium"),
+])
+def test_unknown_preset(name, match):
+    with pytest.raises(ValueError, match=match):
+        M.get_config(name)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"famly": "gpt2"}, r"unknown ModelConfig field\(s\) 'famly'; valid: attention, "),
+    ({"family": "bert"}, r"ModelConfig.family='bert'; valid: gpt2, llama"),
+    ({"attention": "flash"}, r"ModelConfig.attention='flash'; valid: xla, dot_product_attention"),
+    ({"dtype": "fp8"}, r"ModelConfig.dtype='fp8' is not a dtype name; valid: bf16, bfloat16"),
+    ({"param_dtype": jnp.int32}, r"ModelConfig.param_dtype=.*int32.* is not a supported float dtype"),
+    ({"d_model": 0}, r"ModelConfig.d_model=0 must be a positive integer"),
+    ({"num_layers": 2.5}, r"ModelConfig.num_layers=2.5 must be a positive integer"),
+    ({"num_heads": 3}, r"ModelConfig.num_heads=3 is not a multiple of num_kv_heads=2"),
+    ({"head_dim": 33}, r"ModelConfig.head_dim=33 must be even for the llama family"),
+    ({"dropout_rate": 1.0}, r"ModelConfig.dropout_rate=1.0 must be in \[0, 1\)"),
+    ({"attention_dropout_rate": -0.1}, r"ModelConfig.attention_dropout_rate=-0.1 must be in"),
+    ({"attention": "dot_product_attention", "dropout_rate": 0.1},
+     r"attention_dropout_rate=0.1 \(from dropout_rate\) with attention='dot_product_attention'"),
+    ({"rope_theta": 0.0}, r"ModelConfig.rope_theta=0.0 must be positive"),
+])
+def test_config_validation(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        M.get_config("tiny", **overrides)
+
+
+def test_dot_product_attention_allows_residual_dropout():
+    cfg = M.get_config("tiny", attention="dot_product_attention", dropout_rate=0.1,
+                       attention_dropout_rate=0.0)
+    assert (cfg.dropout_rate, cfg.attn_dropout) == (0.1, 0.0)
+    assert M.get_config("tiny", dropout_rate=0.1).attn_dropout == 0.1
+    assert M.attention_implementation(cfg) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    assert M.attention_implementation(M.get_config("tiny")) == "einsum"
+
+
+@pytest.mark.parametrize("name", [n for n in M.names() if n != "tiny"])
+def test_preset_param_count_matches_published(name):
+    """``jax.eval_shape`` of init (nothing allocated) gives the formula's count,
+    within 1% of the published one; every parameter is float32."""
+    cfg = M.get_config(name)
+    shapes = jax.eval_shape(lambda t: M.Transformer(cfg).init(jax.random.key(0), t),
+                            jax.ShapeDtypeStruct((1, 8), jnp.int32))
+    leaves = jax.tree.leaves(shapes)
+    count = sum(int(x.size) for x in leaves)
+    assert count == cfg.num_params == M.param_count(cfg)
+    assert abs(count / M.PUBLISHED_PARAMS[name] - 1) < 0.01, (name, count)
+    assert {x.dtype for x in leaves} == {np.dtype("float32")}
+    layer_q = nn.unbox(shapes)["params"]["layers"]["attention"]["query"]["kernel"]
+    assert layer_q.shape == (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.head_dim)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eval_shape_init_every_policy(family):
+    """Abstract init works under every registered policy (and groupings), and
+    the parameter tree does not depend on either."""
+    cfg = M.get_config("tiny", family=family)
+    tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    ref = jax.eval_shape(lambda t: M.Transformer(cfg).init(jax.random.key(0), t), tok)
+    cases = [(p, None) for p in UNIQUE_POLICIES] + [("minimal", (2, 2)), ("full", "sqrt")]
+    for policy, groups in cases:
+        got = jax.eval_shape(
+            lambda t, p=policy, g=groups: M.Transformer(cfg, policy=p, groups=g).init(
+                jax.random.key(0), t), tok)
+        chex.assert_trees_all_equal_shapes_and_dtypes(got, ref)
+
+
+# -- parameters: logical axes ---------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logical_axis_names(family):
+    cfg = small(family, tie_embeddings=False)
+    shapes = jax.eval_shape(lambda t: M.Transformer(cfg, groups=(2, 2)).init(jax.random.key(0), t),
+                            jax.ShapeDtypeStruct((B, T), jnp.int32))
+    specs = nn.get_partition_spec(shapes)["params"]
+    P_ = jax.sharding.PartitionSpec
+    assert specs["embed"]["embedding"] == P_("vocab", "embed")
+    assert specs["head"]["kernel"] == P_("embed", "vocab")
+    att, mlp = specs["layers"]["attention"], specs["layers"]["mlp"]
+    assert att["query"]["kernel"] == P_("layers", "embed", "heads", "head_dim")
+    assert att["key"]["kernel"] == P_("layers", "embed", "kv_heads", "head_dim")
+    assert att["out"]["kernel"] == P_("layers", "heads", "head_dim", "embed")
+    assert specs["layers"]["attn_norm"]["scale"] == P_("layers", "norm")
+    assert specs["final_norm"]["scale"] == P_("norm")
+    if family == "gpt2":
+        assert specs["pos_embed"] == P_(None, "embed")
+        assert att["value"]["bias"] == P_("layers", "kv_heads", "head_dim")
+        assert mlp["wi"]["kernel"] == P_("layers", "embed", "mlp")
+        assert mlp["wi"]["bias"] == P_("layers", "mlp")
+    else:
+        assert mlp["wi_0"]["kernel"] == mlp["wi_1"]["kernel"] == P_("layers", "embed", "mlp")
+        assert mlp["wo"]["kernel"] == P_("layers", "mlp", "embed")
+        assert "bias" not in att["query"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activation_constraints_follow_rules(family):
+    """Under a mesh and logical rules, init and apply trace, and activations
+    carry sharding constraints (a 1-device mesh: only their presence is checked)."""
+    cfg = small(family)
+    model = M.Transformer(cfg, policy="minimal", groups=(2, 2))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    rules = (("batch", "data"), ("embed", None), ("heads", None), ("mlp", None), ("layers", None))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params = jax.eval_shape(model.init, jax.random.key(0), TOKENS)
+        text = str(jax.make_jaxpr(lambda p, t: model.apply(p, t))(params, TOKENS))
+    assert text.count("sharding_constraint") >= 10
+
+
+# -- tags ----------------------------------------------------------------------------
+
+def _tag_shapes(jaxpr, out: dict[str, tuple[tuple[int, ...], str]]) -> dict:
+    """``{checkpoint name: (shape, dtype)}`` from a jaxpr and its sub-jaxprs."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "name":
+            aval = eqn.invars[0].aval
+            out[eqn.params["name"]] = (tuple(aval.shape), str(aval.dtype))
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    _tag_shapes(sub.jaxpr, out)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    _tag_shapes(sub, out)
+    return out
+
+
+@pytest.mark.parametrize("attention", ["xla", "dot_product_attention"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_tags_and_shapes(family, attention):
+    cfg = small(family, "bfloat16", attention=attention)
+    x = jax.ShapeDtypeStruct((B, T, cfg.d_model), jnp.bfloat16)
+    block = M.Block(cfg)
+    params = jax.eval_shape(lambda x: block.init(jax.random.key(0), x, deterministic=True), x)
+    jaxpr = jax.make_jaxpr(lambda p, x: block.apply(p, x, deterministic=True))(params, x).jaxpr
+    n, k, h, d, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model, cfg.mlp_dim
+    want = {
+        "decoder_layer_input": (B, T, d), "attn_norm": (B, T, d), "query_proj": (B, T, n, h),
+        "key_proj": (B, T, k, h), "value_proj": (B, T, k, h), "context": (B, T, n, h),
+        "out_proj": (B, T, d), "mlp_norm": (B, T, d), "mlpwo": (B, T, d),
+    }
+    if attention == "xla":
+        want |= {"attn_scores": (B, n, T, T), "attn_probs": (B, n, T, T)}
+    want |= {"mlpwi": (B, T, f)} if family == "gpt2" else {"mlpwi_0": (B, T, f), "mlpwi_1": (B, T, f)}
+    assert _tag_shapes(jaxpr, {}) == {name: (shape, "bfloat16") for name, shape in want.items()}
+
+
+@pytest.mark.parametrize("attention", ["xla", "dot_product_attention"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_preset_name_is_emitted(family, attention):
+    """No MaxText-style drift: every name any registered policy saves or
+    offloads is emitted by the scanned model (or its fused/split alternative)."""
+    cfg = small(family, attention=attention)
+    params = jax.eval_shape(lambda t: M.Transformer(cfg).init(jax.random.key(0), t), TOKENS)
+    emitted = remat.checkpoint_names(lambda p, t: M.Transformer(cfg).apply(p, t), params, TOKENS)
+    for name in P.names():
+        assert not missing_names(P.get(name).names, emitted), (name, sorted(emitted))
+    assert {"qkv_proj", "attn_scores"}.isdisjoint(emitted) or attention == "xla"
+
+
+# -- attention, RoPE, masking ------------------------------------------------------------
+
+def test_rope_matches_complex_rotation():
+    """Feature i and i + H/2 form the complex number x_i + i x_{i+H/2}, rotated
+    by t * theta^(-2i/H) (Hugging Face Llama's rotate_half convention)."""
+    x = jax.random.normal(jax.random.key(3), (2, 5, 3, 8))
+    got = jit(lambda x: M.rope(x, 100.0))(x)
+    h = x.shape[-1]
+    freqs = 100.0 ** (-np.arange(0, h, 2) / h)
+    angle = np.arange(5)[:, None, None] * freqs
+    z = (np.asarray(x[..., : h // 2]) + 1j * np.asarray(x[..., h // 2:])) * np.exp(1j * angle)
+    np.testing.assert_allclose(np.asarray(got), np.concatenate([z.real, z.imag], -1), rtol=1e-5, atol=1e-5)
+    assert jax.eval_shape(lambda x: M.rope(x, 100.0), x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_einsum_attention_equals_dot_product_attention(family):
+    """The grouped einsum (no repeated K/V) equals jax.nn.dot_product_attention
+    on the same parameters, for the attention layer and the whole model."""
+    cfg = small(family)
+    x = jax.random.normal(jax.random.key(4), (B, T, cfg.d_model))
+    att = M.Attention(cfg)
+    p = jit(functools.partial(att.init, deterministic=True))(jax.random.key(0), x)
+    dpa = M.Attention(dataclasses.replace(cfg, attention="dot_product_attention"))
+    run = jit(lambda p, x: (att.apply(p, x, deterministic=True), dpa.apply(p, x, deterministic=True)))
+    chex.assert_trees_all_close(*run(p, x), rtol=1e-5, atol=1e-5)
+    params = params_of(cfg)
+    models = [M.Transformer(dataclasses.replace(cfg, attention=a)) for a in ("xla", "dot_product_attention")]
+    a, b = (jit(lambda p, t, m=m: m.apply({"params": p}, t))(params, TOKENS) for m in models)
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causal(family):
+    """Changing tokens from position 10 on leaves logits before 10 unchanged,
+    and changes the logits from 10 on."""
+    cfg = small(family)
+    params = params_of(cfg)
+    fwd = jit(lambda t: M.Transformer(cfg).apply({"params": params}, t))
+    other = TOKENS.at[:, 10:].set((TOKENS[:, 10:] + 1) % 256)
+    a, b = fwd(TOKENS), fwd(other)
+    assert a.shape == (B, T, cfg.vocab_size) and a.dtype == jnp.float32
+    chex.assert_trees_all_close(a[:, :10], b[:, :10], rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(a[:, 10:] - b[:, 10:]).min(axis=-1).max()) > 0
+
+
+def test_bad_tokens():
+    model = M.Transformer(small("llama"))
+    with pytest.raises(ValueError, match=r"integer tokens \[B, T\], got float32\[2, 16\]"):
+        model.init(jax.random.key(0), jnp.zeros((B, T)))
+    with pytest.raises(ValueError, match=r"sequence length T=33 exceeds config.max_seq_len=32"):
+        model.init(jax.random.key(0), jnp.zeros((1, 33), jnp.int32))
+
+
+# -- gradient parity -------------------------------------------------------------------------
+
+# f32 runs with dropout on (the same rng under every policy: the recompute
+# must regenerate the same masks, FAULTS K7); bf16 with dropout off.
+PARITY_CASES = {"f32-dropout": ("float32", 0.1), "bf16": ("bfloat16", 0.0)}
+
+
+@pytest.mark.parametrize("policy", [p for p in UNIQUE_POLICIES if p != "none"])
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_parity_every_policy(family, case, policy):
+    dtype, rate = PARITY_CASES[case]
+    cfg = small(family, dtype, dropout_rate=rate)
+    det = rate == 0.0
+    loss, grads = loss_and_grads(cfg, policy, deterministic=det)
+    ref_loss, ref_grads = loss_and_grads(cfg, "none", deterministic=det)
+    rtol, atol = TOLERANCES[dtype]
+    chex.assert_trees_all_close(loss, ref_loss, rtol=rtol, atol=atol)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropout_is_active(family):
+    """Dropout changes the loss, and a different key changes it again."""
+    cfg = small(family, dropout_rate=0.1)
+    on, _ = loss_and_grads(cfg, "none", deterministic=False)
+    off, _ = loss_and_grads(cfg, "none", deterministic=True)
+    assert abs(float(on) - float(off)) > 1e-3
+
+
+@pytest.mark.parametrize("groups", [(2, 2), "sqrt"])
+@pytest.mark.parametrize("policy", ["full", "minimal"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_parity_groups(family, policy, groups):
+    """Nested checkpointing (groups of layers) changes no number."""
+    cfg = small(family)
+    loss, grads = loss_and_grads(cfg, policy, groups=groups)
+    ref_loss, ref_grads = loss_and_grads(cfg, "none")
+    rtol, atol = TOLERANCES["float32"]
+    chex.assert_trees_all_close((loss, grads), (ref_loss, ref_grads), rtol=rtol, atol=atol)
