@@ -16,8 +16,9 @@ The optimizer is AdamW (Loshchilov & Hutter 2019) with linear warmup then cosine
 (``optax.warmup_cosine_decay_schedule``) and global-norm gradient clipping
 (``optax.clip_by_global_norm``), as in nanoGPT / GPT-3 style training. The step is
 :func:`remat.step.make_train_step`, compiled once ahead of time
-(``jax.jit(...).lower(...).compile()``); the same compiled object gives the
-compile-time memory figure of the summary. On accelerators the model computes in
+(``jax.jit(...).lower(...).compile()``, with the PRNG split and the learning rate
+inside), and measured compile-only with :func:`remat.analyze` (donating the state)
+for the step's peak memory in the summary. On accelerators the model computes in
 bfloat16 (parameters stay float32); on CPU in float32.
 
 Resume is exact: a batch is a pure function of the data position
@@ -34,7 +35,6 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,6 +58,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from remat.analysis import Report, analyze, format_bytes
 from remat.data import Batches, Corpus, build_corpus, eval_batches
 from remat.step import init_train_state, lm_loss, make_train_step
 
@@ -157,8 +158,8 @@ class TrainResult:
       val_loss: last validation loss, nats/byte.
       tokens_per_s: input bytes per second of step time over this process' steps.
       seconds: wall seconds of the whole run (all resumed segments).
-      peak_bytes: compile-time peak device memory of one train step, bytes.
-      peak_source: where ``peak_bytes`` came from.
+      report: :func:`remat.analyze` of the train step (compile-time memory, residuals, FLOPs);
+        ``report.peak_bytes`` is the step's peak device memory in bytes.
       out: the run folder.
     """
 
@@ -167,16 +168,16 @@ class TrainResult:
     val_loss: float
     tokens_per_s: float
     seconds: float
-    peak_bytes: int
-    peak_source: str
+    report: Report
     out: Path
 
     def summary(self) -> str:
         """The one-line summary printed at the end of ``remat train``."""
         return (f"done: {int(self.state.step)} steps in {self.seconds:.0f} s · "
                 f"val loss {self.val_loss:.3f} nats/byte (train {self.train_loss:.3f}) · "
-                f"{self.tokens_per_s:,.0f} tokens/s · step peak memory "
-                f"{self.peak_bytes / 2**20:.1f} MiB ({self.peak_source}) · {self.out}")
+                f"{self.tokens_per_s:,.0f} tokens/s · train step peak memory "
+                f"{format_bytes(self.report.peak_bytes)} (compile-time, remat.analyze: "
+                f"{self.report.peak_source}) · {self.out}")
 
 
 def make_lr_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -213,20 +214,6 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, bool]:
         raise ValueError(f"seq={cfg.seq} exceeds max_seq_len={mcfg.max_seq_len} of model {cfg.model!r}")
     deterministic = mcfg.dropout_rate == 0 and not mcfg.attn_dropout
     return Transformer(mcfg, policy=cfg.policy, groups=cfg.groups), deterministic
-
-
-def step_peak_bytes(step: Callable, compiled: jax.stages.Compiled, *args: Any) -> tuple[int, str]:
-    """Compile-time peak device memory of one train step, in bytes, and its source.
-
-    Uses :func:`remat.analyze` (``Report.peak_bytes``) when that exists; otherwise
-    XLA's ``compiled.memory_analysis().peak_memory_in_bytes`` of the already compiled step.
-    """
-    import remat
-
-    analyze = getattr(remat, "analyze", None)
-    if analyze is not None:
-        return int(analyze(step, *args).peak_bytes), "compile-time, remat.analyze"
-    return int(compiled.memory_analysis().peak_memory_in_bytes), "compile-time, XLA memory_analysis"
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
@@ -300,7 +287,8 @@ class _Interrupt:
 
 
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model: nn.Module | None = None,
-          deterministic: bool = True, console: Console | None = None, progress: bool = True) -> TrainResult:
+          deterministic: bool = True, console: Console | None = None, progress: bool = True,
+          compiler_options: dict[str, Any] | None = None) -> TrainResult:
     """Train ``cfg`` into the run folder ``out`` (layout in the module doc).
 
     Args:
@@ -313,6 +301,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model: nn.
         whether to run it without dropout.
       console: where progress and messages go (default: a new rich ``Console``).
       progress: show the rich progress bar.
+      compiler_options: XLA options for every ``Lowered.compile`` of the run (default none);
+        e.g. :data:`remat.analysis.FAST_CPU_COMPILE` compiles 5x faster on CPU and runs
+        about 2x slower (the tests use it).
 
     Returns:
       :class:`TrainResult`.
@@ -329,14 +320,15 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model: nn.
     out.mkdir(parents=True, exist_ok=True)
     mngr = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2))
     try:
-        return _train(cfg, out, mngr, resume, model, deterministic, console, progress)
+        return _train(cfg, out, mngr, resume, model, deterministic, console, progress, compiler_options)
     finally:
         mngr.wait_until_finished()
         mngr.close()
 
 
 def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: bool,
-           model: nn.Module | None, deterministic: bool, console: Console, progress: bool) -> TrainResult:
+           model: nn.Module | None, deterministic: bool, console: Console, progress: bool,
+           compiler_options: dict[str, Any] | None) -> TrainResult:
     latest = mngr.latest_step()
     if resume and latest is None:
         raise FileNotFoundError(f"nothing to resume in {str(out)!r}: no checkpoint (start without --resume)")
@@ -357,7 +349,7 @@ def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: boo
     tx = make_optimizer(cfg)
     init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
     example = jnp.asarray(batches.batch_at(0))
-    init = jax.jit(partial(init_train_state, model, tx))
+    init = partial(init_train_state, model, tx)
     metrics_path = out / "metrics.jsonl"
     if resume:
         abstract = jax.eval_shape(init, example, init_key)
@@ -375,20 +367,30 @@ def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: boo
                            if r and json.loads(r)["step"] == latest), None) or float("nan")
         console.print(f"resumed {out} at step {latest} (data position {position})", highlight=False)
     else:
-        state = init(example, init_key)
+        state = jax.jit(init).lower(example, init_key).compile(compiler_options)(example, init_key)
         position, prior_seconds, train_loss = 0, 0.0, float("nan")
         metrics_path.write_text("")
 
     step_fn = make_train_step(model, deterministic=deterministic)
-    t_compile = time.perf_counter()
-    compiled = jax.jit(step_fn, donate_argnums=0).lower(state, example, rng).compile()
+    schedule = make_lr_schedule(cfg)
+
+    def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array):
+        rng, step_rng = jax.random.split(rng)
+        lr = schedule(state.step)
+        state, metrics = step_fn(state, tokens, step_rng)
+        return state, rng, metrics | {"lr": lr}
 
     def eval_fn(params: Any, tokens: jax.Array) -> jax.Array:
         return lm_loss(model.apply({"params": params}, tokens, deterministic=True), tokens)
 
-    eval_compiled = jax.jit(eval_fn).lower(state.params, val[0]).compile()
+    t_compile = time.perf_counter()
+    compiled = jax.jit(train_step, donate_argnums=(0, 2)).lower(state, example, rng).compile(compiler_options)
+    eval_compiled = jax.jit(eval_fn).lower(state.params, val[0]).compile(compiler_options)
     console.print(f"compiled train and eval steps in {time.perf_counter() - t_compile:.1f} s",
                   highlight=False)
+    report = analyze(step_fn, state, example, rng, donate_argnums=0, compiler_options=compiler_options)
+    console.print(f"train step peak memory {format_bytes(report.peak_bytes)} (compile-time, "
+                  f"remat.analyze; policy {cfg.policy}, groups {cfg.groups})", highlight=False)
 
     def evaluate() -> float:
         return float(np.mean([float(eval_compiled(state.params, b)) for b in val]))
@@ -401,7 +403,6 @@ def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: boo
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                 meta=ocp.args.JsonSave(meta)))
 
-    lr_at = make_lr_schedule(cfg)
     step = int(state.step)
     start = time.perf_counter()
     seconds = lambda: prior_seconds + time.perf_counter() - start
@@ -418,24 +419,23 @@ def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: boo
         task = bar.add_task("train", total=cfg.steps, completed=step, loss="-", tps="-")
         while step < cfg.steps and not interrupt.requested:
             tokens = batches.batch_at(position)
-            rng, step_rng = jax.random.split(rng)
             t0 = time.perf_counter()
-            state, m = compiled(state, tokens, step_rng)
-            train_loss = float(m["loss"])
+            state, rng, m = compiled(state, tokens, rng)
+            train_loss, lr = float(m["loss"]), float(m["lr"])
             dt = time.perf_counter() - t0
             step_time += dt
             step += 1
             position += cfg.batch
             if not math.isfinite(train_loss):
                 raise ValueError(f"training diverged: loss {train_loss} at step {step} "
-                                 f"(lr={lr_at(step - 1):.2e}); lower --lr")
+                                 f"(lr={lr:.2e}); lower --lr")
             row_val = None
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val_loss = row_val = evaluate()
                 bar.console.print(f"step {step}: train loss {train_loss:.3f}, "
                                   f"val loss {val_loss:.3f} nats/byte", highlight=False)
             tps = cfg.batch * cfg.seq / dt
-            record({"step": step, "train_loss": train_loss, "val_loss": row_val, "lr": float(lr_at(step - 1)),
+            record({"step": step, "train_loss": train_loss, "val_loss": row_val, "lr": lr,
                     "tokens_per_s": tps, "seconds": seconds()})
             bar.update(task, completed=step, loss=f"{train_loss:.3f}", tps=f"{tps:,.0f}")
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
@@ -450,11 +450,10 @@ def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: boo
     if math.isnan(val_loss):  # resumed a finished run: nothing trained, evaluate once
         val_loss = evaluate()
     plot_metrics(metrics_path, out / "loss.png")
-    peak, source = step_peak_bytes(step_fn, compiled, state, example, rng)
     done_steps = step - (latest or 0)
     return TrainResult(state=state, train_loss=train_loss, val_loss=val_loss,
                        tokens_per_s=done_steps * cfg.batch * cfg.seq / step_time if step_time else 0.0,
-                       seconds=seconds(), peak_bytes=peak, peak_source=source, out=out)
+                       seconds=seconds(), report=report, out=out)
 
 
 

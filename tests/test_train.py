@@ -1,0 +1,193 @@
+"""remat.train: policies do not change the numbers, resume is exact, Ctrl-C saves,
+metrics/plot/summary are written, and bad input fails loudly.
+
+Everything compiles with ``remat.analysis.FAST_CPU_COMPILE`` (LLVM optimisation off: 5x
+faster compiles; the HLO passes that remat and fusion go through are unchanged)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+from functools import partial
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+from rich.console import Console
+
+from remat import cli
+from remat.analysis import FAST_CPU_COMPILE
+from remat.data import Batches, build_corpus
+from remat.models import Transformer, get_config
+from remat.step import init_train_state, make_train_step
+from remat.train import TrainConfig, load_config, make_optimizer, parse_groups, train
+
+# 4 layers so that (2, 2) nests; everything else as small as the family allows
+MICRO = dict(num_layers=4, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64)
+QUIET = Console(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def text_dir() -> str:
+    """A small real-text corpus: the stdlib ``json`` package (5 files, ~40 kB)."""
+    return str(Path(json.__file__).parent)
+
+
+def _run(cfg: TrainConfig, out, **kw):
+    return train(cfg, out, console=QUIET, progress=False, compiler_options=FAST_CPU_COMPILE, **kw)
+
+
+def _cfg(text_dir: str, **kw) -> TrainConfig:
+    base = dict(steps=6, batch=4, seq=32, lr=3e-3, warmup=2, eval_every=3, eval_windows=8, ckpt_every=2,
+                data=(text_dir,), val_fraction=0.3)
+    return TrainConfig(**(base | kw))
+
+
+# ---- the policy changes memory, never the numbers ----
+
+@pytest.fixture(scope="module")
+def trajectories(text_dir, tmp_path_factory):
+    """Losses and final params of 4 steps from the same initial state under each variant."""
+    cfg = _cfg(text_dir, steps=4)
+    corpus = build_corpus(cfg.data, tmp_path_factory.mktemp("corpus"), val_fraction=cfg.val_fraction)
+    batches = Batches(corpus.train, batch=cfg.batch, seq=cfg.seq, seed=0)
+    tx = make_optimizer(cfg)
+    init = partial(init_train_state, Transformer(get_config("tiny", **MICRO)), tx)
+    state0 = jax.jit(init).lower(batches.batch_at(0), jax.random.PRNGKey(0)).compile(FAST_CPU_COMPILE)(
+        batches.batch_at(0), jax.random.PRNGKey(0))
+    out = {}
+    for policy, groups in (("none", None), ("full", None), ("minimal", None), ("minimal", (2, 2))):
+        model = Transformer(get_config("tiny", **MICRO), policy=policy, groups=groups)
+        state = state0.replace(apply_fn=model.apply)
+        tokens, key = batches.batch_at(0), jax.random.PRNGKey(0)
+        step = jax.jit(make_train_step(model)).lower(state, tokens, key).compile(FAST_CPU_COMPILE)
+        losses = []
+        for i in range(cfg.steps):
+            state, m = step(state, batches.batch_at(i * cfg.batch), jax.random.PRNGKey(i))
+            losses.append(float(m["loss"]))
+        out[(policy, groups)] = losses, state.params
+    return out
+
+
+@pytest.mark.parametrize("variant", [("full", None), ("minimal", None), ("minimal", (2, 2))],
+                         ids=["full", "minimal", "minimal-nested-2x2"])
+def test_loss_trajectory_is_the_same_under_every_policy(trajectories, variant):
+    ref_losses, ref_params = trajectories[("none", None)]
+    losses, params = trajectories[variant]
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6, atol=0)
+    chex.assert_trees_all_close(params, ref_params, rtol=1e-5, atol=1e-7)
+
+
+# ---- exact resume, Ctrl-C ----
+
+@pytest.fixture(scope="module")
+def dropout_model():
+    """Dropout on, so the resumed PRNG key matters too."""
+    return Transformer(get_config("tiny", **MICRO, dropout_rate=0.1), policy="minimal")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(text_dir, dropout_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return _run(_cfg(text_dir), out, model=dropout_model, deterministic=False)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_metrics_plot_and_summary(uninterrupted):
+    out = uninterrupted.out
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == list(range(7))
+    assert set(rows[1]) == {"step", "train_loss", "val_loss", "lr", "tokens_per_s", "seconds"}
+    assert [r["step"] for r in rows if r["val_loss"] is not None] == [0, 3, 6]
+    assert abs(rows[0]["val_loss"] - math.log(256)) < 0.5  # near uniform over bytes at init
+    assert rows[6]["val_loss"] == uninterrupted.val_loss < rows[0]["val_loss"]
+    # lr used by each step: linear warmup over 2 steps, then cosine from 3e-3 down to 3e-4 at step 6
+    assert [r["lr"] for r in rows[1:4]] == pytest.approx([0.0, 1.5e-3, 3e-3])
+    assert rows[4]["lr"] == pytest.approx(3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25))))
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "6"]
+    assert uninterrupted.report.peak_bytes > 0 and uninterrupted.report.label == "step"
+    assert "6 steps" in uninterrupted.summary() and "peak memory" in uninterrupted.summary()
+
+
+def test_ctrl_c_saves_and_resume_is_exact_from_any_checkpoint(text_dir, dropout_model, uninterrupted,
+                                                              tmp_path, monkeypatch):
+    cfg = _cfg(text_dir)
+    original = Batches.batch_at
+
+    def batch_at(self, position):  # Ctrl-C while fetching step 3's batch: step 3 finishes, then save
+        if position == 2 * cfg.batch:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, position)
+
+    monkeypatch.setattr(Batches, "batch_at", batch_at)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg, tmp_path, model=dropout_model, deterministic=False)
+    monkeypatch.setattr(Batches, "batch_at", original)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+
+    # the periodic checkpoint at step 2 was written while step 3 reused (donated) the state's buffers
+    periodic = tmp_path / "from_step_2"
+    shutil.copytree(tmp_path, periodic, ignore=shutil.ignore_patterns("from_step_2"))
+    shutil.rmtree(periodic / "checkpoints" / "3")
+
+    want = _rows(uninterrupted.out)
+    for out in (tmp_path, periodic):
+        resumed = _run(cfg, out, resume=True, model=dropout_model, deterministic=False)
+        got = _rows(out)
+        assert [r["step"] for r in got] == list(range(7))
+        assert [(r["train_loss"], r["val_loss"], r["lr"]) for r in got] == \
+               [(r["train_loss"], r["val_loss"], r["lr"]) for r in want]
+        chex.assert_trees_all_equal(resumed.state.params, uninterrupted.state.params)
+        chex.assert_trees_all_equal(resumed.state.opt_state, uninterrupted.state.opt_state)
+
+
+# ---- loud errors ----
+
+def test_existing_run_needs_resume(uninterrupted, text_dir, dropout_model):
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoint at step 6\); pass --resume"):
+        _run(_cfg(text_dir), uninterrupted.out, model=dropout_model)
+
+
+def test_resume_needs_a_checkpoint(tmp_path, text_dir, dropout_model):
+    with pytest.raises(FileNotFoundError, match=r"nothing to resume in .*: no checkpoint"):
+        _run(_cfg(text_dir), tmp_path, resume=True, model=dropout_model)
+    with pytest.raises(FileNotFoundError, match=r"nothing to resume in .*: no run\.json"):
+        load_config(tmp_path, {})
+
+
+def test_resume_refuses_changed_numbers(uninterrupted):
+    assert load_config(uninterrupted.out, {"policy": "full"}).policy == "full"
+    with pytest.raises(ValueError, match=r"--resume: lr=0\.1 differs from the run's lr=0\.003"):
+        load_config(uninterrupted.out, {"lr": 0.1})
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match=r"warmup must be in \[0, steps=10\), got 10"):
+        TrainConfig(steps=10, warmup=10)
+    with pytest.raises(ValueError, match="batch must be >= 1, got 0"):
+        TrainConfig(batch=0)
+
+
+def test_parse_groups():
+    assert parse_groups("sqrt") == "sqrt"
+    assert parse_groups("2,2") == (2, 2)
+    with pytest.raises(ValueError, match=r"--groups '2x2': valid forms are 'sqrt' or 'G,K'"):
+        parse_groups("2x2")
+
+
+def test_cli_bad_data_path(tmp_path, capsys):
+    assert cli.main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
+    assert f"data path '{tmp_path / 'missing'}' does not exist" in " ".join(capsys.readouterr().err.split())
+
+
+def test_cli_seq_longer_than_model(tmp_path, capsys):
+    assert cli.main(["train", "--seq", "4096", "--out", str(tmp_path)]) == 2
+    assert "seq=4096 exceeds max_seq_len=512 of model 'tiny'" in " ".join(capsys.readouterr().err.split())
