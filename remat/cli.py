@@ -18,7 +18,25 @@ from rich.table import Table
 from remat import policies
 
 
+def policy_table_markdown() -> str:
+    """The registry as a Markdown table (name, saves, offloads, doc), as the
+    README embeds it; ``remat policies --markdown`` prints it."""
+    lines = ["| policy | saves on device | offloads to host | what it is |", "|---|---|---|---|"]
+    for name in policies.names():
+        p = policies.get(name)
+        saves = "everything" if p.is_none else ", ".join(
+            [f"`{n}`" for n in sorted(p.save)] + ([f"matmuls ({p.dots})"] if p.dots else [])
+        ) or "layer inputs"
+        offloads = ", ".join([f"`{n}`" for n in sorted(p.offload)]
+                             + ([f"matmuls ({p.offload_dots})"] if p.offload_dots else [])) or "-"
+        lines.append(f"| `{name}` | {saves} | {offloads} | {policies.describe(name)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _policies(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(policy_table_markdown(), end="")
+        return 0
     rows = []
     for name in policies.names():
         p = policies.get(name)
@@ -46,6 +64,7 @@ def _add_policies(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("policies", help="list the registered remat policies",
                        description="List every registered policy: what it saves, offloads, and its doc.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--markdown", action="store_true", help="print the Markdown table the README embeds")
     p.set_defaults(func=_policies)
 
 
