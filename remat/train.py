@@ -60,6 +60,8 @@ from rich.progress import (
 
 from remat.analysis import Report, analyze, format_bytes
 from remat.data import Batches, Corpus, build_corpus, eval_batches
+from remat.models import Transformer, get_config
+from remat.scan import plan
 from remat.step import init_train_state, lm_loss, make_train_step
 
 
@@ -97,11 +99,11 @@ class TrainConfig:
     model: str = "tiny"
     policy: str = "minimal"
     groups: str | tuple[int, int] | None = None
-    steps: int = 300
+    steps: int = 150
     batch: int = 16
     seq: int = 128
     lr: float = 3e-3
-    warmup: int = 30
+    warmup: int = 15
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     b1: float = 0.9
@@ -110,9 +112,9 @@ class TrainConfig:
     data: tuple[str, ...] | None = None
     data_ext: tuple[str, ...] | None = None
     val_fraction: float = 0.1
-    eval_every: int = 50
-    eval_windows: int = 256
-    ckpt_every: int = 100
+    eval_every: int = 25
+    eval_windows: int = 128
+    ckpt_every: int = 50
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -203,15 +205,14 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, bool]:
       ``(model, deterministic)``: ``deterministic`` is False when the preset has dropout.
 
     Raises:
-      ValueError: unknown model/policy/groups (from :mod:`remat.models`), or ``seq``
-        longer than the model's ``max_seq_len``.
+      ValueError: unknown model (:func:`remat.models.get_config`), policy or groups
+        (:func:`remat.scan.plan`), or ``seq`` longer than the model's ``max_seq_len``.
     """
-    from remat.models import Transformer, get_config
-
     overrides = {} if jax.default_backend() == "cpu" else {"dtype": "bfloat16"}
     mcfg = get_config(cfg.model, **overrides)
     if cfg.seq > mcfg.max_seq_len:
         raise ValueError(f"seq={cfg.seq} exceeds max_seq_len={mcfg.max_seq_len} of model {cfg.model!r}")
+    plan(mcfg.num_layers, cfg.policy, cfg.groups)  # bad policy/groups fail here, before any work
     deterministic = mcfg.dropout_rate == 0 and not mcfg.attn_dropout
     return Transformer(mcfg, policy=cfg.policy, groups=cfg.groups), deterministic
 

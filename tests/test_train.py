@@ -188,6 +188,18 @@ def test_cli_bad_data_path(tmp_path, capsys):
     assert f"data path '{tmp_path / 'missing'}' does not exist" in " ".join(capsys.readouterr().err.split())
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--groups", "3,3"], "groups=(3, 3) must be (G, K) with G * K == 4 layers"),
+    (["--groups", "two"], "--groups 'two': valid forms are 'sqrt' or 'G,K'"),
+    (["--policy", "nosuch"], "unknown remat policy 'nosuch'; valid names: none, full,"),
+    (["--model", "tinny"], "unknown model preset 'tinny' (did you mean 'tiny'?)"),
+])
+def test_cli_bad_model_policy_groups_fail_before_any_work(tmp_path, capsys, flags, message):
+    assert cli.main(["train", *flags, "--out", str(tmp_path)]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "data").exists()
+
+
 def test_cli_seq_longer_than_model(tmp_path, capsys):
     assert cli.main(["train", "--seq", "4096", "--out", str(tmp_path)]) == 2
     assert "seq=4096 exceeds max_seq_len=512 of model 'tiny'" in " ".join(capsys.readouterr().err.split())
