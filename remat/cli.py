@@ -82,7 +82,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, help="sequences per step")
     p.add_argument("--seq", type=int, help="bytes per sequence")
     p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--warmup", type=int, help="linear warmup steps")
+    p.add_argument("--warmup", type=int, help="linear warmup steps (default: steps // 10)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices")
     p.add_argument("--clip", type=float, help="max global gradient norm")
     p.add_argument("--data", nargs="+", metavar="PATH",

@@ -82,7 +82,7 @@ class TrainConfig:
       batch: sequences per step, B.
       seq: bytes per sequence, T (<= the model's ``max_seq_len``).
       lr: peak learning rate (reached after ``warmup`` steps).
-      warmup: linear warmup steps from 0.
+      warmup: linear warmup steps from 0; ``None`` means ``steps // 10``.
       min_lr_ratio: the cosine decays to ``lr * min_lr_ratio`` at ``steps``.
       weight_decay: AdamW decoupled weight decay, on matrices only (``ndim >= 2``).
       b1, b2: AdamW moment decay rates.
@@ -103,7 +103,7 @@ class TrainConfig:
     batch: int = 16
     seq: int = 128
     lr: float = 3e-3
-    warmup: int = 15
+    warmup: int | None = None
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     b1: float = 0.9
@@ -121,6 +121,8 @@ class TrainConfig:
         for name in ("steps", "batch", "eval_every", "eval_windows", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.warmup is None:
+            object.__setattr__(self, "warmup", self.steps // 10)
         if self.seq < 2:
             raise ValueError(f"seq must be >= 2, got {self.seq!r}")
         if not 0 <= self.warmup < self.steps:
@@ -338,7 +340,6 @@ def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: boo
                          "pass --resume to continue it or choose another --out")
     if model is None:
         model, deterministic = build_model(cfg)
-    (out / "run.json").write_text(json.dumps(cfg.to_json(), indent=1))
 
     corpus: Corpus = build_corpus(cfg.data, out / "data", val_fraction=cfg.val_fraction,
                                   suffixes=cfg.data_ext)
@@ -362,6 +363,9 @@ def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: boo
         state = TrainState(step=tree["step"], apply_fn=model.apply, params=tree["params"], tx=tx,
                            opt_state=tree["opt_state"])
         rng, position, prior_seconds = tree["rng"], meta["data_position"], meta["seconds"]
+        if meta["corpus_key"] != corpus.key:
+            raise ValueError(f"--resume: the corpus changed since step {latest} was saved (files added, "
+                             f"removed or edited); its batches would differ. Corpus now: {corpus.summary()}")
         rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
         metrics_path.write_text("".join(r + "\n" for r in rows if r and json.loads(r)["step"] <= latest))
         train_loss = next((json.loads(r)["train_loss"] for r in reversed(rows)
@@ -371,6 +375,7 @@ def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: boo
         state = jax.jit(init).lower(example, init_key).compile(compiler_options)(example, init_key)
         position, prior_seconds, train_loss = 0, 0.0, float("nan")
         metrics_path.write_text("")
+    (out / "run.json").write_text(json.dumps(cfg.to_json(), indent=1))
 
     step_fn = make_train_step(model, deterministic=deterministic)
     schedule = make_lr_schedule(cfg)
@@ -400,7 +405,8 @@ def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: boo
         if mngr.latest_step() == step:
             return
         tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": rng}
-        meta = {"data_position": position, "seconds": seconds(), "config": cfg.to_json()}
+        meta = {"data_position": position, "seconds": seconds(), "corpus_key": corpus.key,
+                "config": cfg.to_json()}
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                 meta=ocp.args.JsonSave(meta)))
 

@@ -6,6 +6,7 @@ faster compiles; the HLO passes that remat and fusion go through are unchanged).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -161,6 +162,18 @@ def test_resume_needs_a_checkpoint(tmp_path, text_dir, dropout_model):
         _run(_cfg(text_dir), tmp_path, resume=True, model=dropout_model)
     with pytest.raises(FileNotFoundError, match=r"nothing to resume in .*: no run\.json"):
         load_config(tmp_path, {})
+
+
+def test_resume_refuses_a_changed_corpus(uninterrupted, text_dir, dropout_model, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted.out, run)
+    (tmp_path / "text").mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / "text" / name).write_text("x = 1\n" * 500)
+    cfg = dataclasses.replace(_cfg(text_dir), data=(str(tmp_path / "text"),))
+    with pytest.raises(ValueError, match=r"--resume: the corpus changed since step 6 was saved"):
+        _run(cfg, run, resume=True, model=dropout_model)
+    assert (run / "run.json").read_text() == (uninterrupted.out / "run.json").read_text()
 
 
 def test_resume_refuses_changed_numbers(uninterrupted):
