@@ -174,8 +174,10 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
 
     Parameters are the block's tree with a leading ``[num_layers]`` axis on
     every leaf (logical axis name ``"layers"``), whatever the grouping or
-    segmentation, so one set of parameters gives the same loss and gradients
-    under every ``groups`` and ``policy``.
+    segmentation; ``init`` gives the same values for every ``groups`` and
+    ``policy``, and one set of parameters gives the same loss and gradients
+    under each of them (with dropout off: with dropout on, each grouping draws
+    its own per-layer masks, the same under every policy).
 
     Args:
       block_cls: a linen module class; its first argument after ``self`` is
@@ -246,16 +248,20 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
                     module_init(block_cls, fields, orig, static), (abstract({carry_name: x, **dynamic}),),
                     where)
 
+            # Initialise as one flat scan, so the initial parameters are the same
+            # whatever the grouping and segmentation (and no remat is traced for init).
+            segs = (Segment(num_layers, get("none"), None),) if self.is_initializing() else segments
+
             def run(mdl: nn.Module, x: Any, bcast: dict) -> Any:
-                for i, seg in enumerate(segments):
+                for i, seg in enumerate(segs):
                     child = block_cls(**fields, parent=mdl, name=f"segment_{i}")
                     x = run_segment(seg, child, x, static, bcast)
                 return x
 
             mapped = nn.map_variables(
                 run, "params", init=True, mutable=self.is_initializing(),
-                trans_in_fn=lambda v: {c: _to_segments(t, segments) for c, t in v.items()},
-                trans_out_fn=lambda v: {c: _from_segments(t, segments) for c, t in v.items()})
+                trans_in_fn=lambda v: {c: _to_segments(t, segs) for c, t in v.items()},
+                trans_out_fn=lambda v: {c: _from_segments(t, segs) for c, t in v.items()})
             return mapped(self, x, dynamic)
 
     ScannedLayers.__name__ = ScannedLayers.__qualname__ = f"Scanned{block_cls.__name__}"

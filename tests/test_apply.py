@@ -142,6 +142,8 @@ def test_parameters_are_stacked_on_a_leading_layer_axis(params):
                                  "Dense_1": {"kernel": (6, F, D), "bias": (6, D)}}}
     for groups in [(2, 3), (3, 2), "sqrt", (6, 1), (1, 6)]:
         chex.assert_trees_all_equal_shapes(abstract_init(stack("full", groups)), params)
+    for policy, groups in [("full", (2, 3)), ([(2, "full"), (4, "save:mlpwi")], "sqrt")]:
+        chex.assert_trees_all_equal(stack(policy, groups).init(RNGS, X, deterministic=True), params)
 
 
 @pytest.mark.parametrize("groups", [None, (2, 3), "sqrt"])
@@ -295,7 +297,8 @@ def test_offload_on_a_backend_without_pinned_host_is_a_clear_error(monkeypatch):
                              r"on device instead, use 'save:mlpwi,mlpwo' \(Policy.on_device\(\)\)"):
         apply.check_offload(policies.get("save:mlpwo + offload:mlpwi"), NoHost())
     apply.check_offload(policies.get("save:mlpwo"), NoHost())  # nothing offloaded: fine
-    assert policies.get("offload_dots:no_batch + offload:a").on_device() == policies.get("dots:no_batch + save:a")
+    on_device = policies.get("offload_dots:no_batch + offload:a").on_device()
+    assert on_device == policies.get("dots:no_batch + save:a")
 
 
 def test_a_tag_inside_a_custom_vjp_is_reported_as_invisible_to_policies():
