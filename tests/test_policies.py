@@ -146,7 +146,10 @@ def test_save_offload_overlap_is_an_error_naming_the_tag():
         Policy(save="mlpwo")  # type: ignore[arg-type]
 
 
-def test_register_rejects_duplicates_and_reserved_names():
+def test_register_rejects_duplicates_and_reserved_names(monkeypatch):
+    from remat.policies import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # leave the registry as it was
     with pytest.raises(ValueError, match="policy 'minimal' is already registered; pass overwrite=True"):
         policies.register("minimal", "full", doc="x")
     with pytest.raises(ValueError, match="invalid policy name 'save'"):
@@ -209,3 +212,13 @@ def test_cli_policies_table_and_json(capsys):
 def test_package_exports():
     assert remat.policies is policies
     chex.assert_equal(sorted(remat.__all__), sorted(set(remat.__all__)))
+
+
+def test_readme_policy_table_is_generated_from_the_registry():
+    from pathlib import Path
+
+    from remat.cli import policy_table_markdown
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("<!-- policy-table:start -->\n")[1].split("<!-- policy-table:end -->")[0]
+    assert table == policy_table_markdown(), "README out of date: paste `remat policies --markdown`"
