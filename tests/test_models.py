@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import remat
@@ -47,7 +48,8 @@ def small(family: str, dtype: str = "float32", **overrides) -> M.ModelConfig:
                         num_kv_heads=kv, head_dim=8, mlp_dim=64, max_seq_len=32, **overrides)
 
 
-TOKENS = jax.random.randint(jax.random.key(1), (B, T), 0, 256, dtype=jnp.int32)
+RNG = np.random.default_rng(0)  # numpy: eager jax.random compiles threefry slowly on CPU
+TOKENS = jnp.asarray(RNG.integers(0, 256, (B, T)), jnp.int32)
 DROPOUT_KEY = jax.random.key(2)
 
 
@@ -150,19 +152,16 @@ def test_preset_param_count_matches_published(name):
     assert layer_q.shape == (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.head_dim)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_eval_shape_init_every_policy(family):
-    """Abstract init works under every registered policy (and groupings), and
-    the parameter tree does not depend on either."""
-    cfg = M.get_config("tiny", family=family)
+def test_eval_shape_init_independent_of_policy_and_groups():
+    """Abstract init under a policy and a grouping gives the same parameter tree
+    (``[L, ...]`` leaves) as without remat."""
+    cfg = M.get_config("tiny")
     tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
-    ref = jax.eval_shape(lambda t: M.Transformer(cfg).init(jax.random.key(0), t), tok)
-    cases = [(p, None) for p in UNIQUE_POLICIES] + [("minimal", (2, 2)), ("full", "sqrt")]
-    for policy, groups in cases:
-        got = jax.eval_shape(
-            lambda t, p=policy, g=groups: M.Transformer(cfg, policy=p, groups=g).init(
-                jax.random.key(0), t), tok)
-        chex.assert_trees_all_equal_shapes_and_dtypes(got, ref)
+    init = lambda **kw: jax.eval_shape(lambda t: M.Transformer(cfg, **kw).init(jax.random.key(0), t), tok)
+    ref = init(policy="none")
+    for kw in ({"policy": "selective"}, {"policy": "minimal", "groups": (2, 2)},
+               {"policy": "full", "groups": "sqrt"}, {"policy": "minimal_offloaded", "groups": (4, 1)}):
+        chex.assert_trees_all_equal_shapes_and_dtypes(init(**kw), ref)
 
 
 # -- parameters: logical axes ---------------------------------------------------------------
@@ -262,7 +261,7 @@ def test_every_preset_name_is_emitted(family, attention):
 def test_rope_matches_complex_rotation():
     """Feature i and i + H/2 form the complex number x_i + i x_{i+H/2}, rotated
     by t * theta^(-2i/H) (Hugging Face Llama's rotate_half convention)."""
-    x = jax.random.normal(jax.random.key(3), (2, 5, 3, 8))
+    x = jnp.asarray(RNG.standard_normal((2, 5, 3, 8)), jnp.float32)
     got = jit(lambda x: M.rope(x, 100.0))(x)
     h = x.shape[-1]
     freqs = 100.0 ** (-np.arange(0, h, 2) / h)
@@ -277,7 +276,7 @@ def test_einsum_attention_equals_dot_product_attention(family):
     """The grouped einsum (no repeated K/V) equals jax.nn.dot_product_attention
     on the same parameters, for the attention layer and the whole model."""
     cfg = small(family)
-    x = jax.random.normal(jax.random.key(4), (B, T, cfg.d_model))
+    x = jnp.asarray(RNG.standard_normal((B, T, cfg.d_model)), jnp.float32)
     att = M.Attention(cfg)
     p = jit(functools.partial(att.init, deterministic=True))(jax.random.key(0), x)
     dpa = M.Attention(dataclasses.replace(cfg, attention="dot_product_attention"))
@@ -313,41 +312,48 @@ def test_bad_tokens():
 
 # -- gradient parity -------------------------------------------------------------------------
 
-# f32 runs with dropout on (the same rng under every policy: the recompute
-# must regenerate the same masks, FAULTS K7); bf16 with dropout off.
-PARITY_CASES = {"f32-dropout": ("float32", 0.1), "bf16": ("bfloat16", 0.0)}
+# Every distinct policy, both families, in float32 with dropout on (the same
+# rng under every policy: the recompute must regenerate the same masks, FAULTS
+# K7), to float32 tolerance. bfloat16 (dropout off) for a subset spanning the
+# policy kinds (nothing saved, every matmul, the projections, selective, host
+# offload): a grad compile costs ~2 s of CPU here and the file must stay
+# under 3 minutes; on CPU the bf16 gradients of all policies were bit-identical
+# to "none" when this was written.
+BF16_POLICIES = ("full", "dots_saveable", "minimal", "selective", "minimal_offloaded")
+PARITY = ([(family, "float32", 0.1, p) for family in FAMILIES for p in UNIQUE_POLICIES if p != "none"]
+          + [(family, "bfloat16", 0.0, p) for family in FAMILIES for p in BF16_POLICIES])
 
 
-@pytest.mark.parametrize("policy", [p for p in UNIQUE_POLICIES if p != "none"])
-@pytest.mark.parametrize("case", list(PARITY_CASES))
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gradient_parity_every_policy(family, case, policy):
-    dtype, rate = PARITY_CASES[case]
-    cfg = small(family, dtype, dropout_rate=rate)
-    det = rate == 0.0
-    loss, grads = loss_and_grads(cfg, policy, deterministic=det)
-    ref_loss, ref_grads = loss_and_grads(cfg, "none", deterministic=det)
+@pytest.mark.parametrize("family, dtype, dropout_rate, policy", PARITY)
+def test_gradient_parity(family, dtype, dropout_rate, policy):
+    cfg = small(family, dtype, dropout_rate=dropout_rate)
+    det = dropout_rate == 0.0
+    got = loss_and_grads(cfg, policy, deterministic=det)
+    ref = loss_and_grads(cfg, "none", deterministic=det)
     rtol, atol = TOLERANCES[dtype]
-    chex.assert_trees_all_close(loss, ref_loss, rtol=rtol, atol=atol)
-    chex.assert_trees_all_close(grads, ref_grads, rtol=rtol, atol=atol)
+    chex.assert_trees_all_close(got, ref, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dropout_is_active(family):
-    """Dropout changes the loss, and a different key changes it again."""
+    """Dropout (rate 0.1) changes the gradients by more than 10%: the parity
+    cases above compare dropout masks, not a no-op."""
     cfg = small(family, dropout_rate=0.1)
-    on, _ = loss_and_grads(cfg, "none", deterministic=False)
-    off, _ = loss_and_grads(cfg, "none", deterministic=True)
-    assert abs(float(on) - float(off)) > 1e-3
+    _, on = loss_and_grads(cfg, "none", deterministic=False)
+    _, off = loss_and_grads(cfg, "none", deterministic=True)
+    diff = optax.global_norm(jax.tree.map(jnp.subtract, on, off))
+    assert float(diff) > 0.1 * float(optax.global_norm(off))
 
 
-@pytest.mark.parametrize("groups", [(2, 2), "sqrt"])
-@pytest.mark.parametrize("policy", ["full", "minimal"])
+@pytest.mark.parametrize("policy, groups", [("selective", "sqrt"), ("full", (4, 1))])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_parity_groups(family, policy, groups):
-    """Nested checkpointing (groups of layers) changes no number."""
-    cfg = small(family)
-    loss, grads = loss_and_grads(cfg, policy, groups=groups)
-    ref_loss, ref_grads = loss_and_grads(cfg, "none")
+    """Nested checkpointing changes no number, the parameters being the
+    ungrouped ones: ``"sqrt"`` (here 2 groups of 2 layers) and 4 groups of 1
+    (inner scans of length 1). Dropout off: the dropout masks depend on the
+    grouping (rngs are split per group, then per layer)."""
+    cfg = small(family, dropout_rate=0.1)
+    got = loss_and_grads(cfg, policy, groups=groups)
+    ref = loss_and_grads(cfg, "none")
     rtol, atol = TOLERANCES["float32"]
-    chex.assert_trees_all_close((loss, grads), (ref_loss, ref_grads), rtol=rtol, atol=atol)
+    chex.assert_trees_all_close(got, ref, rtol=rtol, atol=atol)
