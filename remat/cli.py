@@ -121,8 +121,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-': stdout only)")
 
     def run(args: argparse.Namespace) -> int:
+        from remat.scan import parse_groups
         from remat.sweep import inspect_policy, setup
-        from remat.train import parse_groups
 
         console = Console()
         with console.status(f"compiling the {args.model} train step under {args.policy!r} ..."):
@@ -161,8 +161,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        from remat.scan import parse_groups
         from remat.sweep import plot_sweep, sweep
-        from remat.train import parse_groups
 
         specs = [x.strip() for x in args.policies.split(",")] if args.policies else None
         if specs is not None and not all(specs):

@@ -103,6 +103,20 @@ def plan(num_layers: int, policy: PolicyArg = "full", groups: Groups = None) -> 
     return tuple(segments)
 
 
+def parse_groups(text: str) -> str | tuple[int, int]:
+    """``"sqrt"`` or ``"G,K"`` (two positive integers) from the command line.
+
+    Raises:
+      ValueError: anything else, naming the text and the valid forms.
+    """
+    if text == "sqrt":
+        return text
+    parts = text.split(",")
+    if len(parts) == 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        return int(parts[0]), int(parts[1])
+    raise ValueError(f"--groups {text!r}: valid forms are 'sqrt' or 'G,K' (positive integers, G*K = layers)")
+
+
 def _map_leaves(fn: Any, tree: Any) -> Any:
     """Apply ``fn(array, names_or_None) -> (array, names)`` to every leaf,
     keeping logical-partitioning boxes (``nn.Partitioned``) intact."""

@@ -61,7 +61,7 @@ from rich.progress import (
 from remat.analysis import Report, analyze, format_bytes
 from remat.data import Batches, Corpus, build_corpus, eval_batches
 from remat.models import Transformer, get_config
-from remat.scan import plan
+from remat.scan import parse_groups, plan
 from remat.step import init_train_state, lm_loss, make_train_step
 
 
@@ -462,20 +462,6 @@ def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: boo
                        tokens_per_s=done_steps * cfg.batch * cfg.seq / step_time if step_time else 0.0,
                        seconds=seconds(), report=report, out=out)
 
-
-
-def parse_groups(text: str) -> str | tuple[int, int]:
-    """``"sqrt"`` or ``"G,K"`` (two positive integers) from the command line.
-
-    Raises:
-      ValueError: anything else, naming the text and the valid forms.
-    """
-    if text == "sqrt":
-        return text
-    parts = text.split(",")
-    if len(parts) == 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        return int(parts[0]), int(parts[1])
-    raise ValueError(f"--groups {text!r}: valid forms are 'sqrt' or 'G,K' (positive integers, G*K = layers)")
 
 
 def main(args: Any) -> int:

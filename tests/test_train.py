@@ -24,8 +24,9 @@ from remat import cli
 from remat.analysis import FAST_CPU_COMPILE
 from remat.data import Batches, build_corpus
 from remat.models import Transformer, get_config
+from remat.scan import parse_groups
 from remat.step import init_train_state, make_train_step
-from remat.train import TrainConfig, load_config, make_optimizer, parse_groups, train
+from remat.train import TrainConfig, load_config, make_optimizer, train
 
 # 4 layers so that (2, 2) nests; everything else as small as the family allows
 MICRO = dict(num_layers=4, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64)
