@@ -122,6 +122,7 @@ class Policy:
 
     def __or__(self, other: Policy) -> Policy:
         """The union of two policies: each residual that either keeps.
+        ``p + q`` is the same, as ``+`` in a spec string.
 
         Raises:
           ValueError: when one side is ``"none"`` and the other is not, or the
@@ -141,6 +142,8 @@ class Policy:
             dots=max(self.dots, other.dots, key=order.index),
             offload_dots=max(self.offload_dots, other.offload_dots, key=order.index),
         )
+
+    __add__ = __or__
 
     # -- spec string -----------------------------------------------------------
     def _terms(self) -> list[str]:

@@ -7,7 +7,7 @@
 over ``remat.data`` byte corpora.
 """
 
-from remat import policies
+from remat import policies, testing
 from remat.analysis import Report, ResidualRow, analyze
 from remat.apply import MissingCheckpointNameError, checkpoint, checkpoint_names, remat
 from remat.data import CorpusError
@@ -30,5 +30,6 @@ __all__ = [
     "remat",
     "scan_layers",
     "sweep",
+    "testing",
 ]
 __version__ = "0.1.0"

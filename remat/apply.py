@@ -12,10 +12,11 @@ function once more on abstract inputs, at trace time only, and is cached per
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import flax.linen as nn
@@ -34,10 +35,12 @@ class MissingCheckpointNameError(ValueError):
     """A policy saves or offloads a checkpoint name that the function never
     emits. ``.missing`` and ``.emitted`` hold the two sets of names."""
 
-    def __init__(self, policy: Policy, missing: frozenset[str], emitted: frozenset[str], where: str):
+    def __init__(self, policy: Policy, missing: frozenset[str], emitted: frozenset[str], where: str,
+                 label: str | None = None):
         self.missing, self.emitted = missing, emitted
+        name = repr(str(policy)) if label in (None, str(policy)) else f"{label!r} ({policy})"
         super().__init__(
-            f"remat policy {str(policy)!r} names checkpoint name(s) that {where} never emits: "
+            f"remat policy {name} names checkpoint name(s) that {where} never emits: "
             f"{', '.join(sorted(missing))}; it emits: {', '.join(sorted(emitted)) or '(none)'}. "
             "Tag values with jax.ad_checkpoint.checkpoint_name, or fix the policy.")
 
@@ -84,7 +87,7 @@ def checkpoint_names(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> froze
 
 
 def check_names(policy: Policy, emitted: frozenset[str], where: str,
-                hidden: frozenset[str] = frozenset()) -> None:
+                hidden: frozenset[str] = frozenset(), label: str | None = None) -> None:
     """Raise :class:`MissingCheckpointNameError` if ``policy`` saves or offloads
     a name that is not in ``emitted`` (fused/split alternatives such as
     ``qkv_proj`` vs ``query_proj`` count, see :mod:`remat.policies.vocab`).
@@ -95,7 +98,7 @@ def check_names(policy: Policy, emitted: frozenset[str], where: str,
     """
     missing = missing_names(policy.names, emitted)
     if missing:
-        err = MissingCheckpointNameError(policy, missing, emitted, where)
+        err = MissingCheckpointNameError(policy, missing, emitted, where, label)
         if missing & hidden:
             err.args = (f"{err.args[0]} {', '.join(sorted(missing & hidden))} is tagged inside a "
                         "custom_vjp/custom_jvp function, where remat policies cannot see it: tag the "
@@ -121,7 +124,8 @@ def abstract(tree: Any) -> Any:
 _VALIDATED: set[Any] = set()
 
 
-def validate_once(policy: Policy, key: Any, fn: Callable[..., Any], args: tuple, where: str) -> None:
+def validate_once(policy: Policy, key: Any, fn: Callable[..., Any], args: tuple, where: str,
+                  label: str | None = None) -> None:
     """Check, once per hashable ``key``, that ``fn(*args)`` emits every name
     ``policy`` saves or offloads, and that the backend can offload if the
     policy offloads. A policy without names is never traced; unhashable keys
@@ -140,7 +144,7 @@ def validate_once(policy: Policy, key: Any, fn: Callable[..., Any], args: tuple,
     _warn_prng(where)
     if policy.names:
         visible, hidden = _traced_names(fn, args, {})
-        check_names(policy, visible, where, hidden)
+        check_names(policy, visible, where, hidden, label)
     if key is not None:
         _VALIDATED.add(key)
 
@@ -240,6 +244,25 @@ def split_static(sig: inspect.Signature, static_argnames: Sequence[str], args: t
     return static, arguments
 
 
+def label(policy: str | Policy) -> str:
+    """How a policy argument is named in messages: the user's own string
+    (e.g. ``"minimal"``), else the canonical spec."""
+    return policy if isinstance(policy, str) else str(policy)
+
+
+@contextlib.contextmanager
+def traced_flag_hint(where: str, dynamic: dict[str, Any]) -> Iterator[None]:
+    """Turn JAX's concretization errors inside a remat wrapper into a
+    ``TypeError`` that names the traced arguments and the fix (FAULTS K4)."""
+    try:
+        yield
+    except jax.errors.ConcretizationTypeError as e:
+        raise TypeError(
+            f"{where}: a traced argument was used as a Python value ({type(e).__name__}); under remat "
+            f"the arguments {', '.join(sorted(dynamic))} are traced: name the Python flags among them "
+            "(e.g. deterministic) in static_argnames") from e
+
+
 def checkpoint(fn: F, policy: str | Policy, *, static_argnames: Sequence[str] = (),
                prevent_cse: bool = True) -> F:
     """``jax.checkpoint`` with a policy name, spec string or :class:`Policy`.
@@ -276,8 +299,9 @@ def checkpoint(fn: F, policy: str | Policy, *, static_argnames: Sequence[str] = 
         static, dynamic = split_static(sig, static_argnames, args, kwargs, where)
         inner = lambda dyn: fn(**static, **dyn)
         validate_once(pol, (fn, pol, tuple(sorted(static.items())), str(abstract(dynamic))),
-                      inner, (abstract(dynamic),), where)
-        return jax.checkpoint(inner, policy=pol.to_jax(), prevent_cse=prevent_cse)(dynamic)
+                      inner, (abstract(dynamic),), where, label(policy))
+        with traced_flag_hint(where, dynamic):
+            return jax.checkpoint(inner, policy=pol.to_jax(), prevent_cse=prevent_cse)(dynamic)
 
     return wrapper  # type: ignore[return-value]
 
@@ -321,12 +345,14 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: Sequence[str]
     for method in methods or ["__call__"]:
         orig = getattr(module_cls, method)
         static_indices(orig, static_argnames, skip_self=True)
-        overrides[method] = _remat_method(module_cls, orig, pol, tuple(static_argnames), prevent_cse)
+        overrides[method] = _remat_method(module_cls, orig, pol, tuple(static_argnames), prevent_cse,
+                                          label(policy))
     return type(f"Remat{module_cls.__name__}", (module_cls,), overrides)  # type: ignore[return-value]
 
 
 def _remat_method(cls: type[nn.Module], orig: Callable[..., Any], pol: Policy,
-                  static_argnames: tuple[str, ...], prevent_cse: bool) -> Callable[..., Any]:
+                  static_argnames: tuple[str, ...], prevent_cse: bool,
+                  policy_label: str) -> Callable[..., Any]:
     sig = inspect.signature(orig)
     self_name = next(iter(sig.parameters))
     where = f"module {cls.__name__}.{orig.__name__}"
@@ -339,9 +365,10 @@ def _remat_method(cls: type[nn.Module], orig: Callable[..., Any], pol: Policy,
         validate_once(
             pol, (cls, orig, pol, tuple(sorted(static.items())), tuple(sorted(fields.items())),
                   str(abstract(dynamic))),
-            module_init(cls, fields, orig, static), (abstract(dynamic),), where)
+            module_init(cls, fields, orig, static), (abstract(dynamic),), where, policy_label)
         body = lambda mdl, dyn: orig(mdl, **static, **dyn)
-        return nn.remat(body, policy=pol.to_jax(), prevent_cse=prevent_cse)(self, dynamic)
+        with traced_flag_hint(where, dynamic):
+            return nn.remat(body, policy=pol.to_jax(), prevent_cse=prevent_cse)(self, dynamic)
 
     return method
 

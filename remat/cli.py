@@ -54,9 +54,10 @@ def _policies(args: argparse.Namespace) -> int:
     for col in ("name", "saves", "offloads", "doc"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        saves = "everything" if r["spec"] == "none" else ", ".join(r["saves"]) or "-"
+        saves = "everything" if r["spec"] == "none" else ", ".join(r["saves"]) or "layer inputs"
         table.add_row(r["name"], saves, ", ".join(r["offloads"]) or "-", r["doc"])
-    Console().print(table)
+    console = Console()
+    (console if console.is_terminal else Console(width=150)).print(table)
     return 0
 
 
@@ -164,7 +165,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         from remat.scan import parse_groups
         from remat.sweep import plot_sweep, sweep
 
-        specs = [x.strip() for x in args.policies.split(",")] if args.policies else None
+        specs = None if args.policies is None else [x.strip() for x in args.policies.split(",")]
         if specs is not None and not all(specs):
             raise ValueError(f"--policies {args.policies!r} has an empty entry")
         console = Console(stderr=True)
@@ -184,8 +185,10 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result.to_dict(), f, indent=2)
+            console.print(f"wrote {args.json}", highlight=False)
         if args.plot:
             plot_sweep(result, args.plot)
+            console.print(f"wrote {args.plot}", highlight=False)
         return 0
 
     p.set_defaults(func=run)

@@ -30,7 +30,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from remat.apply import abstract, module_fields, module_init, split_static, static_indices, validate_once
+from remat.apply import (
+    abstract,
+    label,
+    module_fields,
+    module_init,
+    split_static,
+    static_indices,
+    traced_flag_hint,
+    validate_once,
+)
 from remat.policies import Policy, get
 
 Groups = tuple[int, int] | Literal["sqrt"] | None
@@ -73,8 +82,8 @@ def plan(num_layers: int, policy: PolicyArg = "full", groups: Groups = None) -> 
     """
     if not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-    if isinstance(policy, (str, Policy)):
-        parts = [(num_layers, get(policy))]
+    if policy is None or isinstance(policy, (str, Policy)):
+        parts = [(num_layers, get(policy))]  # get(None) raises, naming the valid forms
     else:
         parts = [(n, get(p)) for n, p in policy]
         counts = [n for n, _ in parts]
@@ -219,6 +228,8 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
         broadcast, or an unhashable static value.
     """
     segments = plan(num_layers, policy, groups)
+    seg_labels = ({get(policy): label(policy)} if isinstance(policy, (str, Policy))
+                  else {get(p): label(p) for _, p in policy})
     orig = block_cls.__call__
     static_indices(orig, (*static_argnames, *broadcast_argnames), skip_self=True)
     sig = inspect.signature(orig)
@@ -260,7 +271,7 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
                     seg.policy, (block_cls, seg.policy, tuple(sorted(static.items())),
                                  tuple(sorted(fields.items())), str(abstract((x, dynamic)))),
                     module_init(block_cls, fields, orig, static), (abstract({carry_name: x, **dynamic}),),
-                    where)
+                    where, seg_labels.get(seg.policy))
 
             # Initialise as one flat scan, so the initial parameters are the same
             # whatever the grouping and segmentation (and no remat is traced for init).
@@ -276,7 +287,8 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
                 run, "params", init=True, mutable=self.is_initializing(),
                 trans_in_fn=lambda v: {c: _to_segments(t, segs) for c, t in v.items()},
                 trans_out_fn=lambda v: {c: _from_segments(t, segs) for c, t in v.items()})
-            return mapped(self, x, dynamic)
+            with traced_flag_hint(where, dynamic):
+                return mapped(self, x, dynamic)
 
     ScannedLayers.__name__ = ScannedLayers.__qualname__ = f"Scanned{block_cls.__name__}"
     return ScannedLayers

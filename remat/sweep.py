@@ -149,17 +149,22 @@ def default_policies(emitted: Sequence[str]) -> list[str]:
     return out
 
 
-def pareto_frontier(reports: Sequence[Report]) -> tuple[int, ...]:
-    """Indices of the reports that no other beats on both ``peak_bytes`` and
-    ``flops`` (lower is better on each, strictly better on one), by peak bytes."""
-    idx = []
-    for i, r in enumerate(reports):
-        dominated = any(
-            o.peak_bytes <= r.peak_bytes and o.flops <= r.flops
-            and (o.peak_bytes < r.peak_bytes or o.flops < r.flops)
-            for o in reports)
-        if not dominated:
-            idx.append(i)
+def pareto_frontier(reports: Sequence[Report], rtol: float = 1e-3) -> tuple[int, ...]:
+    """Indices of the reports that no other beats on ``peak_bytes`` and
+    ``flops`` (lower is better: at least as good on both, better on one), by
+    peak bytes. Differences below ``rtol`` (relative; default 0.1%) count as
+    ties, so a few bytes of compiler noise do not put a policy that costs far
+    more FLOPs on the frontier."""
+
+    def better(a: float, b: float) -> bool:
+        return a < b * (1 - rtol)
+
+    def no_worse(a: float, b: float) -> bool:
+        return a <= b * (1 + rtol)
+
+    idx = [i for i, r in enumerate(reports) if not any(
+        no_worse(o.peak_bytes, r.peak_bytes) and no_worse(o.flops, r.flops)
+        and (better(o.peak_bytes, r.peak_bytes) or better(o.flops, r.flops)) for o in reports)]
     return tuple(sorted(idx, key=lambda i: (reports[i].peak_bytes, reports[i].flops)))
 
 
@@ -197,7 +202,8 @@ class SweepResult:
         n = len(self.reports)
         t = Table(title=f"remat sweep: {self.model}, batch {self.batch} x seq {self.seq} "
                         f"({n} policies, {self.wall_seconds:.1f} s)",
-                  caption="* = Pareto frontier (no policy has both less peak memory and fewer FLOPs); "
+                  caption="* = Pareto frontier (no other policy is as good on peak memory and FLOPs "
+                          "and better on one, by more than 0.1%); "
                           "memory per device, compile-only")
         for col, just in (("", "center"), ("policy", "left"), ("peak", "right"), ("temp", "right"),
                           ("residuals", "right"), ("on host", "right"), ("FLOPs", "right"),

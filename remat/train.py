@@ -323,7 +323,11 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model: nn.
     out.mkdir(parents=True, exist_ok=True)
     mngr = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2))
     try:
-        return _train(cfg, out, mngr, resume, model, deterministic, console, progress, compiler_options)
+        # Ctrl-C becomes a flag from here on, also while XLA compiles (a KeyboardInterrupt
+        # raised inside a compile can crash the process).
+        with _Interrupt() as interrupt:
+            return _train(cfg, out, mngr, resume, model, deterministic, console, progress,
+                          compiler_options, interrupt)
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -331,7 +335,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model: nn.
 
 def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: bool,
            model: nn.Module | None, deterministic: bool, console: Console, progress: bool,
-           compiler_options: dict[str, Any] | None) -> TrainResult:
+           compiler_options: dict[str, Any] | None, interrupt: _Interrupt) -> TrainResult:
     latest = mngr.latest_step()
     if resume and latest is None:
         raise FileNotFoundError(f"nothing to resume in {str(out)!r}: no checkpoint (start without --resume)")
@@ -414,7 +418,7 @@ def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: boo
     start = time.perf_counter()
     seconds = lambda: prior_seconds + time.perf_counter() - start
     step_time, val_loss = 0.0, float("nan")
-    with _Interrupt() as interrupt, _progress(console, progress) as bar, open(metrics_path, "a") as log:
+    with _progress(console, progress) as bar, open(metrics_path, "a") as log:
         def record(row: dict[str, Any]) -> None:
             log.write(json.dumps(row) + "\n")
             log.flush()

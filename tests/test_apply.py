@@ -328,3 +328,21 @@ def test_a_float_static_argument_that_keeps_changing_warns():
                                          "each one retraces"):
         for i in range(8):
             g(X, scale=1.0 + i)
+
+
+def test_new_user_mistakes_get_clear_errors():
+    """From a new user's trial: a Python flag left traced, policy=None, a preset
+    named in errors as the user wrote it, and ``+`` on Policy values."""
+    traced = remat.remat(Block, "full")()
+    with pytest.raises(TypeError, match="module Block.__call__: a traced argument was used as a Python "
+                                        "value .TracerBoolConversionError.; under remat the arguments "
+                                        "deterministic, x are traced: name the Python flags"):
+        traced.init(RNGS, X, deterministic=True)
+    with pytest.raises(TypeError, match="a remat policy is a name, a spec string or a Policy, got None"):
+        stack(None)
+    with pytest.raises(remat.MissingCheckpointNameError,
+                       match=r"remat policy 'save_qkv_proj' \(save:key_proj,qkv_proj,query_proj,value_proj\)"
+                             " names checkpoint name.s. that module Block never emits"):
+        stack("save_qkv_proj").init(RNGS, X, deterministic=True)
+    assert policies.get("save:mlpwi") + policies.get("offload:mlpwo") == policies.get(
+        "save:mlpwi + offload:mlpwo")
