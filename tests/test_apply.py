@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax.ad_checkpoint import checkpoint_name
+from vocab_layer import vocab_layer
 
 import remat
 from remat import policies
@@ -346,3 +347,21 @@ def test_new_user_mistakes_get_clear_errors():
         stack("save_qkv_proj").init(RNGS, X, deterministic=True)
     assert policies.get("save:mlpwi") + policies.get("offload:mlpwo") == policies.get(
         "save:mlpwi + offload:mlpwo")
+
+
+class VocabBlock(nn.Module):
+    """:func:`vocab_layer` as a linen layer: every vocabulary name, so every preset applies."""
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        w = self.param("w", nn.initializers.normal(0.3), (9, x.shape[-1], x.shape[-1]))
+        return vocab_layer(w, x)
+
+
+@pytest.mark.parametrize("groups", [None, (2, 2)])
+def test_every_registry_preset_scanned_gives_the_plain_gradients(groups):
+    p = stack("none", num_layers=4, block=VocabBlock).init(RNGS, X, deterministic=True)
+    want = grads(stack("none", num_layers=4, block=VocabBlock), p, True)
+    for policy in sorted({str(policies.get(n)) for n in policies.names()}):
+        got = grads(stack(policy, groups, num_layers=4, block=VocabBlock), p, True)
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5, custom_message=f"{policy} {groups}")
