@@ -9,7 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from vocab_layer import vocab_layer
 
@@ -105,6 +105,7 @@ def policy_st(draw):
     return Policy(save=save, offload=offload, dots=dots, offload_dots=offload_dots)
 
 
+@settings(deadline=None, max_examples=200)
 @given(policy_st())
 def test_spec_round_trip(p):
     assert policies.get(str(p)) == p
