@@ -628,6 +628,23 @@ def _report(t: _Traced, compiled: Any, compile_seconds: float) -> Report:
         trace_seconds=t.trace_seconds, compile_seconds=compile_seconds, notes=tuple(notes))
 
 
+def compile_and_analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
+                        donate_argnums: int | Sequence[int] = (),
+                        compiler_options: dict[str, Any] | None = None, **kwargs: Any) -> tuple[Any, Report]:
+    """Compile ``fn`` once and measure it: ``(compiled, report)``.
+
+    For a step that is both measured and run (``remat train``): the
+    ``jax.stages.Compiled`` executable runs on concrete arguments of the
+    traced shapes, and the :class:`Report` is what :func:`analyze` gives for
+    the same compile. Arguments as for :func:`analyze`; pass
+    ``compiler_options={}`` for XLA's defaults (fast execution) rather than
+    the fast-compile options that None selects.
+    """
+    t = _trace(fn, args, kwargs, label, donate_argnums)
+    compiled, compile_seconds = _compile(t, compiler_options)
+    return compiled, _report(t, compiled, compile_seconds)
+
+
 def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
             donate_argnums: int | Sequence[int] = (), baseline: Report | int | None = None,
             compiler_options: dict[str, Any] | None = None, **kwargs: Any) -> Report:
@@ -664,8 +681,8 @@ def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
     """
     if baseline is not None and not isinstance(baseline, Report | int):
         raise TypeError(f"baseline must be a Report, an int (FLOPs) or None, got {type(baseline).__name__}")
-    t = _trace(fn, args, kwargs, label, donate_argnums)
-    report = _report(t, *_compile(t, compiler_options))
+    _, report = compile_and_analyze(fn, *args, label=label, donate_argnums=donate_argnums,
+                                    compiler_options=compiler_options, **kwargs)
     if baseline is not None:
         report = report.with_baseline(baseline.flops if isinstance(baseline, Report) else baseline)
     return report

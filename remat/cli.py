@@ -56,8 +56,7 @@ def _policies(args: argparse.Namespace) -> int:
     for r in rows:
         saves = "everything" if r["spec"] == "none" else ", ".join(r["saves"]) or "layer inputs"
         table.add_row(r["name"], saves, ", ".join(r["offloads"]) or "-", r["doc"])
-    console = Console()
-    (console if console.is_terminal else Console(width=150)).print(table)
+    _print_wide(table)
     return 0
 
 
@@ -106,6 +105,30 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_step_options(p: argparse.ArgumentParser) -> None:
+    """The train-step shape options that ``inspect`` and ``sweep`` share."""
+    p.add_argument("--model", required=True, help="model preset (see remat.models.names())")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
+    p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
+    p.add_argument("--groups", help="nested layer groups: 'sqrt' or 'G,K' with G*K = layers")
+
+
+def _step_kwargs(args: argparse.Namespace) -> dict:
+    """``batch``/``seq``/``dtype``/``groups`` for :func:`remat.sweep.setup` and :func:`remat.sweep`."""
+    from remat.scan import parse_groups
+
+    return {"batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+            "groups": parse_groups(args.groups) if args.groups else None}
+
+
+def _print_wide(renderable: object, width: int = 150) -> None:
+    """Print with rich; when stdout is not a terminal, at ``width`` columns
+    instead of rich's 80, so piped tables keep their shape."""
+    console = Console()
+    (console if console.is_terminal else Console(width=width)).print(renderable)
+
+
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect", help="measure one policy on a model's train step (compile-only)",
@@ -113,27 +136,19 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
                     "AdamW) on abstract inputs and report per-device memory, the residuals the policy "
                     "keeps by name x layers (device or host), FLOPs with every layer counted and the "
                     "recompute overhead against policy 'none'.")
-    p.add_argument("--model", required=True, help="model preset (see remat.models.names())")
+    _add_step_options(p)
     p.add_argument("--policy", required=True, help="remat policy name or spec (see `remat policies`)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
-    p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
-    p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
-    p.add_argument("--groups", help="nested layer groups: 'sqrt' or 'G,K' with G*K = layers")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-': stdout only)")
 
     def run(args: argparse.Namespace) -> int:
-        from remat.scan import parse_groups
         from remat.sweep import inspect_policy, setup
 
-        console = Console()
-        with console.status(f"compiling the {args.model} train step under {args.policy!r} ..."):
-            s = setup(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype,
-                      groups=parse_groups(args.groups) if args.groups else None)
-            report = inspect_policy(s, args.policy)
+        with Console().status(f"compiling the {args.model} train step under {args.policy!r} ..."):
+            report = inspect_policy(setup(args.model, **_step_kwargs(args)), args.policy)
         if args.json == "-":
             print(json.dumps(report.to_dict(), indent=2))
             return 0
-        (console if console.is_terminal else Console(width=150)).print(report)
+        _print_wide(report)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report.to_dict(), f, indent=2)
@@ -148,13 +163,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         description="Compile (never run) the train step of a model preset under every policy preset "
                     "that applies to it (or --policies) and print a table sorted by peak memory per "
                     "device, the Pareto frontier (memory vs FLOPs) marked.")
-    p.add_argument("--model", required=True, help="model preset (see remat.models.names())")
+    _add_step_options(p)
     p.add_argument("--policies", help="comma-separated policy names or specs (default: every preset "
                                       "that applies to the model, one per distinct policy)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
-    p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
-    p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
-    p.add_argument("--groups", help="nested layer groups: 'sqrt' or 'G,K' with G*K = layers")
     p.add_argument("--workers", type=int, default=2, help="compile threads (default 2)")
     p.add_argument("--json", metavar="PATH", help="write every report as JSON to PATH")
     p.add_argument("--plot", metavar="PATH", help="save the memory-vs-FLOPs plot (.png, .svg, .pdf)")
@@ -162,7 +173,6 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from remat.scan import parse_groups
         from remat.sweep import plot_sweep, sweep
 
         specs = None if args.policies is None else [x.strip() for x in args.policies.split(",")]
@@ -177,11 +187,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                 bar.update(task, description=f"compiled {getattr(r, 'label', '')}", completed=done,
                            total=total)
 
-            result = sweep(args.model, specs, batch=args.batch, seq=args.seq, dtype=args.dtype,
-                                 groups=parse_groups(args.groups) if args.groups else None,
-                                 workers=args.workers, on_report=advance)
-        out = Console()
-        (out if out.is_terminal else Console(width=130)).print(result.table())
+            result = sweep(args.model, specs, workers=args.workers, on_report=advance, **_step_kwargs(args))
+        _print_wide(result.table(), width=130)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result.to_dict(), f, indent=2)

@@ -17,7 +17,7 @@ The optimizer is AdamW (Loshchilov & Hutter 2019) with linear warmup then cosine
 (``optax.clip_by_global_norm``), as in nanoGPT / GPT-3 style training. The step is
 :func:`remat.step.make_train_step`, compiled once ahead of time
 (``jax.jit(...).lower(...).compile()``, with the PRNG split and the learning rate
-inside), and measured compile-only with :func:`remat.analyze` (donating the state)
+inside); that one compile is also measured (:func:`remat.analysis.compile_and_analyze`)
 for the step's peak memory in the summary. On accelerators the model computes in
 bfloat16 (parameters stay float32); on CPU in float32.
 
@@ -58,7 +58,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from remat.analysis import Report, analyze, format_bytes
+from remat.analysis import Report, compile_and_analyze, format_bytes
 from remat.data import Batches, Corpus, build_corpus, eval_batches
 from remat.models import Transformer, get_config
 from remat.scan import parse_groups, plan
@@ -394,11 +394,13 @@ def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: boo
         return lm_loss(model.apply({"params": params}, tokens, deterministic=True), tokens)
 
     t_compile = time.perf_counter()
-    compiled = jax.jit(train_step, donate_argnums=(0, 2)).lower(state, example, rng).compile(compiler_options)
+    # One compile of the step serves both the run and its measurement.
+    options = {} if compiler_options is None else compiler_options  # None: XLA's defaults, to run fast
+    compiled, report = compile_and_analyze(train_step, state, example, rng, label="train step",
+                                           donate_argnums=(0, 2), compiler_options=options)
     eval_compiled = jax.jit(eval_fn).lower(state.params, val[0]).compile(compiler_options)
     console.print(f"compiled train and eval steps in {time.perf_counter() - t_compile:.1f} s",
                   highlight=False)
-    report = analyze(step_fn, state, example, rng, donate_argnums=0, compiler_options=compiler_options)
     console.print(f"train step peak memory {format_bytes(report.peak_bytes)} (compile-time, "
                   f"remat.analyze; policy {cfg.policy}, groups {cfg.groups})", highlight=False)
 

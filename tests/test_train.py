@@ -115,7 +115,7 @@ def test_run_writes_metrics_plot_and_summary(uninterrupted):
     assert rows[4]["lr"] == pytest.approx(3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25))))
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "6"]
-    assert uninterrupted.report.peak_bytes > 0 and uninterrupted.report.label == "step"
+    assert uninterrupted.report.peak_bytes > 0 and uninterrupted.report.label == "train step"
     assert "6 steps" in uninterrupted.summary() and "peak memory" in uninterrupted.summary()
 
 
