@@ -177,7 +177,7 @@ def test_named_presets_keep_exactly_their_names(name):
     assert saved_names(every_name, name, *ARGS) == {"device": frozenset(save), "host": frozenset(offload)}
 
 
-def test_full_keeps_no_name_and_none_keeps_everything_computed():
+def test_full_keeps_no_checkpoint_name():
     assert saved_names(every_name, "full", *ARGS) == {"device": frozenset(), "host": frozenset()}
 
 
