@@ -6,7 +6,7 @@ registry of presets and the checkpoint-name vocabulary (:mod:`remat.policies.voc
 
 from remat.policies import presets as _presets  # noqa: F401  (registers the presets)
 from remat.policies import vocab
-from remat.policies.policy import DotsRule, Policy
+from remat.policies.policy import DotsRule, Policy, UnsupportedJaxModeError
 from remat.policies.registry import (
     PolicySpecError,
     UnknownPolicyError,
@@ -21,6 +21,7 @@ __all__ = [
     "Policy",
     "PolicySpecError",
     "UnknownPolicyError",
+    "UnsupportedJaxModeError",
     "describe",
     "get",
     "names",

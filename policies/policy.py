@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -168,25 +169,59 @@ class Policy:
     def to_jax(self) -> Callable[..., Any]:
         """The policy callable for ``jax.checkpoint(policy=...)``.
 
-        Returns JAX's own hashable policy objects where one exists
-        (``jax.checkpoint_policies.nothing_saveable``, ``save_only_these_names``,
-        ``dots_saveable``, ``dots_with_no_batch_dims_saveable``,
-        ``everything_saveable`` for ``"none"``), since JAX's remat engine caches on
-        them; any other combination becomes a hashable callable that returns JAX's
-        three-way answers (``Saveable``, ``Offloadable(device -> pinned_host)``,
-        ``Recompute``). See the JAX doc "Gradient checkpointing with
-        jax.checkpoint".
+        Returns JAX's own hashable policy objects wherever one expresses the
+        policy (``nothing_saveable``, ``save_only_these_names``,
+        ``save_and_offload_only_these_names``, ``dots_saveable``,
+        ``dots_with_no_batch_dims_saveable``, ``offload_dot_with_no_batch_dims``,
+        ``everything_saveable`` for ``"none"``), since JAX's remat engine caches
+        on them; any other combination becomes a hashable callable that returns
+        JAX's three-way answers (``Saveable``, ``Offloadable(device ->
+        pinned_host)``, ``Recompute``). See the JAX doc "Gradient checkpointing
+        with jax.checkpoint".
+
+        Raises:
+          UnsupportedJaxModeError: JAX's ``jax_remat3`` mode is on and the
+            policy offloads or needs a callable of its own: that engine keeps
+            nothing for either (measured with jax 0.10), i.e. it would
+            silently recompute everything.
         """
-        cp = jax.checkpoint_policies
-        if self.is_none:
-            return cp.everything_saveable
-        if self.is_full:
-            return cp.nothing_saveable
-        if not self.offloads and not self.dots:
-            return cp.save_only_these_names(*sorted(self.save))
-        if not self.offloads and not self.save:
-            return cp.dots_saveable if self.dots == "all" else cp.dots_with_no_batch_dims_saveable
-        return _ThreeWay(self)
+        result = _to_jax(self)
+        if jax.config.jax_remat3 and (self.offloads or isinstance(result, _ThreeWay)):
+            what = "offloads to host" if self.offloads else "needs a policy callable of its own"
+            raise UnsupportedJaxModeError(
+                f"remat policy {str(self)!r} {what}, and JAX's 'jax_remat3' mode is on: that engine "
+                "keeps nothing for such a policy (silently full remat). Turn it off with "
+                "jax.config.update('jax_remat3', False), or use a policy of names or of one dots rule "
+                f"kept on device (e.g. {str(self.on_device())!r}, Policy.on_device()).")
+        return result
+
+
+@functools.cache
+def _to_jax(p: Policy) -> Callable[..., Any]:
+    """One JAX policy object per :class:`Policy` value: JAX's checkpoint
+    caches on the policy's identity, and some of JAX's policy builders
+    (``save_and_offload_only_these_names``) return a new closure each call."""
+    cp = jax.checkpoint_policies
+    if p.is_none:
+        return cp.everything_saveable
+    if p.is_full:
+        return cp.nothing_saveable
+    if p.dots is None and p.offload_dots is None:
+        if not p.offload:
+            return cp.save_only_these_names(*sorted(p.save))
+        return cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=sorted(p.save), names_which_can_be_offloaded=sorted(p.offload),
+            offload_src=OFFLOAD_SRC, offload_dst=OFFLOAD_DST)
+    if not (p.save or p.offload):
+        if p.dots is not None:
+            return cp.dots_saveable if p.dots == "all" else cp.dots_with_no_batch_dims_saveable
+        if p.offload_dots == "no_batch":
+            return cp.offload_dot_with_no_batch_dims(OFFLOAD_SRC, OFFLOAD_DST)
+    return _ThreeWay(p)
+
+
+class UnsupportedJaxModeError(ValueError):
+    """A policy meets a JAX mode that would silently drop it (``jax_remat3``)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -132,6 +132,22 @@ def get(spec: str | Policy) -> Policy:
     return result
 
 
+def written_names(spec: str | Policy) -> frozenset[str]:
+    """The checkpoint names written out in ``save:``/``offload:`` terms of a
+    spec string (names that come from a preset term are not), or every name
+    of a :class:`Policy`.
+
+    Raises:
+      The errors of :func:`get` for a bad spec.
+    """
+    if isinstance(spec, Policy):
+        return spec.names
+    get(spec)
+    return frozenset().union(*(
+        get(term).names for term in spec.split("+")
+        if term.partition(":")[0].strip() in ("save", "offload")))
+
+
 def _term(term: str, pos: int, spec: str) -> Policy:
     def bad(why: str) -> PolicySpecError:
         return PolicySpecError(f"bad term {term!r} at position {pos} in spec {spec!r}: {why}")

@@ -14,8 +14,10 @@ K = key/value heads, H = head width, F = MLP hidden width, L = layers.
 MaxText's presets name both spellings of a projection (``qkv_proj`` and the
 separate ``query_proj``/``key_proj``/``value_proj``; ``mlpwi`` and the gated
 ``mlpwi_0``/``mlpwi_1``), because a model emits one or the other.
-:data:`ALTERNATIVES` records those pairs: validation accepts a saved name when
-its alternative is emitted, and still rejects a name that matches nothing.
+:data:`ALTERNATIVES` records those pairs: validation accepts a name that is
+not emitted only when the same policy also names an alternative spelling that
+is, so such a preset is valid on both kinds of model, while ``save:mlpwi``
+alone on a gated MLP (which would keep nothing) is an error.
 """
 
 from __future__ import annotations
@@ -78,7 +80,11 @@ ALTERNATIVES: dict[str, frozenset[str]] = {
 
 def missing_names(wanted: frozenset[str], emitted: frozenset[str]) -> frozenset[str]:
     """The names in ``wanted`` that neither occur in ``emitted`` nor have an
-    alternative spelling (see :data:`ALTERNATIVES`) that does.
+    alternative spelling (see :data:`ALTERNATIVES`) that is also in
+    ``wanted`` and occurs in ``emitted``.
+
+    Example: ``missing_names({"mlpwi"}, {"mlpwi_0", "mlpwi_1"}) == {"mlpwi"}``
+    but ``missing_names({"mlpwi", "mlpwi_0"}, {"mlpwi_0", "mlpwi_1"}) == set()``.
 
     Args:
       wanted: names a policy saves or offloads.
@@ -89,5 +95,5 @@ def missing_names(wanted: frozenset[str], emitted: frozenset[str]) -> frozenset[
     """
     return frozenset(
         n for n in wanted
-        if n not in emitted and not (ALTERNATIVES.get(n, frozenset()) & emitted)
+        if n not in emitted and not (ALTERNATIVES.get(n, frozenset()) & wanted & emitted)
     )

@@ -10,27 +10,7 @@
 - **FLOPs** counted over the traced program with every ``scan`` iteration
   counted (XLA's ``cost_analysis()`` counts a while-loop body once).
 
-How residuals are found (backend independent). JAX's
-``jax.ad_checkpoint.print_saved_residuals`` differentiates a function itself and
-reports a value saved inside ``lax.scan`` only as "output of scan", names lost.
-We instead read the jaxpr of the step as traced: JAX's AD marks every equation
-of a backward pass with a ``transpose`` transform on its name stack, so a
-*residual* is a value produced by a forward equation and consumed by a
-backward one (inputs of the step, such as parameters, are not residuals).
-Each residual is then followed back to the equation that made it, through
-``jit`` / ``closed_call`` / ``remat`` bodies and into ``scan`` bodies (each
-scan level multiplies "layers" by its length), past ``device_put`` (the move
-to host memory of an offload policy) and ``reduce_precision``, to a
-``checkpoint_name`` (its name) or another op (its primitive and source line).
-A value stacked by the layer scan that is the scan's own carry is the layer
-input. A value made from the step inputs by data movement alone (a slice,
-transpose or cast of the parameters) is a view of the arguments, not an
-activation, and is left out. JAX drops from the backward pass what it does not
-read (dead-code elimination), so a value whose only use is an addition (e.g. a
-layer's last projection, ``mlpwo``) is never a residual, whatever the policy
-says. Values that an inner checkpoint saves while a group of layers is
-recomputed during the backward pass (nested remat) are transient and are not
-residuals here; they appear in ``temp_bytes``.
+How residuals are found: see :mod:`remat._residuals`.
 
 How FLOPs are counted (backend independent, trip-count exact). Over the
 jaxpr, recursively through every sub-jaxpr: ``dot_general`` costs
@@ -47,20 +27,22 @@ difference to the same step without remat.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from jax.extend import core as jcore
 from rich.console import Group
 from rich.table import Table
 
-from remat import _compat
-from remat.apply import jaxpr_names
+from remat._jaxpr import CALL_BODY, CHECKPOINT, checkpoint_names, nbytes, walk
+from remat._residuals import ResidualRow, count_dots, residual_rows
+from remat.apply import without_remat
 
 __all__ = [
     "FAST_CPU_COMPILE", "Report", "ResidualRow", "analyze", "count_flops", "default_compiler_options",
@@ -114,37 +96,6 @@ def format_flops(n: float | None) -> str:
 
 # -- the report ----------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class ResidualRow:
-    """One kind of residual: values the forward pass keeps for the backward pass.
-
-    Attributes:
-      name: the checkpoint name (``jax.ad_checkpoint.checkpoint_name``), or for an
-        unnamed value ``"layer input"`` (the carry of the layer scan) or the
-        producing primitive, e.g. ``"exp"``.
-      source: ``"checkpoint_name"``, ``"scan carry"``, or the user source line
-        of the producing op.
-      shape: per-layer shape, e.g. ``(B, T, D)``.
-      dtype: e.g. ``"bfloat16"``.
-      memory_kind: ``"device"`` or ``"host"`` (offloaded to ``pinned_host``).
-      layers: how many layers (scan iterations, all nesting levels) it repeats
-        for; 1 outside any scan.
-      count: how many values of this kind each layer keeps.
-      size_bytes: ``count * layers * prod(shape) * itemsize``.
-      from_dot: the value is a matmul (``dot_general``) output.
-    """
-
-    name: str
-    source: str
-    shape: tuple[int, ...]
-    dtype: str
-    memory_kind: str
-    layers: int
-    count: int
-    size_bytes: int
-    from_dot: bool
-
-
-@dataclasses.dataclass(frozen=True)
 class Report:
     """What a compiled step costs, per device, measured without running it.
 
@@ -182,7 +133,12 @@ class Report:
       checkpoint_names: every ``checkpoint_name`` the step emits, sorted.
       trace_seconds: tracing the step to a jaxpr and lowering it to StableHLO.
       compile_seconds: XLA compiling.
-      notes: caveats on this measurement (fallbacks, uncounted loops).
+      notes: caveats on this measurement (fallbacks, uncounted loops, a
+        residual saving the compiled memory does not show).
+      saving_unconfirmed: against its baseline (the step with no
+        ``jax.checkpoint``), the compiled ``temp_bytes`` fall by less than half
+        the residual bytes this report claims to save, or the peak is higher:
+        XLA did not do what the residual rows suggest (see ``notes``).
     """
 
     label: str
@@ -209,6 +165,7 @@ class Report:
     trace_seconds: float
     compile_seconds: float
     notes: tuple[str, ...] = ()
+    saving_unconfirmed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as JSON-able Python values (rows as dicts, tuples as lists)."""
@@ -218,12 +175,34 @@ class Report:
         d["notes"] = list(self.notes)
         return d
 
-    def with_baseline(self, baseline_flops: int) -> Report:
-        """This report with ``recompute_flops`` / ``recompute_overhead`` against
-        ``baseline_flops`` (the FLOPs of the same step without remat)."""
-        return dataclasses.replace(
-            self, recompute_flops=self.flops - baseline_flops,
-            recompute_overhead=self.flops / baseline_flops - 1.0)
+    def with_baseline(self, baseline: Report | int) -> Report:
+        """This report measured against the same step with no ``jax.checkpoint``
+        at all, given as its :class:`Report` or its FLOPs (int).
+
+        Fills ``recompute_flops`` / ``recompute_overhead``. With a Report whose
+        memory comes from ``memory_analysis`` on both sides, also checks the
+        claim of the residual rows against the compiler: when the compiled
+        ``temp_bytes`` fall by less than half the residual bytes (device and
+        host) this report saves, or the peak is higher than the baseline's,
+        a note says so and ``saving_unconfirmed`` is set.
+        """
+        base_flops = baseline if isinstance(baseline, int) else baseline.flops
+        r = dataclasses.replace(self, recompute_flops=self.flops - base_flops,
+                                recompute_overhead=self.flops / base_flops - 1.0)
+        if isinstance(baseline, int) or None in (self.temp_bytes, baseline.temp_bytes):
+            return r
+        notes = []
+        claimed = (baseline.residual_bytes + baseline.host_residual_bytes
+                   - self.residual_bytes - self.host_residual_bytes)
+        saved = baseline.temp_bytes - self.temp_bytes  # type: ignore[operator]
+        if claimed > 0 and saved < claimed / 2:
+            notes.append(f"the residuals shrink by {format_bytes(claimed)} against no remat, but the "
+                         f"compiled temporaries by {format_bytes(saved)} only: XLA did not realise the "
+                         "saving (an unrolled loop whose recomputation was merged away, or scheduling)")
+        if self.peak_bytes > baseline.peak_bytes:
+            notes.append(f"the peak is {format_bytes(self.peak_bytes - baseline.peak_bytes)} higher than "
+                         "with no remat at all")
+        return dataclasses.replace(r, notes=(*r.notes, *notes), saving_unconfirmed=bool(notes))
 
     def summary_table(self) -> Table:
         """A two-column rich table of the memory and compute figures."""
@@ -272,22 +251,7 @@ class Report:
         return Group(*parts)
 
 
-# -- jaxpr walking --------------------------------------------------------------
-_CALL_BODY = {"jit": "jaxpr", "pjit": "jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr",
-              "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-              "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-              "custom_vjp_call_jaxpr": "fun_jaxpr"}
-"""Call-like primitives whose body is inlined when following values."""
-_LOOK_THROUGH = {"device_put", "reduce_precision", "copy", "copy_p", "optimization_barrier"}
-"""Ops that move or re-tag a value without computing a new one."""
-
-_DATA_MOVEMENT = frozenset("""
-    slice dynamic_slice reshape squeeze expand_dims transpose broadcast_in_dim convert_element_type
-    concatenate pad rev copy copy_p device_put reduce_precision
-""".split())
-"""Ops that only move or cast data (a residual made by these from the step
-inputs alone is a view of the inputs, not an activation)."""
-
+# -- FLOPs ---------------------------------------------------------------------
 _ELEMENTWISE = frozenset("""
     add add_any sub mul div rem neg max min abs sign pow integer_pow square sqrt rsqrt cbrt
     exp exp2 expm1 log log1p tanh logistic sin cos tan asin acos atan atan2 sinh cosh asinh
@@ -295,148 +259,25 @@ _ELEMENTWISE = frozenset("""
 """.split())
 _REDUCTIONS = frozenset("""
     reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin
-    cumsum cumprod cummax cummin cumlogsumexp reduce_precision_sum
+    cumsum cumprod cummax cummin cumlogsumexp
 """.split())
 
 
-def _body(eqn: Any) -> jcore.Jaxpr | None:
-    key = _CALL_BODY.get(eqn.primitive.name)
-    if key is None or key not in eqn.params:
-        return None
-    j = eqn.params[key]
-    return j.jaxpr if isinstance(j, jcore.ClosedJaxpr) else j
-
-
-def _open(j: Any) -> jcore.Jaxpr:
-    return j.jaxpr if isinstance(j, jcore.ClosedJaxpr) else j
-
-
-def _nbytes(aval: Any) -> int:
-    return int(math.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
-
-
-class _Graph:
-    """A jaxpr with call-like bodies inlined: for each value, the equation that
-    produced it and whether that equation is in a backward pass.
-
-    A value is keyed ``(context, var)``: each inlined call gets its own
-    context, since one body (a cached jitted function) may be called twice.
-    """
-
-    def __init__(self, jaxpr: jcore.Jaxpr):
-        self.jaxpr = jaxpr
-        self.alias: dict[tuple[int, Any], tuple[int, Any] | None] = {}
-        self.producer: dict[tuple[int, Any], tuple[Any, int, bool, int]] = {}
-        self.backward_inputs: list[tuple[int, Any]] = []
-        self.forward_nodes: list[Any] = []
-        self.tagged: dict[tuple[int, Any], str] = {}  # value -> the checkpoint name tagging it
-        self._contexts = 0
-        self._derived: dict[tuple[int, Any], bool] = {}
-        self._walk(jaxpr, 0, transposed=False)
-
-    def canon(self, ctx: int, v: Any) -> tuple[int, Any] | None:
-        """The key of the value ``v`` of context ``ctx`` after inlining; None for a literal."""
-        key: tuple[int, Any] | None = None if isinstance(v, jcore.Literal) else (ctx, v)
-        while key is not None and key in self.alias:
-            key = self.alias[key]
-        return key
-
-    def _walk(self, jaxpr: jcore.Jaxpr, ctx: int, transposed: bool) -> None:
-        for eqn in jaxpr.eqns:
-            t = transposed or _compat.is_transposed(eqn)
-            body = _body(eqn)
-            if body is not None and len(body.invars) == len(eqn.invars):
-                self._contexts += 1
-                inner_ctx = self._contexts
-                for inner, outer in zip(body.invars, eqn.invars, strict=True):
-                    self.alias[(inner_ctx, inner)] = self.canon(ctx, outer)
-                self._walk(body, inner_ctx, t)
-                for inner, outer in zip(body.outvars, eqn.outvars, strict=True):
-                    self.alias[(ctx, outer)] = self.canon(inner_ctx, inner)
-                continue
-            for i, v in enumerate(eqn.outvars):
-                self.producer[(ctx, v)] = (eqn, i, t, ctx)
-            name = _compat.eqn_checkpoint_name(eqn)
-            if name is not None and (k := self.canon(ctx, eqn.invars[0])) is not None:
-                self.tagged[k] = name
-            if t:
-                self.backward_inputs.extend(k for v in eqn.invars if (k := self.canon(ctx, v)) is not None)
-            else:
-                self.forward_nodes.append(eqn)
-
-    def from_dot(self, key: tuple[int, Any] | None) -> bool:
-        """True when a value is a matmul (``dot_general``) output, possibly
-        reshaped, transposed, cast or tagged on the way (an einsum's output)."""
-        while key is not None and key in self.producer:
-            eqn, _, _, ctx = self.producer[key]
-            prim = eqn.primitive.name
-            if prim == "dot_general":
-                return True
-            if prim not in _DATA_MOVEMENT and _compat.eqn_checkpoint_name(eqn) is None:
-                return False
-            key = self.canon(ctx, eqn.invars[0])
-        return False
-
-    def input_derived(self, key: tuple[int, Any] | None) -> bool:
-        """True when a value is a step input or made from step inputs by data
-        movement only (slice, reshape, cast, ...): a view of the parameters or
-        the batch, not an activation."""
-        if key is None or key not in self.producer:
-            return True
-        if key not in self._derived:
-            eqn, _, _, ctx = self.producer[key]
-            self._derived[key] = eqn.primitive.name in _DATA_MOVEMENT and all(
-                self.input_derived(self.canon(ctx, v)) for v in eqn.invars)
-        return self._derived[key]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Origin:
-    name: str
-    source: str
-    layer_dims: tuple[int, ...]
-    from_dot: bool
-
-
-class _Tracer:
-    """Follows a residual back to its producing op (one graph per scan body)."""
-
-    def __init__(self) -> None:
-        self._graphs: dict[int, _Graph] = {}
-
-    def graph(self, jaxpr: jcore.Jaxpr) -> _Graph:
-        g = self._graphs.get(id(jaxpr))
-        if g is None:
-            g = self._graphs[id(jaxpr)] = _Graph(jaxpr)
-        return g
-
-    def origin(self, g: _Graph, key: tuple[int, Any] | None, dims: tuple[int, ...] = ()) -> _Origin | None:
-        """None for a literal or a step input (a parameter, the batch): not a residual."""
-        if key is None or key not in g.producer:
-            return None
-        eqn, idx, _, ctx = g.producer[key]
-        prim = eqn.primitive.name
-        name = _compat.eqn_checkpoint_name(eqn)
-        if name is not None:
-            return _Origin(name, "checkpoint_name", dims, g.from_dot(key))
-        if key in g.tagged:  # a matmul output tagged by checkpoint_name, kept by a dots rule
-            return _Origin(g.tagged[key], "checkpoint_name", dims, g.from_dot(key))
-        if prim in _LOOK_THROUGH:
-            return self.origin(g, g.canon(ctx, eqn.invars[min(idx, len(eqn.invars) - 1)]), dims)
-        if prim == "scan" and idx >= eqn.params["num_carry"]:
-            n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
-            body = _open(eqn.params["jaxpr"])
-            bg = self.graph(body)
-            inner = bg.canon(0, body.outvars[idx])
-            if inner is not None and inner[0] == 0 and inner[1] in body.invars:
-                k = body.invars.index(inner[1])
-                if n_consts <= k < n_consts + n_carry:
-                    return _Origin("layer input", "scan carry", (*dims, eqn.params["length"]), False)
-                if k >= n_consts + n_carry:  # a slice of a scanned-over input, re-stacked
-                    return self.origin(g, g.canon(ctx, eqn.invars[k]), dims)
-            else:
-                return self.origin(bg, inner, (*dims, eqn.params["length"]))
-        return _Origin(prim, _compat.source_line(eqn) or "-", dims, g.from_dot(key))
+def _eqn_flops(eqn: Any) -> int:
+    prim = eqn.primitive.name
+    if prim == "dot_general":
+        (lc, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval
+        return 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in lc)
+    if prim == "conv_general_dilated":
+        rhs = eqn.invars[1].aval
+        out_feat = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
+        return 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs.shape) // out_feat
+    if prim in _ELEMENTWISE:
+        return math.prod(eqn.outvars[0].aval.shape)
+    if prim in _REDUCTIONS:
+        return math.prod(eqn.invars[0].aval.shape)
+    return 0
 
 
 def count_flops(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> tuple[int, tuple[str, ...]]:
@@ -449,95 +290,56 @@ def count_flops(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> tuple[int, tuple[str,
       ``(flops, notes)``: the count (int, FLOPs) and caveats (a ``while_loop``
       counted once).
     """
-    notes: set[str] = set()
-
-    def walk(j: jcore.Jaxpr) -> int:
-        total = 0
-        for eqn in j.eqns:
-            prim = eqn.primitive.name
-            if prim == "dot_general":
-                (lc, _), _ = eqn.params["dimension_numbers"]
-                lhs = eqn.invars[0].aval
-                total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in lc)
-            elif prim == "conv_general_dilated":
-                rhs = eqn.invars[1].aval
-                out_feat = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
-                total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs.shape) // out_feat
-            elif prim in _ELEMENTWISE:
-                total += math.prod(eqn.outvars[0].aval.shape)
-            elif prim in _REDUCTIONS:
-                total += math.prod(eqn.invars[0].aval.shape)
-            elif prim == "scan":
-                total += eqn.params["length"] * walk(_open(eqn.params["jaxpr"]))
-            elif prim == "cond":
-                total += max(walk(_open(b)) for b in eqn.params["branches"])
-            elif prim == "while":
-                notes.add("a while_loop (unknown trip count) is counted once")
-                total += walk(_open(eqn.params["body_jaxpr"])) + walk(_open(eqn.params["cond_jaxpr"]))
-            else:
-                total += sum(walk(_open(s)) for s in jcore.jaxprs_in_params(eqn.params))
-        return total
-
-    return walk(_open(jaxpr)), tuple(sorted(notes))
+    total, notes = 0, set()
+    for s in walk(jaxpr, into=lambda e: e.primitive.name != "cond"):
+        prim = s.eqn.primitive.name
+        if prim == "cond":  # the most expensive branch
+            branches = [count_flops(b) for b in s.eqn.params["branches"]]
+            total += s.scope.trips * max(f for f, _ in branches)
+            notes.update(n for _, ns in branches for n in ns)
+        else:
+            total += s.scope.trips * _eqn_flops(s.eqn)
+        if prim == "while":
+            notes.add("a while_loop (unknown trip count) is counted once")
+    return total, tuple(sorted(notes))
 
 
-def _count_dots(eqns: Iterable[Any], mult: int = 1) -> tuple[int, int]:
-    """(matmuls, matmuls with batch dims) in ``eqns`` and their bodies, scans counted."""
-    dots = batched = 0
-    for eqn in eqns:
-        prim = eqn.primitive.name
-        if prim == "dot_general":
-            dots += mult
-            batched += mult if eqn.params["dimension_numbers"][1][0] else 0
-            continue
-        m = mult * (eqn.params["length"] if prim == "scan" else 1)
-        for sub in jcore.jaxprs_in_params(eqn.params):
-            d, b = _count_dots(_open(sub).eqns, m)
-            dots, batched = dots + d, batched + b
-    return dots, batched
+def _cse_notes(jaxpr: jcore.Jaxpr) -> list[str]:
+    """A note when a ``jax.checkpoint`` with ``prevent_cse=False`` is not the
+    body of a ``scan`` (calls such as ``jit`` in between do not count): only a
+    scan keeps XLA from merging its recomputation into the forward pass."""
+    loose = 0
+    for s in walk(jaxpr):
+        if s.eqn.primitive.name in CHECKPOINT and s.eqn.params.get("prevent_cse") is False:
+            outer = [e for e in s.scope.enclosing if e.primitive.name not in CALL_BODY or
+                     e.primitive.name in CHECKPOINT]
+            loose += not (outer and outer[-1].primitive.name == "scan")
+    if not loose:
+        return []
+    return [f"{loose} jax.checkpoint(prevent_cse=False) outside a scan body: XLA's common-subexpression "
+            "elimination can merge the recomputation into the forward pass, so it may save no memory; "
+            "use prevent_cse=True outside lax.scan"]
 
 
-def residual_rows(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> tuple[ResidualRow, ...]:
-    """The residuals of a traced step that contains its own backward pass.
-
-    Args:
-      jaxpr: the jaxpr of a function that computes gradients (e.g. a train
-        step calling ``jax.grad``), from ``jax.make_jaxpr`` or
-        ``jax.jit(f).trace(...).jaxpr``.
-
-    Returns:
-      One :class:`ResidualRow` per (name or source op, per-layer shape, dtype,
-      memory kind, layers), largest first; empty when nothing is differentiated.
-    """
-    tracer = _Tracer()
-    g = tracer.graph(_open(jaxpr))
-    seen: set[Any] = set()
-    groups: dict[tuple, list[int]] = {}
-    for key in g.backward_inputs:
-        if key in seen or g.input_derived(key) or g.producer[key][2]:
-            continue  # already counted, a view of the step inputs, or made by the backward pass
-        seen.add(key)
-        o = tracer.origin(g, key)
-        if o is None:
-            continue
-        aval = key[1].aval
-        shape = tuple(aval.shape[len(o.layer_dims):])
-        key = (o.name, o.source, shape, str(np.dtype(aval.dtype)),
-               "host" if _compat.on_host(aval) else "device", math.prod(o.layer_dims), o.from_dot)
-        entry = groups.setdefault(key, [0, 0])
-        entry[0] += 1
-        entry[1] += _nbytes(aval)
-    rows = [ResidualRow(name=k[0], source=k[1], shape=k[2], dtype=k[3], memory_kind=k[4], layers=k[5],
-                        count=c, size_bytes=b, from_dot=k[6])
-            for k, (c, b) in groups.items()]
-    return tuple(sorted(rows, key=lambda r: (-r.size_bytes, r.name)))
+def count_checkpoints(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> int:
+    """How many ``jax.checkpoint`` equations a jaxpr holds, sub-jaxprs included."""
+    return sum(s.eqn.primitive.name in CHECKPOINT for s in walk(jaxpr))
 
 
-def _memory(compiled: Any) -> Any:
+_MEMORY_FIELDS = ("temp", "argument", "output", "alias", "host_temp")
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """``{"temp": ..., "argument": ..., "output": ..., "alias": ..., "host_temp": ...}``
+    (bytes per device) from ``compiled.memory_analysis()``, or None where the
+    backend gives none: it raises, returns None, or returns all zeros (some
+    backends do; a compiled step never needs zero bytes)."""
     try:
-        return compiled.memory_analysis()
+        mem = compiled.memory_analysis()
     except (NotImplementedError, RuntimeError, jax.errors.JaxRuntimeError):
         return None
+    fields = None if mem is None else {k: int(getattr(mem, f"{k}_size_in_bytes", 0)) for k in _MEMORY_FIELDS}
+    return fields if fields and any(fields.values()) else None
 
 
 FAST_CPU_COMPILE: dict[str, Any] = {"xla_backend_optimization_level": 0,
@@ -562,6 +364,12 @@ class _Traced:
     lowered: Any
     label: str
     trace_seconds: float
+    notes: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def program(self) -> str:
+        """A hash of the lowered program: equal for steps that compile alike."""
+        return hashlib.sha256(self.lowered.as_text(debug_info=False).encode()).hexdigest()
 
 
 def _trace(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], label: str | None,
@@ -585,18 +393,17 @@ def _report(t: _Traced, compiled: Any, compile_seconds: float) -> Report:
     jaxpr = closed.jaxpr
     rows = residual_rows(jaxpr)
     flops, notes_t = count_flops(jaxpr)
-    notes = list(notes_t)
-    dots, batched = _count_dots(_Graph(jaxpr).forward_nodes)
+    notes = [*notes_t, *t.notes]
+    dots, batched = count_dots(jaxpr)
     dots_kept = sum(r.count * r.layers for r in rows if r.from_dot)
     residual_bytes = sum(r.size_bytes for r in rows if r.memory_kind == "device")
     host_residual_bytes = sum(r.size_bytes for r in rows if r.memory_kind == "host")
     backend = jax.default_backend()
 
-    mem = _memory(compiled)
+    mem = compiled_memory(compiled)
     fields: dict[str, int | None]
     if mem is not None:
-        fields = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
-                  ("temp", "argument", "output", "alias", "host_temp")}
+        fields = dict(mem)
         peak = fields["argument"] + fields["output"] + fields["temp"] - fields["alias"]  # type: ignore[operator]
         peak_source = "memory_analysis"
         if host_residual_bytes and not fields["host_temp"]:
@@ -604,13 +411,14 @@ def _report(t: _Traced, compiled: Any, compile_seconds: float) -> Report:
                          f"the offloaded residuals total {format_bytes(host_residual_bytes)} "
                          "(host_residual_bytes)")
     else:
-        in_bytes = sum(_nbytes(a) for a in closed.in_avals)
-        out_bytes = sum(_nbytes(a) for a in closed.out_avals)
+        in_bytes = sum(nbytes(a) for a in closed.in_avals)
+        out_bytes = sum(nbytes(a) for a in closed.out_avals)
         fields = {"temp": None, "argument": in_bytes, "output": out_bytes, "alias": None, "host_temp": None}
         peak = in_bytes + out_bytes + residual_bytes
         peak_source = "residual estimate"
-        notes.append(f"the {backend} backend gives no memory_analysis(): peak_bytes = "
+        notes.append(f"the {backend} backend gives no memory_analysis() (or all zeros): peak_bytes = "
                      "arguments + outputs + device residuals, a lower bound")
+    notes += _cse_notes(jaxpr)
     if dots and batched == dots:
         notes.append(f"every one of the {dots} forward matmuls has batch dimensions: a dots:no_batch "
                      "rule keeps none of them (an outer vmap or batched expert einsums?)")
@@ -624,7 +432,7 @@ def _report(t: _Traced, compiled: Any, compile_seconds: float) -> Report:
         residual_bytes=residual_bytes, host_residual_bytes=host_residual_bytes, residuals=rows,
         flops=flops, recompute_flops=None, recompute_overhead=None,
         dots_forward=dots, dots_forward_batched=batched, dots_kept=dots_kept,
-        checkpoint_names=tuple(sorted(frozenset().union(*jaxpr_names(jaxpr)))),
+        checkpoint_names=tuple(sorted(checkpoint_names(jaxpr))),
         trace_seconds=t.trace_seconds, compile_seconds=compile_seconds, notes=tuple(notes))
 
 
@@ -645,8 +453,23 @@ def compile_and_analyze(fn: Callable[..., Any], *args: Any, label: str | None = 
     return compiled, _report(t, compiled, compile_seconds)
 
 
+def trace_without_remat(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
+                        donate_argnums: int | Sequence[int] = ()) -> _Traced:
+    """Trace ``fn`` with every checkpoint that ``remat`` applies removed
+    (:func:`remat.apply.without_remat`): the baseline of every overhead.
+
+    ``fn`` is traced through a fresh wrapper, so JAX's tracing cache cannot
+    hand back the program traced with remat."""
+    with without_remat():
+        t = _trace(lambda *a, **k: fn(*a, **k), args, kwargs, "no remat", donate_argnums)
+    if n := count_checkpoints(t.traced.jaxpr):
+        t.notes = (f"the baseline still holds {n} jax.checkpoint that remat did not apply and cannot remove "
+                   "(or traced before, and cached by JAX); overheads and savings are against it",)
+    return t
+
+
 def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
-            donate_argnums: int | Sequence[int] = (), baseline: Report | int | None = None,
+            donate_argnums: int | Sequence[int] = (), baseline: Report | int | str | None = "no_remat",
             compiler_options: dict[str, Any] | None = None, **kwargs: Any) -> Report:
     """Measure ``fn(*args, **kwargs)`` compile-only: memory, residuals, FLOPs.
 
@@ -655,6 +478,14 @@ def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
     ``jax.ShapeDtypeStruct`` arguments, nothing is allocated. Residuals and
     FLOPs come from the traced jaxpr (see the module doc), memory from
     ``compiled.memory_analysis()``.
+
+    The baseline is the same function with no ``jax.checkpoint``: traced
+    again with every checkpoint that ``remat`` applies removed
+    (:func:`remat.apply.without_remat`) and compiled too, unless it lowers to
+    the same program. Overheads are against it, and the claimed residual
+    saving is checked against the compiled memory (:meth:`Report.with_baseline`).
+    Checkpoints applied with ``jax.checkpoint`` or ``nn.remat`` directly
+    stay in the baseline, and a note says so.
 
     Args:
       fn: the function to measure, typically a train step that computes
@@ -665,8 +496,9 @@ def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
       label: a name for the report (default: ``fn.__name__``).
       donate_argnums: arguments whose buffers the outputs may reuse (the train
         state), so that ``alias_bytes`` and ``peak_bytes`` are as in training.
-      baseline: the same step without remat, as its :class:`Report` or its
-        FLOPs (int), to fill ``recompute_flops`` / ``recompute_overhead``.
+      baseline: ``"no_remat"`` (the default, see above); the baseline's
+        :class:`Report` or FLOPs (int) if you measured it already; or None
+        for no baseline (``recompute_overhead`` stays None).
       compiler_options: XLA options for ``Lowered.compile``; None means
         :func:`default_compiler_options` (fast compile on CPU).
       **kwargs: keyword arguments of ``fn``.
@@ -675,14 +507,21 @@ def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
       A :class:`Report` (per device).
 
     Raises:
-      TypeError: ``baseline`` is neither a Report, an int nor None.
+      ValueError: ``baseline`` is a string other than ``"no_remat"``.
+      TypeError: ``baseline`` is of another type.
       Whatever tracing or compiling ``fn`` raises (a shape error, a policy
       naming a checkpoint name the model does not emit, ...).
     """
-    if baseline is not None and not isinstance(baseline, Report | int):
-        raise TypeError(f"baseline must be a Report, an int (FLOPs) or None, got {type(baseline).__name__}")
-    _, report = compile_and_analyze(fn, *args, label=label, donate_argnums=donate_argnums,
-                                    compiler_options=compiler_options, **kwargs)
+    if isinstance(baseline, str) and baseline != "no_remat":
+        raise ValueError(f"baseline={baseline!r}: valid are 'no_remat', a Report, an int (FLOPs) or None")
+    if baseline is not None and not isinstance(baseline, Report | int | str):
+        raise TypeError(f"baseline must be 'no_remat', a Report, an int (FLOPs) or None, "
+                        f"got {type(baseline).__name__}")
+    t = _trace(fn, args, kwargs, label, donate_argnums)
+    report = _report(t, *_compile(t, compiler_options))
+    if baseline == "no_remat":
+        b = trace_without_remat(fn, args, kwargs, donate_argnums)
+        baseline = report if b.program == t.program else _report(b, *_compile(b, compiler_options))
     if baseline is not None:
-        report = report.with_baseline(baseline.flops if isinstance(baseline, Report) else baseline)
+        report = report.with_baseline(baseline)
     return report

@@ -4,15 +4,18 @@ modules), ``remat.checkpoint_names`` and the tag validation they share.
 Validation rule: when a wrapped function or module is first traced (for
 instance by ``model.init`` or the first jitted step), every checkpoint name
 that its policy saves or offloads must be emitted inside it, else
-:class:`MissingCheckpointNameError`. A misspelt tag therefore never silently
-means "recompute everything" (FAULTS K1). The check traces the wrapped
-function once more on abstract inputs, at trace time only, and is cached per
-(function, policy, input shapes), so a jitted step pays nothing per call.
+:class:`MissingCheckpointNameError`, and at least one of them must really be
+kept for the backward pass, else :class:`NeverKeptError`. A misspelt tag, or
+a tag on a value JAX never keeps, therefore never silently means "recompute
+everything". The check traces the gradient of the wrapped function once more
+on abstract inputs (:func:`probe_jaxpr`), at trace time only, and is cached
+per (function, policy, input shapes), so a jitted step pays nothing per call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import warnings
@@ -21,10 +24,13 @@ from typing import Any, TypeVar
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from remat._compat import eqn_checkpoint_name
-from remat.policies import Policy, get
+from remat import _jaxpr
+from remat._residuals import output_names, residual_rows
+from remat.policies import Policy, get, vocab
+from remat.policies.registry import written_names
 from remat.policies.vocab import missing_names
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,72 +44,169 @@ class MissingCheckpointNameError(ValueError):
     def __init__(self, policy: Policy, missing: frozenset[str], emitted: frozenset[str], where: str,
                  label: str | None = None):
         self.missing, self.emitted = missing, emitted
-        name = repr(str(policy)) if label in (None, str(policy)) else f"{label!r} ({policy})"
         super().__init__(
-            f"remat policy {name} names checkpoint name(s) that {where} never emits: "
+            f"remat policy {_quote(policy, label)} names checkpoint name(s) that {where} never emits: "
             f"{', '.join(sorted(missing))}; it emits: {', '.join(sorted(emitted)) or '(none)'}. "
             "Tag values with jax.ad_checkpoint.checkpoint_name, or fix the policy.")
 
 
-_OPAQUE = ("custom_vjp_call", "custom_jvp_call", "custom_vjp_call_jaxpr")
+class NeverKeptError(ValueError):
+    """A policy's checkpoint names are emitted, but none of them is ever kept:
+    the backward pass never reads those values, so JAX drops them whatever the
+    policy says (silently "full" remat). ``.names`` holds the names."""
 
 
-def _jaxpr_names(jaxpr: Any, visible: set[str], hidden: set[str], opaque: bool = False) -> None:
-    for eqn in jaxpr.eqns:
-        if (name := eqn_checkpoint_name(eqn)) is not None:
-            (hidden if opaque else visible).add(name)
-        inner = opaque or eqn.primitive.name in _OPAQUE
-        for sub in jax.core.jaxprs_in_params(eqn.params):
-            _jaxpr_names(sub, visible, hidden, inner)
+class NeverKeptWarning(UserWarning):
+    """A checkpoint name the policy saves or offloads is emitted but never
+    kept (the backward pass never reads it); the policy's other names are."""
 
 
-def jaxpr_names(jaxpr: Any) -> tuple[frozenset[str], frozenset[str]]:
-    """The checkpoint names in a (closed) jaxpr and all its sub-jaxprs, as
-    ``(visible, hidden)``: hidden names occur only inside a
-    ``custom_vjp``/``custom_jvp`` function, where policies cannot see them."""
-    visible: set[str] = set()
-    hidden: set[str] = set()
-    _jaxpr_names(getattr(jaxpr, "jaxpr", jaxpr), visible, hidden)
-    return frozenset(visible), frozenset(hidden - visible)
+class ScanCarryOffloadError(ValueError):
+    """A layer-scan policy offloads the name that tags the block's output,
+    which is the scan carry: the scan itself keeps it on device."""
 
 
-def _traced_names(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[frozenset[str], frozenset[str]]:
-    return jaxpr_names(jax.make_jaxpr(lambda a, k: fn(*a, **k))(args, kwargs))
+_DISABLED = contextvars.ContextVar("remat_disabled", default=False)
+
+
+@contextlib.contextmanager
+def without_remat() -> Iterator[None]:
+    """Within this context, the wrappers of :func:`checkpoint`, :func:`remat`
+    and :func:`remat.scan_layers` apply no ``jax.checkpoint`` at all (the
+    layer scan keeps its parameter layout): what a step costs with no
+    rematerialization, the baseline of :func:`remat.analyze`."""
+    token = _DISABLED.set(True)
+    try:
+        yield
+    finally:
+        _DISABLED.reset(token)
+
+
+def remat_disabled() -> bool:
+    """True inside :func:`without_remat`."""
+    return _DISABLED.get()
+
+
+Probe = Callable[[Any], tuple[Any, Callable[[Any, Any], Any]]]
+"""``make(dynamic) -> (params, apply)``: the parameters of a wrapped
+function or module (made inside, from its initialiser) and ``apply(params,
+dynamic) -> outputs``; see :func:`function_probe` and :func:`module_probe`."""
+
+
+def function_probe(fn: Callable[[Any], Any]) -> Probe:
+    """The probe of a plain function of one pytree argument (no parameters)."""
+    return lambda dyn: ({}, lambda _, d: fn(d))
+
+
+def _inexact(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def probe_jaxpr(make: Probe, dynamic: Any, policy: Policy | None = None) -> Any:
+    """The jaxpr of the gradient of ``apply`` (of the sum of its float
+    outputs, with respect to the parameters and every float input) under
+    ``jax.checkpoint`` with ``policy`` (None: no checkpoint). Its outputs
+    are ``apply``'s outputs, then the gradients.
+
+    This is what a policy meets: JAX applies policies while differentiating,
+    so the names it sees are those of this program, including names tagged in
+    a ``custom_vjp`` forward rule (which a plain trace of the function never
+    runs). ``dynamic`` may hold ``jax.ShapeDtypeStruct`` leaves; nothing is
+    computed.
+    """
+
+    def run(dyn: Any) -> Any:
+        params, apply = make(dyn)
+        if policy is not None:
+            apply = jax.checkpoint(apply, policy=policy.to_jax())
+        flat, tree = jax.tree.flatten(dyn)
+        diff = [i for i, x in enumerate(flat) if _inexact(x)]
+
+        def loss(p: Any, xs: list[Any]) -> tuple[jax.Array, Any]:
+            leaves = list(flat)
+            for i, x in zip(diff, xs, strict=True):
+                leaves[i] = x
+            out = apply(p, tree.unflatten(leaves))
+            total = sum((jnp.sum(y.astype(jnp.float32)) for y in jax.tree.leaves(out) if _inexact(y)),
+                        jnp.float32(0))
+            return total, out
+
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            params, [flat[i] for i in diff])
+        return out, grads
+
+    return jax.make_jaxpr(run)(dynamic)
 
 
 def checkpoint_names(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> frozenset[str]:
-    """Every checkpoint name ``fn(*args, **kwargs)`` emits.
+    """Every checkpoint name ``fn(*args, **kwargs)`` emits where a policy can
+    act on it: in ``fn`` and, since JAX applies policies while
+    differentiating, in the program of its gradient (which runs the forward
+    rules of ``custom_vjp`` functions, with the names tagged there).
 
     Traces ``fn`` with ``jax.make_jaxpr`` (arguments may be
-    ``jax.ShapeDtypeStruct``; nothing is computed) and collects the names of
-    ``jax.ad_checkpoint.checkpoint_name`` calls, looking inside scan, remat,
-    pjit, custom_vjp/custom_jvp, cond and while bodies.
+    ``jax.ShapeDtypeStruct``; nothing is computed), looking inside scan,
+    remat, pjit, cond and while bodies.
 
     Returns:
       The names, e.g. ``frozenset({"query_proj", "mlpwo"})``.
     """
-    visible, hidden = _traced_names(fn, args, kwargs)
-    return visible | hidden
+    call = lambda d: fn(*d["args"], **d["kwargs"])
+    dyn = abstract({"args": args, "kwargs": kwargs})
+    return _jaxpr.checkpoint_names(jax.make_jaxpr(call)(dyn)) | _jaxpr.checkpoint_names(
+        probe_jaxpr(function_probe(call), dyn))
 
 
-def check_names(policy: Policy, emitted: frozenset[str], where: str,
-                hidden: frozenset[str] = frozenset(), label: str | None = None) -> None:
-    """Raise :class:`MissingCheckpointNameError` if ``policy`` saves or offloads
-    a name that is not in ``emitted`` (fused/split alternatives such as
-    ``qkv_proj`` vs ``query_proj`` count, see :mod:`remat.policies.vocab`).
+def check_names(policy: Policy, jaxpr: Any, where: str, label: str | None = None, *,
+                carry_outputs: int = 0) -> None:
+    """Check a policy against the :func:`probe_jaxpr` of what it wraps.
 
-    ``hidden`` are names emitted only inside a ``custom_vjp``/``custom_jvp``
-    function: a policy cannot see them (FAULTS K6), so they count as missing,
-    with advice to tag the custom function's output instead.
+    1. Every name the policy saves or offloads is emitted, or an alternative
+       spelling of it that the policy also names is (``minimal`` lists both
+       ``qkv_proj`` and ``query_proj``; ``save:mlpwi`` alone does not accept a
+       gated MLP's ``mlpwi_0``), see :func:`remat.policies.vocab.missing_names`.
+    2. At least one of them is kept for the backward pass; a name that the
+       user wrote in a ``save:``/``offload:`` term and that is never kept gets
+       a :class:`NeverKeptWarning` (names that come from a preset do not: a
+       preset lists every projection MaxText lists).
+    3. With ``carry_outputs=n`` (a layer scan), no offloaded name tags one of
+       the first ``n`` outputs, the scan carry.
+
+    Raises:
+      MissingCheckpointNameError, NeverKeptError, ScanCarryOffloadError.
     """
+    emitted = _jaxpr.checkpoint_names(jaxpr)
     missing = missing_names(policy.names, emitted)
     if missing:
-        err = MissingCheckpointNameError(policy, missing, emitted, where, label)
-        if missing & hidden:
-            err.args = (f"{err.args[0]} {', '.join(sorted(missing & hidden))} is tagged inside a "
-                        "custom_vjp/custom_jvp function, where remat policies cannot see it: tag the "
-                        "custom function's output instead.",)
+        raise MissingCheckpointNameError(policy, missing, emitted, where, label)
+    carried = {n for n in output_names(jaxpr)[:carry_outputs] if n in policy.offload}
+    if carried:
+        raise ScanCarryOffloadError(
+            f"remat policy {_quote(policy, label)} offloads {', '.join(sorted(carried))}, which tags the "
+            f"output of {where}: the scan carry, which the layer scan itself keeps on device for every "
+            "layer. Tag the block's input instead, e.g. "
+            f"x = checkpoint_name(x, {vocab.DECODER_LAYER_INPUT!r}), and offload that name.")
+    kept = {r.name for r in residual_rows(jaxpr) if r.source == "checkpoint_name"}
+    never = (policy.names & emitted) - kept
+    if not policy.names & kept:
+        err = NeverKeptError(
+            f"remat policy {_quote(policy, label)} keeps nothing on {where}: "
+            f"{', '.join(sorted(never))} {'is' if len(never) == 1 else 'are'} emitted, but the backward "
+            "pass never reads them (e.g. a value whose only use is an addition), so JAX drops them "
+            "whatever the policy says. Save a value the backward pass needs (e.g. a matmul output "
+            "followed by a nonlinearity).")
+        err.names = frozenset(never)
         raise err
+    written = never & written_names(label if label is not None else policy)
+    if written:
+        warnings.warn(
+            f"{where}: remat policy {_quote(policy, label)} names {', '.join(sorted(written))}, which "
+            "is emitted but never kept: the backward pass never reads it, so JAX drops it whatever the "
+            "policy says.", NeverKeptWarning, stacklevel=5)
+
+
+def _quote(policy: Policy, label: str | None) -> str:
+    return repr(str(policy)) if label in (None, str(policy)) else f"{label!r} ({policy})"
 
 
 def abstract(tree: Any) -> Any:
@@ -124,15 +227,17 @@ def abstract(tree: Any) -> Any:
 _VALIDATED: set[Any] = set()
 
 
-def validate_once(policy: Policy, key: Any, fn: Callable[..., Any], args: tuple, where: str,
-                  label: str | None = None) -> None:
-    """Check, once per hashable ``key``, that ``fn(*args)`` emits every name
-    ``policy`` saves or offloads, and that the backend can offload if the
-    policy offloads. A policy without names is never traced; unhashable keys
-    are checked every time.
+def validate_once(policy: Policy, key: Any, make: Probe, dynamic: Any, where: str,
+                  label: str | None = None, *, carry_outputs: int = 0) -> None:
+    """Check, once per hashable ``key``, that the backend can do what
+    ``policy`` asks (:func:`check_offload`) and that the policy fits what it
+    wraps (:func:`check_names` on the :func:`probe_jaxpr` of ``make`` on the
+    abstract ``dynamic`` inputs). A policy without names is never traced;
+    unhashable keys are checked every time.
 
     Raises:
-      MissingCheckpointNameError: see :func:`check_names`.
+      MissingCheckpointNameError, NeverKeptError, ScanCarryOffloadError: see
+        :func:`check_names`.
       OffloadUnsupportedError: see :func:`check_offload`.
     """
     try:
@@ -143,8 +248,7 @@ def validate_once(policy: Policy, key: Any, fn: Callable[..., Any], args: tuple,
     check_offload(policy)
     _warn_prng(where)
     if policy.names:
-        visible, hidden = _traced_names(fn, args, {})
-        check_names(policy, visible, where, hidden, label)
+        check_names(policy, probe_jaxpr(make, dynamic, policy), where, label, carry_outputs=carry_outputs)
     if key is not None:
         _VALIDATED.add(key)
 
@@ -297,9 +401,11 @@ def checkpoint(fn: F, policy: str | Policy, *, static_argnames: Sequence[str] = 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         static, dynamic = split_static(sig, static_argnames, args, kwargs, where)
+        if remat_disabled():
+            return fn(*args, **kwargs)
         inner = lambda dyn: fn(**static, **dyn)
         validate_once(pol, (fn, pol, tuple(sorted(static.items())), str(abstract(dynamic))),
-                      inner, (abstract(dynamic),), where, label(policy))
+                      function_probe(inner), abstract(dynamic), where, label(policy))
         with traced_flag_hint(where, dynamic):
             return jax.checkpoint(inner, policy=pol.to_jax(), prevent_cse=prevent_cse)(dynamic)
 
@@ -359,13 +465,15 @@ def _remat_method(cls: type[nn.Module], orig: Callable[..., Any], pol: Policy,
 
     @functools.wraps(orig)
     def method(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if remat_disabled():
+            return orig(self, *args, **kwargs)
         static, dynamic = split_static(sig, static_argnames, (self, *args), kwargs, where)
         dynamic.pop(self_name)
         fields = module_fields(self, cls)
         validate_once(
             pol, (cls, orig, pol, tuple(sorted(static.items())), tuple(sorted(fields.items())),
                   str(abstract(dynamic))),
-            module_init(cls, fields, orig, static), (abstract(dynamic),), where, policy_label)
+            module_probe(cls, fields, orig, static), abstract(dynamic), where, policy_label)
         body = lambda mdl, dyn: orig(mdl, **static, **dyn)
         with traced_flag_hint(where, dynamic):
             return nn.remat(body, policy=pol.to_jax(), prevent_cse=prevent_cse)(self, dynamic)
@@ -373,15 +481,23 @@ def _remat_method(cls: type[nn.Module], orig: Callable[..., Any], pol: Policy,
     return method
 
 
-def module_init(cls: type[nn.Module], fields: dict[str, Any], method: Callable[..., Any],
-                static: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
-    """A pure function ``dynamic_kwargs -> variables`` that initialises a fresh
-    ``cls(**fields)`` through ``method``; traced on abstract inputs it shows
-    which checkpoint names the module emits (nothing is allocated)."""
+def module_probe(cls: type[nn.Module], fields: dict[str, Any], method: Callable[..., Any],
+                 static: dict[str, Any]) -> Probe:
+    """The :data:`Probe` of a fresh ``cls(**fields)`` called through ``method``:
+    its parameters from ``init`` and a pure ``apply`` (every collection
+    mutable, the new state dropped), with the streams ``params`` and
+    ``dropout`` seeded by a fixed key; traced on abstract inputs, nothing is
+    allocated."""
     key = jax.random.key(0)
 
-    def run(dyn: dict[str, Any]) -> Any:
-        return cls(**fields, parent=None).init({"params": key, "dropout": key}, **static, **dyn,
-                                               method=method)
+    def make(dyn: dict[str, Any]) -> tuple[Any, Callable[[Any, Any], Any]]:
+        mdl = cls(**fields, parent=None)
+        variables = mdl.init({"params": key, "dropout": key}, **static, **dyn, method=method)
 
-    return run
+        def apply(params: Any, d: dict[str, Any]) -> Any:
+            return mdl.apply({**variables, "params": params}, **static, **d, method=method,
+                             rngs={"dropout": key}, mutable=True)[0]
+
+        return variables.get("params", {}), apply
+
+    return make

@@ -34,7 +34,8 @@ from remat.apply import (
     abstract,
     label,
     module_fields,
-    module_init,
+    module_probe,
+    remat_disabled,
     split_static,
     static_indices,
     traced_flag_hint,
@@ -244,7 +245,7 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
         body = layer if seg.policy.is_none else nn.remat(
             layer, policy=seg.policy.to_jax(), prevent_cse=False)
         scan = lambda f, n: nn.scan(
-            f, variable_axes={"params": 0}, split_rngs=rngs, in_axes=nn.broadcast, length=n,
+            f, variable_axes={True: 0}, split_rngs=rngs, in_axes=nn.broadcast, length=n,
             metadata_params={nn.PARTITION_NAME: "layers"})
         if seg.groups is None:
             return scan(body, seg.num_layers)(child, x, bcast)[0]
@@ -270,12 +271,14 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
                 validate_once(
                     seg.policy, (block_cls, seg.policy, tuple(sorted(static.items())),
                                  tuple(sorted(fields.items())), str(abstract((x, dynamic)))),
-                    module_init(block_cls, fields, orig, static), (abstract({carry_name: x, **dynamic}),),
-                    where, seg_labels.get(seg.policy))
+                    module_probe(block_cls, fields, orig, static), abstract({carry_name: x, **dynamic}),
+                    where, seg_labels.get(seg.policy), carry_outputs=len(jax.tree.leaves(x)))
 
             # Initialise as one flat scan, so the initial parameters are the same
-            # whatever the grouping and segmentation (and no remat is traced for init).
-            segs = (Segment(num_layers, get("none"), None),) if self.is_initializing() else segments
+            # whatever the grouping and segmentation (and no remat is traced for init);
+            # without_remat() gets the same flat scan.
+            flat = self.is_initializing() or remat_disabled()
+            segs = (Segment(num_layers, get("none"), None),) if flat else segments
 
             def run(mdl: nn.Module, x: Any, bcast: dict) -> Any:
                 for i, seg in enumerate(segs):
@@ -284,7 +287,7 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
                 return x
 
             mapped = nn.map_variables(
-                run, "params", init=True, mutable=self.is_initializing(),
+                run, True, init=self.is_initializing(), mutable=True,
                 trans_in_fn=lambda v: {c: _to_segments(t, segs) for c, t in v.items()},
                 trans_out_fn=lambda v: {c: _from_segments(t, segs) for c, t in v.items()})
             with traced_flag_hint(where, dynamic):

@@ -54,7 +54,7 @@ def make_train_step(model: nn.Module, *, deterministic: bool = True) -> StepFn:
             return lm_loss(logits, tokens)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return state.apply_gradients(grads=grads), metrics
 
     return step

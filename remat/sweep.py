@@ -15,7 +15,6 @@ are the named projections) share one compile.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,8 +27,8 @@ from rich.table import Table
 
 from remat import analysis, models
 from remat import policies as registry
+from remat._jaxpr import checkpoint_names
 from remat.analysis import Report, format_bytes, format_flops
-from remat.apply import jaxpr_names
 from remat.policies import Policy
 from remat.step import init_train_state, make_train_step
 
@@ -114,10 +113,33 @@ def _measure(s: TrainStepSetup, policy: str | Policy, label: str) -> analysis._T
     return analysis._trace(step, s.step_args(), {}, label, donate_argnums=0)
 
 
+def _baseline(s: TrainStepSetup) -> analysis._Traced:
+    """The train step with no ``jax.checkpoint`` at all (not even the groups'
+    of a grouped ``"none"``): the baseline of every overhead."""
+    return analysis.trace_without_remat(make_train_step(s.model("full")), s.step_args(), {}, donate_argnums=0)
+
+
+def never_kept(policy: str | Policy, report: Report) -> Report:
+    """``report`` with a note naming each checkpoint name of ``policy`` that
+    the step emits but never keeps for the backward pass (JAX drops a value
+    the backward pass does not read, e.g. ``mlpwo``, whose only use is an
+    addition, whatever the policy says)."""
+    kept = {r.name for r in report.residuals if r.source == "checkpoint_name"}
+    never = sorted((registry.get(policy).names & set(report.checkpoint_names)) - kept)
+    if not never:
+        return report
+    it = "it" if len(never) == 1 else "them"
+    note = (f"{', '.join(never)}: named by the policy and emitted, but never kept (the backward pass never "
+            f"reads {it}, so JAX drops {it} whatever the policy says)")
+    return dataclasses.replace(report, notes=(*report.notes, note))
+
+
 def inspect_policy(s: TrainStepSetup, policy: str | Policy, *,
-            compiler_options: dict[str, Any] | None = None) -> Report:
-    """The :class:`Report` of ``s``'s train step under ``policy``, with its
-    recompute overhead against policy ``"none"`` (traced only, not compiled).
+                   compiler_options: dict[str, Any] | None = None) -> Report:
+    """The :class:`Report` of ``s``'s train step under ``policy``, measured
+    against the step with no ``jax.checkpoint`` at all (compiled too, unless
+    it is the same program), with a note for each name of the policy that is
+    never kept (:func:`never_kept`).
 
     Raises:
       remat.policies.PolicySpecError / UnknownPolicyError: a bad spec.
@@ -126,10 +148,7 @@ def inspect_policy(s: TrainStepSetup, policy: str | Policy, *,
     label = policy if isinstance(policy, str) else str(policy)
     report = analysis.analyze(make_train_step(s.model(policy)), *s.step_args(), label=label,
                               donate_argnums=0, compiler_options=compiler_options)
-    if registry.get(policy).is_none:
-        return report.with_baseline(report.flops)
-    base = _measure(s, "none", "none")
-    return report.with_baseline(analysis.count_flops(base.traced.jaxpr)[0])
+    return never_kept(policy, report)
 
 
 def default_policies(emitted: Sequence[str]) -> list[str]:
@@ -203,7 +222,8 @@ class SweepResult:
         t = Table(title=f"remat sweep: {self.model}, batch {self.batch} x seq {self.seq} "
                         f"({n} policies, {self.wall_seconds:.1f} s)",
                   caption="* = Pareto frontier (no other policy is as good on peak memory and FLOPs "
-                          "and better on one, by more than 0.1%); "
+                          "and better on one, by more than 0.1%); ! = the compiled memory does not show the "
+                          "residual saving (see the report's notes); recompute against no jax.checkpoint; "
                           "memory per device, compile-only")
         for col, just in (("", "center"), ("policy", "left"), ("peak", "right"), ("temp", "right"),
                           ("residuals", "right"), ("on host", "right"), ("FLOPs", "right"),
@@ -212,7 +232,8 @@ class SweepResult:
         front = set(self.frontier)
         for i in sorted(range(n), key=lambda i: (self.reports[i].peak_bytes, self.reports[i].flops)):
             r = self.reports[i]
-            t.add_row("*" if i in front else "", r.label, format_bytes(r.peak_bytes),
+            mark = ("*" if i in front else "") + ("!" if r.saving_unconfirmed else "")
+            t.add_row(mark, r.label, format_bytes(r.peak_bytes),
                       format_bytes(r.temp_bytes), format_bytes(r.residual_bytes),
                       format_bytes(r.host_residual_bytes) if r.host_residual_bytes else "-",
                       format_flops(r.flops),
@@ -265,35 +286,40 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
             raise ValueError(f"duplicated policies in {labels}")
         for p in policies:
             registry.get(p)
-    base = _measure(s, "none", "none")
-    base_flops, _ = analysis.count_flops(base.traced.jaxpr)
+    base = _baseline(s)
     if policies is None:
-        policies = default_policies(sorted(frozenset().union(*jaxpr_names(base.traced.jaxpr))))
+        policies = default_policies(sorted(checkpoint_names(base.traced.jaxpr)))
     labels = [p if isinstance(p, str) else str(p) for p in policies]
 
     reports: list[Report | None] = [None] * len(labels)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: list[tuple[int, analysis._Traced, Future, str | None]] = []
         programs: dict[str, tuple[Future, str]] = {}  # lowered program hash -> (its compile, first label)
 
+        def submit(t: analysis._Traced) -> tuple[Future, str | None]:
+            if t.program in programs:
+                return programs[t.program]
+            f = programs[t.program] = (pool.submit(analysis._compile, t, compiler_options), t.label)
+            return f[0], None
+
+        base_compile, _ = submit(base)
+        pending: list[tuple[int, analysis._Traced, Future, str | None]] = []
+        base_report: list[Report] = []
+
         def collect(i: int, t: analysis._Traced, f: Future, same_as: str | None) -> None:
+            if not base_report:
+                base_report.append(analysis._report(base, *base_compile.result()))
             compiled, seconds = f.result()
-            r = analysis._report(t, compiled, 0.0 if same_as else seconds).with_baseline(base_flops)
+            r = analysis._report(t, compiled, 0.0 if same_as else seconds).with_baseline(base_report[0])
             if same_as:
                 r = dataclasses.replace(r, notes=(*r.notes, f"the same XLA program as {same_as!r}: "
                                                   "its compile was reused"))
-            reports[i] = r
+            reports[i] = never_kept(policies[i], r)
             if on_report is not None:
                 on_report(r, sum(x is not None for x in reports), len(reports))
 
         for i, (p, label) in enumerate(zip(policies, labels, strict=True)):
-            t = base if label == "none" else _measure(s, p, label)
-            program = hashlib.sha256(t.lowered.as_text(debug_info=False).encode()).hexdigest()
-            if program in programs:
-                f, same_as = programs[program][0], programs[program][1]
-            else:
-                f, same_as = pool.submit(analysis._compile, t, compiler_options), None
-                programs[program] = (f, label)
+            t = _measure(s, p, label)
+            f, same_as = submit(t)
             pending.append((i, t, f, same_as))
             while pending and pending[0][2].done():
                 collect(*pending.pop(0))

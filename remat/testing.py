@@ -1,9 +1,10 @@
 """``remat.testing``: assertions for your own models, built on chex.
 
-Three checks that a remat policy does what it promises on *your* function:
-same numbers (:func:`assert_policy_parity`), the residuals you expect
-(:func:`assert_saved_names`) and memory in the order you expect
-(:func:`assert_memory_ordered`). The first two take a plain function of
+Checks that a remat policy does what it promises on *your* function: same
+numbers (:func:`assert_policy_parity`), the residuals you expect
+(:func:`assert_saved_names`), memory in the order you expect
+(:func:`assert_memory_ordered`), and how often an op runs in the compiled
+gradient (:func:`compiled_op_count`, e.g. "my kernel runs once"). The first two take a plain function of
 arrays and apply the policy to all of it with :func:`remat.checkpoint`; the
 memory check takes ``build(policy) -> function`` so the policy is applied
 per layer, where remat saves memory.
@@ -12,6 +13,7 @@ per layer, where remat saves memory.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -19,6 +21,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from remat._residuals import residual_rows
+from remat.analysis import compiled_memory
 from remat.apply import checkpoint
 from remat.policies import Policy, get
 
@@ -94,8 +98,6 @@ def saved_names(fn: Callable[..., Any], policy: str | Policy, *args: Any) -> dic
     Found by JAX's residual analysis of the gradient (``remat.analysis``);
     arguments may be ``jax.ShapeDtypeStruct`` (nothing is computed).
     """
-    from remat.analysis import residual_rows
-
     loss = _loss(checkpoint(fn, policy))
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
     out: dict[str, set[str]] = {"device": set(), "host": set()}
@@ -128,9 +130,45 @@ def assert_saved_names(fn: Callable[..., Any], policy: str | Policy, *args: Any,
 def temp_bytes(build: Callable[[Policy], Callable[..., Any]], policy: str | Policy, *args: Any) -> int:
     """``temp_size_in_bytes`` of the compiled gradient (of the sum of the
     outputs, with respect to every argument) of ``build(policy)``,
-    compile-only: arguments may be ``jax.ShapeDtypeStruct``."""
+    compile-only: arguments may be ``jax.ShapeDtypeStruct``.
+
+    Raises:
+      NoMemoryAnalysisError: the backend gives no memory analysis (or all
+        zeros), so there is no figure to compare.
+    """
     grad = jax.grad(_loss(build(get(policy))), argnums=tuple(range(len(args))))
-    return jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    mem = compiled_memory(jax.jit(grad).lower(*args).compile())
+    if mem is None:
+        raise NoMemoryAnalysisError(
+            f"the {jax.default_backend()!r} backend ({jax.devices()[0].device_kind}) gives no compiled "
+            "memory analysis (none, or all zeros): remat.testing cannot compare memory on it")
+    return mem["temp"]
+
+
+class NoMemoryAnalysisError(ValueError):
+    """The backend reports no compiled memory figures to compare."""
+
+
+def compiled_op_count(fn: Callable[..., Any], op: str, *args: Any, policy: str | Policy | None = None) -> int:
+    """How many HLO instructions with opcode ``op`` (e.g. ``"exponential"``,
+    ``"tanh"``, ``"dot"``, ``"custom-call"``) the compiled
+    ``jax.value_and_grad`` of ``fn`` (of the sum of its outputs, with respect
+    to every argument) holds, with ``policy`` applied to all of ``fn`` by
+    :func:`remat.checkpoint` (None: no remat). Compile-only: arguments may be
+    ``jax.ShapeDtypeStruct``.
+
+    The value is computed too, since with ``jax.grad`` alone XLA drops the
+    primal output and the count undercounts the forward pass. Use it to
+    assert that a custom kernel's forward runs once under remat::
+
+        assert compiled_op_count(f, "exponential", x, policy="save:kres,kout") == 1
+
+    (For a ``jax.custom_vjp`` kernel that means saving both the residuals its
+    forward rule tags and its tagged output; see the README's Limitations.)
+    """
+    f = fn if policy is None else checkpoint(fn, policy)
+    lowered = jax.jit(jax.value_and_grad(_loss(f), argnums=tuple(range(len(args))))).lower(*args)
+    return len(re.findall(rf"\s{re.escape(op)}\(", lowered.compile().as_text()))
 
 
 def assert_memory_ordered(build: Callable[[Policy], Callable[..., Any]],

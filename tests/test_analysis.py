@@ -195,7 +195,8 @@ def test_report_renders_as_rich_tables(tiny_reports):
 
 
 def test_bad_baseline_is_rejected():
-    with pytest.raises(TypeError, match="baseline must be a Report, an int"):
+    with pytest.raises(TypeError, match="baseline must be .no_remat., a Report, an int .FLOPs. or None, "
+                                        "got float"):
         analyze(_step("full"), PARAMS, X, baseline=1.5)
 
 

@@ -30,8 +30,8 @@ X = jax.ShapeDtypeStruct((8, 32, 16), jnp.float32)
 
 
 def layer(w, x):
-    h = checkpoint_name(jnp.tanh(x @ w[0]), vocab.MLPWI)
-    return checkpoint_name(jnp.tanh(h @ w[1]), vocab.MLPWO)
+    h = jnp.tanh(checkpoint_name(x @ w[0], vocab.MLPWI))
+    return jnp.tanh(checkpoint_name(h @ w[1], vocab.MLPWO))
 
 
 def step(policy):

@@ -77,8 +77,15 @@ def test_to_jax_uses_jax_hashable_objects_where_they_exist():
     assert policies.get("full").to_jax() is cp.nothing_saveable
     assert policies.get("dots_saveable").to_jax() is cp.dots_saveable
     assert policies.get("save_out_proj").to_jax() == cp.save_only_these_names("out_proj")
-    three_way = policies.get("minimal + offload:decoder_layer_input").to_jax()
-    assert hash(three_way) == hash(policies.get("minimal + offload:decoder_layer_input").to_jax())
+    # JAX's own object for names saved and offloaded; one object per Policy value (JAX caches on it)
+    offloading = policies.get("minimal + offload:decoder_layer_input").to_jax()
+    assert offloading.__qualname__.startswith("save_and_offload_only_these_names")
+    assert offloading is policies.get("offload:decoder_layer_input + minimal").to_jax()
+    assert policies.get("offload_dot_with_no_batch_dims").to_jax().__qualname__.startswith(
+        "offload_dot_with_no_batch_dims")
+    three_way = policies.get("save:out_proj + dots").to_jax()
+    assert type(three_way).__name__ == "_ThreeWay"
+    assert hash(three_way) == hash(policies.get("dots + save:out_proj").to_jax())
 
 
 def test_spec_composition_and_canonical_string():
