@@ -9,7 +9,16 @@ over ``remat.data`` byte corpora.
 
 from remat import policies, testing
 from remat.analysis import Report, ResidualRow, analyze
-from remat.apply import MissingCheckpointNameError, checkpoint, checkpoint_names, remat
+from remat.apply import (
+    MissingCheckpointNameError,
+    NeverKeptError,
+    NeverKeptWarning,
+    OffloadUnsupportedError,
+    ScanCarryOffloadError,
+    checkpoint,
+    checkpoint_names,
+    remat,
+)
 from remat.data import CorpusError
 from remat.policies import Policy
 from remat.scan import scan_layers
@@ -18,9 +27,13 @@ from remat.sweep import SweepResult, plot_sweep, sweep
 __all__ = [
     "CorpusError",
     "MissingCheckpointNameError",
+    "NeverKeptError",
+    "NeverKeptWarning",
+    "OffloadUnsupportedError",
     "Policy",
     "Report",
     "ResidualRow",
+    "ScanCarryOffloadError",
     "SweepResult",
     "analyze",
     "checkpoint",

@@ -198,7 +198,8 @@ class Report:
         if claimed > 0 and saved < claimed / 2:
             notes.append(f"the residuals shrink by {format_bytes(claimed)} against no remat, but the "
                          f"compiled temporaries by {format_bytes(saved)} only: XLA did not realise the "
-                         "saving (an unrolled loop whose recomputation was merged away, or scheduling)")
+                         "saving (e.g. values recomputed for a group of layers are held while it is "
+                         "differentiated, or XLA merged an unrolled loop's recomputation away)")
         if self.peak_bytes > baseline.peak_bytes:
             notes.append(f"the peak is {format_bytes(self.peak_bytes - baseline.peak_bytes)} higher than "
                          "with no remat at all")

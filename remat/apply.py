@@ -189,12 +189,13 @@ def check_names(policy: Policy, jaxpr: Any, where: str, label: str | None = None
     kept = {r.name for r in residual_rows(jaxpr) if r.source == "checkpoint_name"}
     never = (policy.names & emitted) - kept
     if not policy.names & kept:
+        is_, it = ("is", "it") if len(never) == 1 else ("are", "them")
         err = NeverKeptError(
-            f"remat policy {_quote(policy, label)} keeps nothing on {where}: "
-            f"{', '.join(sorted(never))} {'is' if len(never) == 1 else 'are'} emitted, but the backward "
-            "pass never reads them (e.g. a value whose only use is an addition), so JAX drops them "
-            "whatever the policy says. Save a value the backward pass needs (e.g. a matmul output "
-            "followed by a nonlinearity).")
+            f"remat policy {_quote(policy, label)} keeps nothing on {where}: {', '.join(sorted(never))} "
+            f"{is_} emitted, but the backward pass never reads {it} (e.g. a value whose only use is an "
+            f"addition, or the output of a nonlinearity whose derivative reads its own untagged result), "
+            f"so JAX drops {it} whatever the policy says. Tag and save a value the backward pass reads, "
+            "e.g. a matmul output before its nonlinearity.")
         err.names = frozenset(never)
         raise err
     written = never & written_names(label if label is not None else policy)
@@ -389,6 +390,9 @@ def checkpoint(fn: F, policy: str | Policy, *, static_argnames: Sequence[str] = 
       UnknownPolicyError, PolicySpecError: a bad ``policy``.
       ValueError: a name in ``static_argnames`` that is not a parameter of ``fn``.
       MissingCheckpointNameError: at first trace, a policy name ``fn`` never emits.
+      NeverKeptError: at first trace, none of the policy's names is ever kept
+        (a :class:`NeverKeptWarning` names each name written in the spec that is not).
+      UnsupportedJaxModeError: an offload policy under JAX's ``jax_remat3`` mode.
       TypeError: at call time, an unhashable value for a static argument.
     """
     pol = get(policy)
@@ -442,6 +446,7 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: Sequence[str]
       ValueError: a static name that is not a parameter of a wrapped method.
       MissingCheckpointNameError: at first trace, a policy name the module
         never emits.
+      NeverKeptError: at first trace, none of the policy's names is ever kept.
       TypeError: at call time, an unhashable value for a static argument.
     """
     pol = get(policy)

@@ -196,12 +196,15 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
                                   groups="sqrt", static_argnames=("deterministic",))
         y_BxTxD = Stack(config=cfg, name="layers")(x_BxTxD, deterministic=True)
 
-    Parameters are the block's tree with a leading ``[num_layers]`` axis on
-    every leaf (logical axis name ``"layers"``), whatever the grouping or
-    segmentation; ``init`` gives the same values for every ``groups`` and
-    ``policy``, and one set of parameters gives the same loss and gradients
-    under each of them (with dropout off: with dropout on, each grouping draws
-    its own per-layer masks, the same under every policy).
+    Parameters, and every other variable collection the block makes
+    (``batch_stats``, ``intermediates`` from ``sow``, ...; mutable ones are
+    returned updated, as with ``nn.scan``), are the block's tree with a
+    leading ``[num_layers]`` axis on every leaf (logical axis name
+    ``"layers"``), whatever the grouping or segmentation; ``init`` gives the
+    same values for every ``groups`` and ``policy``, and one set of parameters
+    gives the same loss and gradients under each of them (with dropout off:
+    with dropout on, each grouping draws its own per-layer masks, the same
+    under every policy).
 
     Args:
       block_cls: a linen module class; its first argument after ``self`` is
@@ -225,6 +228,10 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
         static or broadcast name that is not a parameter of the block.
       MissingCheckpointNameError: at first trace, a name the policy saves or
         offloads that the block never emits.
+      NeverKeptError: at first trace, none of a segment policy's names is
+        ever kept for the backward pass.
+      ScanCarryOffloadError: at first trace, the policy offloads the name
+        that tags the block's output (the scan carry, which the scan keeps).
       TypeError: at call time, an argument that is neither static nor
         broadcast, or an unhashable static value.
     """

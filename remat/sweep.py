@@ -123,7 +123,11 @@ def never_kept(policy: str | Policy, report: Report) -> Report:
     """``report`` with a note naming each checkpoint name of ``policy`` that
     the step emits but never keeps for the backward pass (JAX drops a value
     the backward pass does not read, e.g. ``mlpwo``, whose only use is an
-    addition, whatever the policy says)."""
+    addition, whatever the policy says).
+
+    Only for steps without nested groups: under groups, what a layer keeps
+    while its group is recomputed is transient and not in the residual rows
+    (the check at first trace, on one layer, covers that case)."""
     kept = {r.name for r in report.residuals if r.source == "checkpoint_name"}
     never = sorted((registry.get(policy).names & set(report.checkpoint_names)) - kept)
     if not never:
@@ -148,7 +152,7 @@ def inspect_policy(s: TrainStepSetup, policy: str | Policy, *,
     label = policy if isinstance(policy, str) else str(policy)
     report = analysis.analyze(make_train_step(s.model(policy)), *s.step_args(), label=label,
                               donate_argnums=0, compiler_options=compiler_options)
-    return never_kept(policy, report)
+    return report if s.groups else never_kept(policy, report)
 
 
 def default_policies(emitted: Sequence[str]) -> list[str]:
@@ -313,7 +317,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
             if same_as:
                 r = dataclasses.replace(r, notes=(*r.notes, f"the same XLA program as {same_as!r}: "
                                                   "its compile was reused"))
-            reports[i] = never_kept(policies[i], r)
+            reports[i] = r if s.groups else never_kept(policies[i], r)
             if on_report is not None:
                 on_report(r, sum(x is not None for x in reports), len(reports))
 
