@@ -260,7 +260,7 @@ class OffloadUnsupportedError(ValueError):
 
 def check_offload(policy: Policy, device: jax.Device | None = None) -> None:
     """Raise :class:`OffloadUnsupportedError` if ``policy`` offloads and the
-    device has no ``pinned_host`` memory (FAULTS K3: otherwise nothing moves,
+    device has no ``pinned_host`` memory (otherwise nothing moves,
     or the compiler crashes). The explicit fallback is
     :meth:`Policy.on_device`, which keeps the offloaded values on device.
     """
@@ -276,7 +276,7 @@ def check_offload(policy: Policy, device: jax.Device | None = None) -> None:
 
 
 def _warn_prng(where: str) -> None:
-    """FAULTS K7: remat regenerates dropout masks in the backward pass from the
+    """remat regenerates dropout masks in the backward pass from the
     same key; only the default threefry PRNG guarantees the same bits there."""
     impl = jax.config.jax_default_prng_impl
     if impl != "threefry2x32":
@@ -291,7 +291,7 @@ _STATIC_FLOATS: dict[tuple[str, str], set[float]] = {}
 
 
 def _warn_changing_floats(static: dict[str, Any], where: str) -> None:
-    """FAULTS K4: a Python float static argument that changes every step
+    """a Python float static argument that changes every step
     retraces and recompiles every step; warn once it has taken 8 values."""
     for name, value in static.items():
         if isinstance(value, float):
@@ -328,7 +328,7 @@ def split_static(sig: inspect.Signature, static_argnames: Sequence[str], args: t
 
     Raises:
       TypeError: a static argument holds an unhashable value (an array, say),
-        which cannot be a trace-time constant (FAULTS K4).
+        which cannot be a trace-time constant.
     """
     bound = sig.bind(*args, **kwargs)
     bound.apply_defaults()
@@ -358,7 +358,7 @@ def label(policy: str | Policy) -> str:
 @contextlib.contextmanager
 def traced_flag_hint(where: str, dynamic: dict[str, Any]) -> Iterator[None]:
     """Turn JAX's concretization errors inside a remat wrapper into a
-    ``TypeError`` that names the traced arguments and the fix (FAULTS K4)."""
+    ``TypeError`` that names the traced arguments and the fix."""
     try:
         yield
     except jax.errors.ConcretizationTypeError as e:
@@ -431,7 +431,7 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: Sequence[str]
     Returns a subclass of ``module_cls`` with the same constructor, the same
     parameter tree and the same results, whose methods are rematerialized
     with the policy. Static arguments are given by name (keyword-only ones
-    too), so there is no ``self``-is-argument-0 off-by-one (FAULTS K4);
+    too), so there is no ``self``-is-argument-0 off-by-one;
     keyword arguments pass through. ``"none"`` returns ``module_cls`` itself.
 
     Args:

@@ -1,7 +1,7 @@
 """``remat.scan_layers``: a stack of identical layers, scanned, each layer
 rematerialized by a policy, with optional nested (sqrt-N) checkpointing.
 
-Which policy applies where (FAULTS K2): the *layer* policy decides what each
+Which policy applies where: the *layer* policy decides what each
 layer keeps for its own backward pass. With ``groups=(G, K)`` a second,
 outer level checkpoints each group of K layers with "full" remat: the
 forward pass keeps only the G group inputs; the backward pass re-runs one

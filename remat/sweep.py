@@ -1,5 +1,5 @@
 """One model's train step under many remat policies: the memory/compute
-trade-off and its Pareto frontier, measured compile-only (DESIGN §6).
+trade-off and its Pareto frontier, measured compile-only.
 
 The step is :func:`remat.step.make_train_step` (forward, next-token loss,
 gradients, an optax AdamW update) on the abstract state of

@@ -99,7 +99,7 @@ def test_checkpoint_static_argnames_by_name():
 
 
 def test_debug_callbacks_run_again_in_the_recompute():
-    """FAULTS K6: a callback inside a rematerialized region runs once in the
+    """a callback inside a rematerialized region runs once in the
     forward pass and once more in the backward pass's recomputation."""
     calls = []
 
@@ -215,7 +215,7 @@ def test_scan_layers_errors():
 
 
 def test_broadcast_arguments_and_weak_typed_python_floats():
-    """FAULTS K7: a Python float reaching a scanned, rematerialized body works."""
+    """a Python float reaching a scanned, rematerialized body works."""
 
     class Scaled(nn.Module):
         @nn.compact
@@ -274,9 +274,9 @@ def test_checkpoint_names_looks_inside_scan_and_remat(params):
     assert policies.get("minimal").names - names  # the MLP block lacks the attention names
 
 
-# -- fault kinds (../shared/FAULTS.md) ------------------------------------------------------
+# -- fault kinds from public reports ------------------------------------------------------
 def test_offload_on_a_backend_without_pinned_host_is_a_clear_error(monkeypatch):
-    """FAULTS K3: no silent no-op; the message gives the explicit on-device fallback."""
+    """no silent no-op; the message gives the explicit on-device fallback."""
 
     class NoHost:
         platform, device_kind = "fake", "Fake TPU"
@@ -297,7 +297,7 @@ def test_offload_on_a_backend_without_pinned_host_is_a_clear_error(monkeypatch):
 
 
 def test_a_float_static_argument_that_keeps_changing_warns():
-    """FAULTS K4: a Python float static argument retraces at every new value."""
+    """a Python float static argument retraces at every new value."""
 
     def f(x, scale):
         return jnp.sin(checkpoint_name(x * scale, vocab.MLPWI))

@@ -1,17 +1,27 @@
-"""The inputs of ../shared/FAULTS.md not covered next to their feature's tests.
+"""Failures users of JAX rematerialization hit in public reports (JAX, Flax,
+MaxText, Levanter, Praxis issue threads), by kind, with the inputs not tested
+next to their feature. Where each kind is tested:
 
-Index of where each fault kind is tested:
-K1 tests/test_apply.py (missing tags), tests/test_policies.py (none vs full, save+offload), here (vmap dots);
-K2 tests/test_apply.py (groups cut memory, prevent_cse=False under scan); the two-level rule:
-   remat/scan.py;
-K3 tests/test_apply.py (capability check), tests/test_sweep.py (offloaded carry: host bytes > 0), nested
-   offload in tests/test_apply.py (policies with offload under groups);
-K4 tests/test_apply.py (static by name, kwargs, unhashable static, changing floats);
-K5 tests/test_apply.py (one layer, (1, 1) groups, per-layer dropout masks);
-K6 tests/test_apply.py (custom_vjp tags, debug callbacks run twice);
-K7 tests/test_apply.py (dropout parity, weak-typed floats), tests/test_models.py (bf16 tolerances),
-   here (PRNG);
-K8 tests/test_analysis.py (residual rows by name x layers, trip-count FLOPs, memory fallback).
+- the policy keeps the wrong thing silently: tests/test_apply.py (missing tags),
+  tests/test_policies.py (none vs full, save+offload), tests/test_silent_paths.py
+  (alternative spellings, names never kept, jax_remat3), here (dots rule under vmap);
+- scan over layers and CSE: tests/test_apply.py (groups cut memory, prevent_cse=False
+  under scan), tests/test_silent_paths.py (an unrolled remat merged away by CSE);
+  the two-level rule: remat/scan.py;
+- offload: tests/test_apply.py (capability check, offload under groups),
+  tests/test_sweep.py (offloaded layer input: host bytes > 0),
+  tests/test_silent_paths.py (the scan carry);
+- static flags and arguments: tests/test_apply.py (static by name, kwargs, unhashable
+  static, changing floats);
+- linen composition: tests/test_apply.py (one layer, (1, 1) groups, per-layer dropout
+  masks), tests/test_silent_paths.py (every variable collection under scan);
+- custom kernels and side effects: tests/test_silent_paths.py (names in custom_vjp
+  forward rules, the kernel runs once), tests/test_apply.py (debug callbacks run twice);
+- numbers differ with remat: tests/test_apply.py (dropout parity, weak-typed floats),
+  tests/test_models.py (bf16 tolerances), here (PRNG);
+- observability: tests/test_analysis.py (residual rows by name x layers, trip-count
+  FLOPs), tests/test_silent_paths.py (missing memory analysis, one baseline, claims
+  checked against the compiled memory, kept matmuls).
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ def step(policy):
 
 
 def test_dots_rule_under_vmap_keeps_nothing_and_the_report_says_so():
-    """K1: under an outer vmap every matmul has a batch dimension, so
+    """Under an outer vmap every matmul has a batch dimension, so
     dots_with_no_batch_dims keeps none; name-based policies still work."""
     shape_rule = remat.analyze(step("dots_with_no_batch_dims_saveable"), W, X)
     assert shape_rule.dots_kept == 0 and shape_rule.dots_forward == shape_rule.dots_forward_batched == 2
@@ -50,7 +60,7 @@ def test_dots_rule_under_vmap_keeps_nothing_and_the_report_says_so():
 
 
 def test_a_non_default_prng_warns_that_recomputed_dropout_may_differ():
-    """K7: only threefry guarantees the recomputed masks equal the forward ones."""
+    """Only threefry guarantees the recomputed masks equal the forward ones."""
     f = remat.checkpoint(layer, "save:mlpwi")
     with jax.default_prng_impl("rbg"), pytest.warns(UserWarning, match="the default PRNG implementation "
                                                                         "is 'rbg'; random bits recomputed"):

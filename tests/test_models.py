@@ -316,7 +316,7 @@ def test_bad_tokens():
 # -- gradient parity -------------------------------------------------------------------------
 
 # Every distinct policy, both families: float32 with dropout on (the same rng
-# under every policy: the recompute must regenerate the same masks, FAULTS K7)
+# under every policy: the recompute must regenerate the same masks)
 # and bfloat16 with dropout off, each to its dtype's tolerance from
 # remat.testing.TOLERANCES.
 PARITY = [(family, dtype, rate, p) for family in FAMILIES for p in UNIQUE_POLICIES if p != "none"
