@@ -20,6 +20,8 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import numpy as np
 
+from remat._errors import RematError
+
 Family = Literal["gpt2", "llama"]
 """``"gpt2"``: LayerNorm, learned positions, GELU MLP, multi-head attention,
 biases. ``"llama"``: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, no
@@ -43,7 +45,7 @@ def _dtype(field: str, value: Any) -> np.dtype:
     """Normalise ``"bf16"``/``"f32"``/``jnp.bfloat16``/... to a numpy dtype."""
     if isinstance(value, str):
         if value.lower() not in _DTYPE_ALIASES:
-            raise ValueError(
+            raise RematError(
                 f"ModelConfig.{field}={value!r} is not a dtype name; valid: "
                 f"{', '.join(sorted(_DTYPE_ALIASES))} or jnp.bfloat16/float16/float32")
         value = _DTYPE_ALIASES[value.lower()]
@@ -52,7 +54,7 @@ def _dtype(field: str, value: Any) -> np.dtype:
     except TypeError:
         dt = None
     if dt not in _FLOAT_DTYPES:
-        raise ValueError(
+        raise RematError(
             f"ModelConfig.{field}={value!r} is not a supported float dtype; valid: "
             "bfloat16 ('bf16'), float16 ('f16'), float32 ('f32')")
     return dt
@@ -128,29 +130,29 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise ValueError(f"ModelConfig.family={self.family!r}; valid: {', '.join(FAMILIES)}")
+            raise RematError(f"ModelConfig.family={self.family!r}; valid: {', '.join(FAMILIES)}")
         if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(
+            raise RematError(
                 f"ModelConfig.attention={self.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}")
         for field in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads",
                       "head_dim", "mlp_dim", "max_seq_len"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-                raise ValueError(f"ModelConfig.{field}={value!r} must be a positive integer")
+                raise RematError(f"ModelConfig.{field}={value!r} must be a positive integer")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise RematError(
                 f"ModelConfig.num_heads={self.num_heads} is not a multiple of "
                 f"num_kv_heads={self.num_kv_heads}")
         if self.family == "llama" and self.head_dim % 2:
-            raise ValueError(
+            raise RematError(
                 f"ModelConfig.head_dim={self.head_dim} must be even for the llama family "
                 "(RoPE rotates pairs of features)")
         for field in ("dropout_rate", "attention_dropout_rate"):
             value = getattr(self, field)
             if value is not None and not 0.0 <= value < 1.0:
-                raise ValueError(f"ModelConfig.{field}={value!r} must be in [0, 1)")
+                raise RematError(f"ModelConfig.{field}={value!r} must be in [0, 1)")
         if self.attention == "dot_product_attention" and self.attn_dropout > 0:
-            raise ValueError(
+            raise RematError(
                 f"ModelConfig.attention_dropout_rate={self.attn_dropout} (from "
                 f"{'dropout_rate' if self.attention_dropout_rate is None else 'attention_dropout_rate'}) "
                 "with attention='dot_product_attention', which has no attention dropout; "
@@ -158,7 +160,7 @@ class ModelConfig:
         for field in ("rope_theta", "norm_eps", "init_std"):
             value = getattr(self, field)
             if not value > 0:
-                raise ValueError(f"ModelConfig.{field}={value!r} must be positive")
+                raise RematError(f"ModelConfig.{field}={value!r} must be positive")
         object.__setattr__(self, "dtype", _dtype("dtype", self.dtype))
         object.__setattr__(self, "param_dtype", _dtype("param_dtype", self.param_dtype))
 
@@ -242,7 +244,11 @@ def names() -> list[str]:
 def get_config(name: str, **overrides: Any) -> ModelConfig:
     """A preset, optionally with fields replaced (``dataclasses.replace``).
 
-    Example: ``get_config("tiny", family="gpt2", dtype="bf16")``.
+    Example:
+      >>> from remat.models import get_config
+      >>> cfg = get_config("tiny", family="gpt2", dtype="bf16")
+      >>> cfg.family, cfg.num_layers
+      ('gpt2', 4)
 
     Args:
       name: one of :func:`names`.
@@ -256,11 +262,11 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     if name not in _PRESETS:
         close = difflib.get_close_matches(name, names(), n=3, cutoff=0.6)
         hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise ValueError(f"unknown model preset {name!r}{hint}; valid names: {', '.join(names())}")
+        raise RematError(f"unknown model preset {name!r}{hint}; valid names: {', '.join(names())}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown ModelConfig field(s) {', '.join(map(repr, unknown))}; "
+        raise RematError(f"unknown ModelConfig field(s) {', '.join(map(repr, unknown))}; "
                          f"valid: {', '.join(sorted(fields))}")
     return dataclasses.replace(_PRESETS[name], **overrides)
 

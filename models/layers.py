@@ -86,9 +86,9 @@ def rope(x_BxTxMxH: jax.Array, theta: float) -> jax.Array:
     _, t, _, h = x_BxTxMxH.shape
     inv_freq_Hh = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
     angle_TxHh = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq_Hh[None, :]
-    sin_Tx1xHh, cos_Tx1xHh = jnp.sin(angle_TxHh)[:, None, :], jnp.cos(angle_TxHh)[:, None, :]
+    sin_1xTx1xHh, cos_1xTx1xHh = jnp.sin(angle_TxHh)[None, :, None, :], jnp.cos(angle_TxHh)[None, :, None, :]
     x1, x2 = jnp.split(x_BxTxMxH.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos_Tx1xHh - x2 * sin_Tx1xHh, x2 * cos_Tx1xHh + x1 * sin_Tx1xHh], -1)
+    out = jnp.concatenate([x1 * cos_1xTx1xHh - x2 * sin_1xTx1xHh, x2 * cos_1xTx1xHh + x1 * sin_1xTx1xHh], -1)
     return out.astype(x_BxTxMxH.dtype)
 
 
@@ -142,7 +142,7 @@ class Projection(nn.Module):
         if cfg.family == "gpt2":
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes),
                               self.features, cfg.param_dtype)
-            y = y + bias.astype(cfg.dtype)
+            y = y + bias.astype(cfg.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
         return y
 
 

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-import remat
+from remat._errors import RematError
+from remat._scan import scan_layers
 from remat.models.config import ModelConfig
 from remat.models.layers import BTD, BTV, Attention, Mlp, kernel_init, norm, tag
 from remat.policies import Policy, vocab
@@ -85,11 +86,11 @@ class Transformer(nn.Module):
     def __call__(self, tokens_BxT: jax.Array, *, deterministic: bool = True) -> jax.Array:
         cfg = self.config
         if tokens_BxT.ndim != 2 or not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
-            raise ValueError(
+            raise RematError(
                 f"Transformer takes integer tokens [B, T], got {tokens_BxT.dtype}{list(tokens_BxT.shape)}")
         t = tokens_BxT.shape[1]
         if t > cfg.max_seq_len:
-            raise ValueError(f"sequence length T={t} exceeds config.max_seq_len={cfg.max_seq_len}")
+            raise RematError(f"sequence length T={t} exceeds config.max_seq_len={cfg.max_seq_len}")
 
         embed = nn.Embed(
             cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -102,7 +103,7 @@ class Transformer(nn.Module):
         x_BxTxD = nn.Dropout(cfg.dropout_rate, name="embed_dropout")(x_BxTxD, deterministic=deterministic)
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, BTD)
 
-        stack = remat.scan_layers(
+        stack = scan_layers(
             Block, num_layers=cfg.num_layers, policy=self.policy, groups=self.groups,
             static_argnames=("deterministic",))
         x_BxTxD = stack(config=cfg, name="layers")(x_BxTxD, deterministic=deterministic)

@@ -11,6 +11,8 @@ from typing import Any, Literal
 import jax
 from jax.ad_checkpoint import Offloadable, Recompute, Saveable
 
+from remat._errors import RematError
+
 DotsRule = Literal["all", "no_batch"]
 """Which matmul (``dot_general``) outputs a rule covers: ``"all"`` as JAX's
 ``dots_saveable``, ``"no_batch"`` as ``dots_with_no_batch_dims_saveable``."""
@@ -29,7 +31,7 @@ def _names(field: str, value: Iterable[str]) -> frozenset[str]:
     names = frozenset(value)
     for n in sorted(names):
         if not isinstance(n, str) or not _NAME_RE.match(n):
-            raise ValueError(
+            raise RematError(
                 f"invalid checkpoint name {n!r} in Policy.{field}: a name is a letter or "
                 "'_' followed by letters, digits, '_', '.' or '-'")
     return names
@@ -77,20 +79,20 @@ class Policy:
         for field in ("dots", "offload_dots"):
             rule = getattr(self, field)
             if rule is not None and rule not in _DOTS_RULES:
-                raise ValueError(
+                raise RematError(
                     f"invalid Policy.{field}={rule!r}; valid: None, 'all', 'no_batch'")
         both = self.save & self.offload
         if both:
-            raise ValueError(
+            raise RematError(
                 "checkpoint name(s) both saved and offloaded: "
                 f"{', '.join(sorted(both))}; a residual is either kept on device or "
                 "moved to host, choose one")
         if self.dots is not None and self.offload_dots is not None:
-            raise ValueError(
+            raise RematError(
                 f"matmul outputs both saved (dots={self.dots!r}) and offloaded "
                 f"(offload_dots={self.offload_dots!r}); choose one")
         if not self.remat and (self.save or self.offload or self.dots or self.offload_dots):
-            raise ValueError(
+            raise RematError(
                 "the policy 'none' (remat=False) keeps every residual and cannot be "
                 f"combined with other terms: {self._terms()}")
 
@@ -134,7 +136,7 @@ class Policy:
         if self.is_none or other.is_none:
             if self == other:
                 return self
-            raise ValueError(
+            raise RematError(
                 f"the policy 'none' cannot be combined with {str(other if self.is_none else self)!r}")
         order = (None, "no_batch", "all")
         return Policy(
@@ -220,7 +222,7 @@ def _to_jax(p: Policy) -> Callable[..., Any]:
     return _ThreeWay(p)
 
 
-class UnsupportedJaxModeError(ValueError):
+class UnsupportedJaxModeError(RematError):
     """A policy meets a JAX mode that would silently drop it (``jax_remat3``)."""
 
 

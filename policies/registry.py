@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import re
 
+from remat._errors import RematError
 from remat.policies.policy import Policy
 
 _PRESET_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -21,7 +22,7 @@ _GRAMMAR = ("a preset name, save:NAME[,NAME], offload:NAME[,NAME], dots, dots:no
             "offload_dots or offload_dots:no_batch")
 
 
-class UnknownPolicyError(ValueError):
+class UnknownPolicyError(RematError):
     """A policy name that is not registered. The message lists close matches
     and every valid name; ``.name`` is the bad name."""
 
@@ -33,7 +34,7 @@ class UnknownPolicyError(ValueError):
             f"unknown remat policy {name!r}{hint}; valid names: {', '.join(valid)}")
 
 
-class PolicySpecError(ValueError):
+class PolicySpecError(RematError):
     """A spec string that does not parse. The message names the bad term and
     its 0-based character position in the spec."""
 
@@ -65,12 +66,12 @@ def register(name: str, policy: Policy | str, *, doc: str, overwrite: bool = Fal
         already registered while ``overwrite`` is False.
     """
     if not _PRESET_RE.match(name) or name in _KEYWORDS:
-        raise ValueError(
+        raise RematError(
             f"invalid policy name {name!r}: use [a-z][a-z0-9_]*, not one of {', '.join(_KEYWORDS)}")
     if not doc.strip():
-        raise ValueError(f"policy {name!r} needs a doc")
+        raise RematError(f"policy {name!r} needs a doc")
     if name in _REGISTRY and not overwrite:
-        raise ValueError(f"policy {name!r} is already registered; pass overwrite=True to replace it")
+        raise RematError(f"policy {name!r} is already registered; pass overwrite=True to replace it")
     resolved = get(policy)
     _REGISTRY[name] = _Entry(resolved, " ".join(doc.split()))
     return resolved
@@ -100,8 +101,14 @@ def describe(name: str) -> str:
 def get(spec: str | Policy) -> Policy:
     """Resolve a preset name, a spec string or a :class:`Policy` to a :class:`Policy`.
 
-    Examples: ``get("minimal")``, ``get("save:query_proj,key_proj + dots:no_batch")``,
-    ``get("minimal + offload:decoder_layer_input")``.
+    Example:
+      >>> from remat.policies import get
+      >>> str(get("save:query_proj,key_proj + dots:no_batch"))
+      'save:key_proj,query_proj + dots:no_batch'
+      >>> get("minimal + offload:decoder_layer_input").offload
+      frozenset({'decoder_layer_input'})
+      >>> get(str(get("minimal"))) == get("minimal")
+      True
 
     Raises:
       UnknownPolicyError: a term names no registered preset.
@@ -127,7 +134,7 @@ def get(spec: str | Policy) -> Policy:
         try:
             result = term if result is None else result | term
         except ValueError as e:
-            raise ValueError(f"in spec {spec!r}, term {raw.strip()!r} at position {start}: {e}") from None
+            raise RematError(f"in spec {spec!r}, term {raw.strip()!r} at position {start}: {e}") from None
     assert result is not None
     return result
 

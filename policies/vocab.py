@@ -83,8 +83,14 @@ def missing_names(wanted: frozenset[str], emitted: frozenset[str]) -> frozenset[
     alternative spelling (see :data:`ALTERNATIVES`) that is also in
     ``wanted`` and occurs in ``emitted``.
 
-    Example: ``missing_names({"mlpwi"}, {"mlpwi_0", "mlpwi_1"}) == {"mlpwi"}``
-    but ``missing_names({"mlpwi", "mlpwi_0"}, {"mlpwi_0", "mlpwi_1"}) == set()``.
+    Example: ``save:mlpwi`` on a gated MLP keeps nothing; a policy that also
+    names ``mlpwi_0`` fits it.
+
+      >>> from remat.policies.vocab import missing_names
+      >>> sorted(missing_names({"mlpwi"}, {"mlpwi_0", "mlpwi_1"}))
+      ['mlpwi']
+      >>> sorted(missing_names({"mlpwi", "mlpwi_0"}, {"mlpwi_0", "mlpwi_1"}))
+      []
 
     Args:
       wanted: names a policy saves or offloads.

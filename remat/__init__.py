@@ -1,28 +1,72 @@
 """remat: named, checked, measured rematerialization policies for JAX and Flax.
 
-``remat.policies`` holds the policy value type, spec strings and presets;
-``remat.checkpoint``, ``remat.remat`` and ``remat.scan_layers`` apply them;
-``remat.analyze`` and ``remat.sweep`` measure them compile-only.
-``remat.train`` (a module, imported on demand: it loads orbax) trains on real text
-over ``remat.data`` byte corpora.
+``remat.policies`` holds the policy value type, spec strings and presets and
+needs only JAX; ``remat.checkpoint``, ``remat.remat`` and ``remat.scan_layers``
+apply policies to functions and Flax modules; ``remat.analyze``,
+``remat.inspect_policy`` and ``remat.sweep`` measure them compile-only;
+``remat.models`` are scan-over-layers transformers, ``remat.step`` their
+train step, ``remat.train`` trains one on real text, and ``remat.testing``
+checks your own model.
+
+Every name is imported on first use (PEP 562 module ``__getattr__``), so
+``import remat.policies`` loads JAX and nothing else.
 """
 
-from remat import policies, testing
-from remat.analysis import Report, ResidualRow, analyze
-from remat.apply import (
-    MissingCheckpointNameError,
-    NeverKeptError,
-    NeverKeptWarning,
-    OffloadUnsupportedError,
-    ScanCarryOffloadError,
-    checkpoint,
-    checkpoint_names,
-    remat,
-)
-from remat.data import CorpusError
-from remat.policies import Policy
-from remat.scan import scan_layers
-from remat.sweep import SweepResult, plot_sweep, sweep
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from remat import models, policies, step, testing, train
+    from remat._analysis import analyze
+    from remat._apply import (
+        MissingCheckpointNameError,
+        NeverKeptError,
+        NeverKeptWarning,
+        OffloadUnsupportedError,
+        ScanCarryOffloadError,
+        checkpoint,
+        checkpoint_names,
+        remat,
+        without_remat,
+    )
+    from remat._data import CorpusError
+    from remat._errors import RematError
+    from remat._report import Report
+    from remat._residuals import ResidualRow
+    from remat._scan import scan_layers
+    from remat._sweep import SweepResult, TrainStepSetup, inspect_policy, plot_sweep, sweep, train_step_setup
+    from remat.policies import Policy, PolicySpecError, UnknownPolicyError, UnsupportedJaxModeError
+
+_EXPORTS = {
+    "CorpusError": "remat._data",
+    "MissingCheckpointNameError": "remat._apply",
+    "NeverKeptError": "remat._apply",
+    "NeverKeptWarning": "remat._apply",
+    "OffloadUnsupportedError": "remat._apply",
+    "Policy": "remat.policies",
+    "PolicySpecError": "remat.policies",
+    "RematError": "remat._errors",
+    "Report": "remat._report",
+    "ResidualRow": "remat._residuals",
+    "ScanCarryOffloadError": "remat._apply",
+    "SweepResult": "remat._sweep",
+    "TrainStepSetup": "remat._sweep",
+    "UnknownPolicyError": "remat.policies",
+    "UnsupportedJaxModeError": "remat.policies",
+    "analyze": "remat._analysis",
+    "checkpoint": "remat._apply",
+    "checkpoint_names": "remat._apply",
+    "inspect_policy": "remat._sweep",
+    "plot_sweep": "remat._sweep",
+    "remat": "remat._apply",
+    "scan_layers": "remat._scan",
+    "sweep": "remat._sweep",
+    "train_step_setup": "remat._sweep",
+    "without_remat": "remat._apply",
+}
+_SUBMODULES = ("models", "policies", "step", "testing", "train")
 
 __all__ = [
     "CorpusError",
@@ -31,18 +75,43 @@ __all__ = [
     "NeverKeptWarning",
     "OffloadUnsupportedError",
     "Policy",
+    "PolicySpecError",
+    "RematError",
     "Report",
     "ResidualRow",
     "ScanCarryOffloadError",
     "SweepResult",
+    "TrainStepSetup",
+    "UnknownPolicyError",
+    "UnsupportedJaxModeError",
     "analyze",
     "checkpoint",
     "checkpoint_names",
+    "inspect_policy",
+    "models",
     "plot_sweep",
     "policies",
     "remat",
     "scan_layers",
+    "step",
     "sweep",
     "testing",
+    "train",
+    "train_step_setup",
+    "without_remat",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"remat.{name}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
+    raise AttributeError(f"module 'remat' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

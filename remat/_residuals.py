@@ -35,7 +35,7 @@ from jax.extend import core as jcore
 from remat import _compat
 from remat._jaxpr import call_body, nbytes, open_jaxpr, sub_jaxprs, walk
 
-__all__ = ["ResidualRow", "count_dots", "output_names", "residual_rows"]
+__all__ = ["ResidualRow", "output_names", "residual_rows"]
 
 _LOOK_THROUGH = {"device_put", "reduce_precision", "copy", "copy_p", "optimization_barrier"}
 """Ops that move or re-tag a value without computing a new one."""
@@ -262,16 +262,3 @@ def output_names(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> tuple[str | None, ..
             key = g.canon(ctx, eqn.invars[0])
         out.append(name)
     return tuple(out)
-
-
-def count_dots(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> tuple[int, int]:
-    """``(matmuls, matmuls with batch dimensions)`` of the forward pass of a
-    traced step, every scan iteration counted: the ``dot_general`` equations
-    outside any backward pass (:func:`remat._compat.is_transposed`)."""
-    dots = batched = 0
-    for s in walk(jaxpr):
-        if s.eqn.primitive.name == "dot_general" and not (s.scope.transposed
-                                                          or _compat.is_transposed(s.eqn)):
-            dots += s.scope.trips
-            batched += s.scope.trips if s.eqn.params["dimension_numbers"][1][0] else 0
-    return dots, batched

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from remat import policies
+from remat._errors import RematError
 
 
 def policy_table_markdown() -> str:
@@ -83,7 +84,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, help="bytes per sequence")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--warmup", type=int, help="linear warmup steps (default: steps // 10)")
+    p.add_argument("--min-lr-ratio", type=float, help="the cosine decays to lr * this at the last step")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices")
+    p.add_argument("--b1", type=float, help="AdamW first-moment decay rate")
+    p.add_argument("--b2", type=float, help="AdamW second-moment decay rate")
     p.add_argument("--clip", type=float, help="max global gradient norm")
     p.add_argument("--data", nargs="+", metavar="PATH",
                    help="text files/folders (default: the standard library's .py files)")
@@ -97,12 +101,37 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default runs/MODEL)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
-    def run(args: argparse.Namespace) -> int:
-        from remat.train import main as train_main
+    p.set_defaults(func=_train)
 
-        return train_main(args)
 
-    p.set_defaults(func=run)
+def _train(args: argparse.Namespace) -> int:
+    """``remat train``: resolve the config (unset options take the defaults of
+    :class:`remat.train.TrainConfig`, or with ``--resume`` the run's saved
+    values), train, print the summary. Returns 130 after Ctrl-C, with the
+    checkpoint saved."""
+    import dataclasses
+
+    from remat._scan import parse_groups
+    from remat.train import TrainConfig, load_config, train
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    if "groups" in given:
+        given["groups"] = parse_groups(given["groups"])
+    for k in ("data", "data_ext"):
+        if k in given:
+            given[k] = tuple(given[k])
+    out = args.out or f"runs/{given.get('model', TrainConfig.model)}"
+    cfg = load_config(out, given) if args.resume else TrainConfig(**given)
+    console = Console()
+    console.print(f"remat train → {out}: " + ", ".join(f"{k}={v}" for k, v in cfg.to_json().items()),
+                  highlight=False)
+    try:
+        result = train(cfg, out, resume=args.resume, console=console)
+    except KeyboardInterrupt:
+        return 130
+    console.print(result.summary(), highlight=False)
+    return 0
 
 
 def _add_step_options(p: argparse.ArgumentParser) -> None:
@@ -115,8 +144,8 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
 
 
 def _step_kwargs(args: argparse.Namespace) -> dict:
-    """``batch``/``seq``/``dtype``/``groups`` for :func:`remat.sweep.setup` and :func:`remat.sweep`."""
-    from remat.scan import parse_groups
+    """``batch``/``seq``/``dtype``/``groups`` for :func:`remat.train_step_setup` and :func:`remat.sweep`."""
+    from remat._scan import parse_groups
 
     return {"batch": args.batch, "seq": args.seq, "dtype": args.dtype,
             "groups": parse_groups(args.groups) if args.groups else None}
@@ -141,10 +170,10 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-': stdout only)")
 
     def run(args: argparse.Namespace) -> int:
-        from remat.sweep import inspect_policy, setup
+        from remat._sweep import inspect_policy, train_step_setup
 
         with Console().status(f"compiling the {args.model} train step under {args.policy!r} ..."):
-            report = inspect_policy(setup(args.model, **_step_kwargs(args)), args.policy)
+            report = inspect_policy(train_step_setup(args.model, **_step_kwargs(args)), args.policy)
         if args.json == "-":
             print(json.dumps(report.to_dict(), indent=2))
             return 0
@@ -173,11 +202,11 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from remat.sweep import plot_sweep, sweep
+        from remat._sweep import plot_sweep, sweep
 
         specs = None if args.policies is None else [x.strip() for x in args.policies.split(",")]
         if specs is not None and not all(specs):
-            raise ValueError(f"--policies {args.policies!r} has an empty entry")
+            raise RematError(f"--policies {args.policies!r} has an empty entry")
         console = Console(stderr=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as bar:
@@ -218,8 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+    except RematError as e:
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
         return 2
 
 

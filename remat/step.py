@@ -1,12 +1,21 @@
-"""The language-model train step shared by ``remat train``, ``remat.analyze``
-sweeps and the tests: forward, next-token loss, gradients, optimizer update.
+"""The one language-model train step that ``remat train`` runs and
+``remat inspect``/``sweep`` measure: forward, next-token loss, gradients and
+the optimizer update of :func:`make_optimizer`, so what is measured is what
+trains.
 
 Shapes: ``tokens`` is ``int32[B, T]``; the model maps it to ``logits[B, T, V]``;
 the loss predicts ``tokens[:, 1:]`` from ``logits[:, :-1]``.
+
+The optimizer is AdamW (Loshchilov & Hutter 2019, "Decoupled Weight Decay
+Regularization") with linear warmup then cosine decay
+(``optax.warmup_cosine_decay_schedule``), weight decay on matrices only, and
+global-norm gradient clipping (``optax.clip_by_global_norm``), as in GPT-3
+style training (Brown et al. 2020, appendix B).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +24,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax.training.train_state import TrainState
+
+from remat._errors import RematError
+
+__all__ = ["OptimizerConfig", "StepFn", "init_train_state", "lm_loss", "make_lr_schedule", "make_optimizer",
+           "make_train_step"]
 
 StepFn = Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
@@ -69,9 +83,67 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, tokens:
 
     Args:
       model: as for :func:`make_train_step`.
-      tx: an optax optimizer, e.g. ``optax.adamw(3e-4)``.
+      tx: an optax optimizer, e.g. :func:`make_optimizer` ``()``.
       tokens: ``int32[B, T]`` example (or abstract) input.
       rng: PRNG key for parameter init.
     """
     params = model.init({"params": rng}, tokens, deterministic=True)["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """The optimizer's settings (:func:`make_optimizer`).
+
+    Attributes:
+      steps: optimizer steps of the run (the cosine reaches its end there).
+      lr: peak learning rate (reached after ``warmup`` steps).
+      warmup: linear warmup steps from 0; ``None`` means ``steps // 10``.
+      min_lr_ratio: the cosine decays to ``lr * min_lr_ratio`` at ``steps``.
+      weight_decay: AdamW decoupled weight decay, on matrices only (``ndim >= 2``).
+      b1, b2: AdamW moment decay rates.
+      clip: maximum global gradient norm.
+
+    Raises:
+      RematError: ``steps < 1``, ``warmup`` outside ``[0, steps)``, ``lr <= 0``
+        or ``clip <= 0``.
+    """
+
+    steps: int = 150
+    lr: float = 3e-3
+    warmup: int | None = None
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise RematError(f"steps must be >= 1, got {self.steps!r}")
+        if self.warmup is None:
+            object.__setattr__(self, "warmup", self.steps // 10)
+        if not 0 <= self.warmup < self.steps:  # type: ignore[operator]
+            raise RematError(f"warmup must be in [0, steps={self.steps}), got {self.warmup!r}")
+        if self.lr <= 0 or self.clip <= 0:
+            raise RematError(f"lr and clip must be > 0, got lr={self.lr!r}, clip={self.clip!r}")
+
+
+def make_lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    """The learning-rate schedule of :func:`make_optimizer` (step -> learning rate)."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup, decay_steps=cfg.steps,
+        end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: OptimizerConfig | None = None) -> optax.GradientTransformation:
+    """Clip-by-global-norm, then AdamW on a warmup + cosine schedule with
+    weight decay on matrices (see the module doc); ``None``: the defaults of
+    :class:`OptimizerConfig`. Its state is two float32 moments per parameter
+    plus step counts."""
+    cfg = cfg or OptimizerConfig()
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip),
+        optax.adamw(make_lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                    mask=decay_mask))

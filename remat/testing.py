@@ -21,10 +21,14 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from remat._apply import checkpoint
+from remat._errors import RematError
+from remat._memory import compiled_memory
 from remat._residuals import residual_rows
-from remat.analysis import compiled_memory
-from remat.apply import checkpoint
 from remat.policies import Policy, get
+
+__all__ = ["TOLERANCES", "NoMemoryAnalysisError", "assert_memory_ordered", "assert_policy_parity",
+           "assert_saved_names", "compiled_op_count", "saved_names", "temp_bytes"]
 
 TOLERANCES: dict[str, tuple[float, float]] = {
     "float64": (1e-10, 1e-10),
@@ -57,14 +61,14 @@ def assert_policy_parity(fn: Callable[..., Any], policy: str | Policy | Sequence
     gradients (of the sum of all outputs, with respect to every argument) as
     without remat.
 
-    Example::
-
-        def mlp(w1, w2, x):
-            h = checkpoint_name(jnp.tanh(x @ w1), "mlpwi")
-            return checkpoint_name(h @ w2, "mlpwo")
-
-        remat.testing.assert_policy_parity(mlp, "save:mlpwi", w1, w2, x)
-        remat.testing.assert_policy_parity(mlp, ["full", "save:mlpwo"], w1, w2, x)
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jax.ad_checkpoint import checkpoint_name
+      >>> import remat
+      >>> def mlp(w1, w2, x):
+      ...     return jnp.tanh(checkpoint_name(x @ w1, "mlpwi")) @ w2
+      >>> w1, w2, x = jnp.ones((4, 8)), jnp.ones((8, 4)), jnp.ones((2, 4))
+      >>> remat.testing.assert_policy_parity(mlp, ["full", "save:mlpwi"], w1, w2, x)
 
     Args:
       fn: arrays in, a pytree of arrays out.
@@ -95,7 +99,7 @@ def saved_names(fn: Callable[..., Any], policy: str | Policy, *args: Any) -> dic
     """The checkpoint names that ``fn`` under ``policy`` keeps for the backward
     pass, by memory kind: ``{"device": {...}, "host": {...}}``.
 
-    Found by JAX's residual analysis of the gradient (``remat.analysis``);
+    Found by JAX's residual analysis of the gradient (``remat._residuals``);
     arguments may be ``jax.ShapeDtypeStruct`` (nothing is computed).
     """
     loss = _loss(checkpoint(fn, policy))
@@ -112,9 +116,14 @@ def assert_saved_names(fn: Callable[..., Any], policy: str | Policy, *args: Any,
     """Assert exactly which checkpoint names the policy keeps on device
     (``names``) and on host (``offloaded``).
 
-    Example::
-
-        remat.testing.assert_saved_names(mlp, "save:mlpwi", w1, w2, x, names={"mlpwi"})
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jax.ad_checkpoint import checkpoint_name
+      >>> import remat
+      >>> mlp = lambda w1, w2, x: jnp.tanh(checkpoint_name(x @ w1, "mlpwi")) @ w2
+      >>> w1, w2, x = jnp.ones((4, 8)), jnp.ones((8, 4)), jnp.ones((2, 4))
+      >>> remat.testing.assert_saved_names(mlp, "save:mlpwi", w1, w2, x, names={"mlpwi"})
+      >>> remat.testing.assert_saved_names(mlp, "offload:mlpwi", w1, w2, x, names=(), offloaded={"mlpwi"})
 
     Raises:
       AssertionError: listing the names kept, missing and unexpected.
@@ -145,7 +154,7 @@ def temp_bytes(build: Callable[[Policy], Callable[..., Any]], policy: str | Poli
     return mem["temp"]
 
 
-class NoMemoryAnalysisError(ValueError):
+class NoMemoryAnalysisError(RematError):
     """The backend reports no compiled memory figures to compare."""
 
 
@@ -159,9 +168,18 @@ def compiled_op_count(fn: Callable[..., Any], op: str, *args: Any, policy: str |
 
     The value is computed too, since with ``jax.grad`` alone XLA drops the
     primal output and the count undercounts the forward pass. Use it to
-    assert that a custom kernel's forward runs once under remat::
+    assert that a custom kernel's forward runs once under remat, e.g.
+    ``compiled_op_count(f, "exponential", x, policy="save:kres,kout") == 1``.
 
-        assert compiled_op_count(f, "exponential", x, policy="save:kres,kout") == 1
+    Example: full remat runs the forward again in the backward pass.
+
+      >>> import jax.numpy as jnp
+      >>> import remat
+      >>> f = lambda x: jnp.exp(jnp.sin(x))
+      >>> remat.testing.compiled_op_count(f, "exponential", jnp.ones(8))
+      1
+      >>> remat.testing.compiled_op_count(f, "exponential", jnp.ones(8), policy="full")
+      2
 
     (For a ``jax.custom_vjp`` kernel that means saving both the residuals its
     forward rule tags and its tagged output; see the README's Limitations.)
@@ -183,13 +201,16 @@ def assert_memory_ordered(build: Callable[[Policy], Callable[..., Any]],
     whole function at once saves no memory, since the backward pass
     recomputes all of it before using any of it.
 
-    Example::
-
-        def build(policy):
-            layer = remat.checkpoint(layer_fn, policy)
-            return lambda ws, x: jax.lax.scan(lambda c, w: (layer(w, c), None), x, ws)[0]
-
-        remat.testing.assert_memory_ordered(build, ["none", "save:mlpwi", "full"], ws, x)
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.ad_checkpoint import checkpoint_name
+      >>> import remat
+      >>> def build(policy):
+      ...     layer = remat.checkpoint(lambda w, x: jnp.tanh(checkpoint_name(x @ w, "mlpwi")), policy)
+      ...     return lambda ws, x: jax.lax.scan(lambda c, w: (layer(w, c), None), x, ws)[0]
+      >>> ws = jax.ShapeDtypeStruct((8, 64, 64), jnp.float32)  # 8 layers, compile-only
+      >>> x = jax.ShapeDtypeStruct((32, 64), jnp.float32)
+      >>> remat.testing.assert_memory_ordered(build, ["none", "save:mlpwi", "full"], ws, x)
 
     Raises:
       AssertionError: giving every policy's bytes.

@@ -12,9 +12,8 @@ One run lives in one folder ``DIR``:
   resumed segments);
 - ``loss.png``: train and validation loss against step (matplotlib).
 
-The optimizer is AdamW (Loshchilov & Hutter 2019) with linear warmup then cosine decay
-(``optax.warmup_cosine_decay_schedule``) and global-norm gradient clipping
-(``optax.clip_by_global_norm``), as in nanoGPT / GPT-3 style training. The step is
+The optimizer is :func:`remat.step.make_optimizer` (AdamW, warmup + cosine, clipping),
+the one that ``remat inspect``/``sweep`` measure too. The step is
 :func:`remat.step.make_train_step`, compiled once ahead of time
 (``jax.jit(...).lower(...).compile()``, with the PRNG split and the learning rate
 inside); that one compile is also measured (:func:`remat.analysis.compile_and_analyze`)
@@ -44,7 +43,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
 from matplotlib.figure import Figure
@@ -58,16 +56,29 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from remat.analysis import Report, compile_and_analyze, format_bytes
-from remat.data import Batches, Corpus, build_corpus, eval_batches
+from remat._analysis import compile_and_analyze
+from remat._data import Batches, Corpus, build_corpus, eval_batches
+from remat._errors import RematError
+from remat._format import format_bytes
+from remat._report import Report
+from remat._scan import plan
 from remat.models import Transformer, get_config
-from remat.scan import parse_groups, plan
-from remat.step import init_train_state, lm_loss, make_train_step
+from remat.step import (
+    OptimizerConfig,
+    init_train_state,
+    lm_loss,
+    make_lr_schedule,
+    make_optimizer,
+    make_train_step,
+)
 
+__all__ = ["TrainConfig", "TrainResult", "load_config", "train"]
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run (stored as ``DIR/run.json``).
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(OptimizerConfig):
+    """Everything that defines a training run (stored as ``DIR/run.json``): the
+    optimizer's settings (:class:`remat.step.OptimizerConfig`: ``steps``, ``lr``,
+    ``warmup``, ``min_lr_ratio``, ``weight_decay``, ``b1``, ``b2``, ``clip``) and:
 
     The defaults are tuned so that ``remat train --model tiny --policy minimal`` reaches
     validation loss <= 2.4 nats/byte on the standard-library corpus within 5 minutes on a
@@ -78,37 +89,26 @@ class TrainConfig:
       policy: remat policy name or spec (``remat policies`` lists them).
       groups: ``None``, ``"sqrt"`` or ``(G, K)`` with ``G * K`` = layers: nested
         checkpointing of groups of layers (:func:`remat.scan_layers`).
-      steps: optimizer steps in the whole run.
       batch: sequences per step, B.
       seq: bytes per sequence, T (<= the model's ``max_seq_len``).
-      lr: peak learning rate (reached after ``warmup`` steps).
-      warmup: linear warmup steps from 0; ``None`` means ``steps // 10``.
-      min_lr_ratio: the cosine decays to ``lr * min_lr_ratio`` at ``steps``.
-      weight_decay: AdamW decoupled weight decay, on matrices only (``ndim >= 2``).
-      b1, b2: AdamW moment decay rates.
-      clip: maximum global gradient norm.
       data: files/folders of text; ``None`` is the Python standard library.
       data_ext: keep only files with these suffixes when walking ``data`` folders.
       val_fraction: share of files held out for validation.
       eval_every: evaluate the validation loss every this many steps (and at the end).
       eval_windows: validation windows of ``seq`` bytes per evaluation (evenly spaced).
-      ckpt_every: checkpoint every this many steps (and at the end).
+      ckpt_every: checkpoint every this many steps (and at the end); the last
+        :data:`CHECKPOINTS_KEPT` checkpoints are kept.
       seed: seeds parameter init, data order and the dropout key.
+
+    Raises:
+      RematError: a count below 1, ``seq < 2``, and the errors of :class:`OptimizerConfig`.
     """
 
     model: str = "tiny"
     policy: str = "minimal"
     groups: str | tuple[int, int] | None = None
-    steps: int = 150
     batch: int = 16
     seq: int = 128
-    lr: float = 3e-3
-    warmup: int | None = None
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    clip: float = 1.0
     data: tuple[str, ...] | None = None
     data_ext: tuple[str, ...] | None = None
     val_fraction: float = 0.1
@@ -118,17 +118,12 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "eval_every", "eval_windows", "ckpt_every"):
+        super().__post_init__()
+        for name in ("batch", "eval_every", "eval_windows", "ckpt_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.warmup is None:
-            object.__setattr__(self, "warmup", self.steps // 10)
+                raise RematError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.seq < 2:
-            raise ValueError(f"seq must be >= 2, got {self.seq!r}")
-        if not 0 <= self.warmup < self.steps:
-            raise ValueError(f"warmup must be in [0, steps={self.steps}), got {self.warmup!r}")
-        if self.lr <= 0 or self.clip <= 0:
-            raise ValueError(f"lr and clip must be > 0, got lr={self.lr!r}, clip={self.clip!r}")
+            raise RematError(f"seq must be >= 2, got {self.seq!r}")
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of all fields."""
@@ -184,22 +179,6 @@ class TrainResult:
                 f"{self.report.peak_source}) · {self.out}")
 
 
-def make_lr_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """The learning-rate schedule of :func:`make_optimizer` (for logging)."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup, decay_steps=cfg.steps,
-        end_value=cfg.lr * cfg.min_lr_ratio)
-
-
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Clip-by-global-norm then AdamW on a warmup + cosine schedule (see module doc)."""
-    schedule = make_lr_schedule(cfg)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
-
-
 def build_model(cfg: TrainConfig) -> tuple[nn.Module, bool]:
     """The :class:`remat.models.Transformer` of ``cfg.model`` under ``cfg.policy``/``cfg.groups``.
 
@@ -213,7 +192,7 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, bool]:
     overrides = {} if jax.default_backend() == "cpu" else {"dtype": "bfloat16"}
     mcfg = get_config(cfg.model, **overrides)
     if cfg.seq > mcfg.max_seq_len:
-        raise ValueError(f"seq={cfg.seq} exceeds max_seq_len={mcfg.max_seq_len} of model {cfg.model!r}")
+        raise RematError(f"seq={cfg.seq} exceeds max_seq_len={mcfg.max_seq_len} of model {cfg.model!r}")
     plan(mcfg.num_layers, cfg.policy, cfg.groups)  # bad policy/groups fail here, before any work
     deterministic = mcfg.dropout_rate == 0 and not mcfg.attn_dropout
     return Transformer(mcfg, policy=cfg.policy, groups=cfg.groups), deterministic
@@ -243,17 +222,17 @@ def load_config(out: str | Path, given: dict[str, Any]) -> TrainConfig:
     """The config to resume the run in ``out``: its ``run.json`` updated by ``given``.
 
     Raises:
-      FileNotFoundError: ``out/run.json`` missing (nothing to resume).
+      RematError: ``out/run.json`` missing (nothing to resume).
       ValueError: ``given`` changes a field of :data:`RESUME_MUST_MATCH`; names it with
         the old and new values.
     """
     path = Path(out) / "run.json"
     if not path.exists():
-        raise FileNotFoundError(f"nothing to resume in {str(out)!r}: no run.json (start without --resume)")
+        raise RematError(f"nothing to resume in {str(out)!r}: no run.json (start without --resume)")
     saved = TrainConfig.from_json(json.loads(path.read_text()))
     for k, v in given.items():
         if k in RESUME_MUST_MATCH and getattr(saved, k) != v:
-            raise ValueError(f"--resume: {k}={v!r} differs from the run's {k}={getattr(saved, k)!r}; "
+            raise RematError(f"--resume: {k}={v!r} differs from the run's {k}={getattr(saved, k)!r}; "
                              f"these must match to resume: {', '.join(RESUME_MUST_MATCH)}")
     return dataclasses.replace(saved, **given)
 
@@ -289,6 +268,26 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+CHECKPOINTS_KEPT = 2
+"""How many checkpoints a run folder keeps (the newest; orbax deletes older ones)."""
+
+
+@dataclass
+class _Position:
+    """What evolves from step to step besides the train state."""
+
+    rng: jax.Array
+    data_position: int
+    prior_seconds: float
+    train_loss: float
+    start: float = 0.0
+    tokens_per_s: float = 0.0
+
+    def seconds(self) -> float:
+        """Wall seconds of the run, resumed segments included."""
+        return self.prior_seconds + time.perf_counter() - self.start
+
+
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model: nn.Module | None = None,
           deterministic: bool = True, console: Console | None = None, progress: bool = True,
           compiler_options: dict[str, Any] | None = None) -> TrainResult:
@@ -305,82 +304,105 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model: nn.
       console: where progress and messages go (default: a new rich ``Console``).
       progress: show the rich progress bar.
       compiler_options: XLA options for every ``Lowered.compile`` of the run (default none);
-        e.g. :data:`remat.analysis.FAST_CPU_COMPILE` compiles 5x faster on CPU and runs
+        e.g. ``remat._memory.FAST_CPU_COMPILE`` compiles 5x faster on CPU and runs
         about 2x slower (the tests use it).
 
     Returns:
       :class:`TrainResult`.
 
     Raises:
-      ValueError: ``out`` already holds checkpoints and ``resume`` is False, or the
-        loss becomes non-finite (names the step).
-      FileNotFoundError: ``resume`` with no checkpoint in ``out``.
-      remat.data.CorpusError: bad data paths, empty corpus, binary file.
+      RematError: ``out`` already holds checkpoints and ``resume`` is False, ``resume``
+        with no checkpoint in ``out``, a changed corpus on resume, or a non-finite loss
+        (names the step).
+      remat.CorpusError: bad data paths, empty corpus, binary file.
       KeyboardInterrupt: after Ctrl-C, once the checkpoint of the last finished step is saved.
     """
     console = console or Console()
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    mngr = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    mngr = ocp.CheckpointManager(out / "checkpoints",
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=CHECKPOINTS_KEPT))
     try:
         # Ctrl-C becomes a flag from here on, also while XLA compiles (a KeyboardInterrupt
         # raised inside a compile can crash the process).
         with _Interrupt() as interrupt:
-            return _train(cfg, out, mngr, resume, model, deterministic, console, progress,
-                          compiler_options, interrupt)
+            latest = _check_out(mngr, out, resume)
+            if model is None:
+                model, deterministic = build_model(cfg)
+            corpus = build_corpus(cfg.data, out / "data", val_fraction=cfg.val_fraction,
+                                  suffixes=cfg.data_ext)
+            console.print(corpus.summary(), highlight=False)
+            batches = Batches(corpus.train, batch=cfg.batch, seq=cfg.seq, seed=cfg.seed)
+            val = [jnp.asarray(b) for b in eval_batches(corpus.val, batch=cfg.batch, seq=cfg.seq,
+                                                          max_windows=cfg.eval_windows)]
+            example = jnp.asarray(batches.batch_at(0))
+            state, pos = (_restore(cfg, model, mngr, latest, corpus, example, out, console) if resume
+                          else _initialise(cfg, model, example, out, compiler_options))
+            (out / "run.json").write_text(json.dumps(cfg.to_json(), indent=1))
+            step_fn, report, evaluate = _compile(cfg, model, deterministic, state, example, pos.rng, val,
+                                                 compiler_options, console)
+            state, val_loss = _loop(cfg, state, pos, step_fn, evaluate, batches, corpus, mngr, latest, out,
+                                    console, progress, interrupt)
     finally:
         mngr.wait_until_finished()
         mngr.close()
+    plot_metrics(out / "metrics.jsonl", out / "loss.png")
+    return TrainResult(state=state, train_loss=pos.train_loss, val_loss=val_loss,
+                       tokens_per_s=pos.tokens_per_s, seconds=pos.seconds(), report=report, out=out)
 
 
-def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: bool,
-           model: nn.Module | None, deterministic: bool, console: Console, progress: bool,
-           compiler_options: dict[str, Any] | None, interrupt: _Interrupt) -> TrainResult:
+def _check_out(mngr: ocp.CheckpointManager, out: Path, resume: bool) -> int | None:
+    """The latest checkpoint step of ``out`` (None for a new run), checked against ``resume``."""
     latest = mngr.latest_step()
     if resume and latest is None:
-        raise FileNotFoundError(f"nothing to resume in {str(out)!r}: no checkpoint (start without --resume)")
+        raise RematError(f"nothing to resume in {str(out)!r}: no checkpoint (start without --resume)")
     if not resume and latest is not None:
-        raise ValueError(f"{str(out)!r} already holds a run (checkpoint at step {latest}); "
+        raise RematError(f"{str(out)!r} already holds a run (checkpoint at step {latest}); "
                          "pass --resume to continue it or choose another --out")
-    if model is None:
-        model, deterministic = build_model(cfg)
+    return latest
 
-    corpus: Corpus = build_corpus(cfg.data, out / "data", val_fraction=cfg.val_fraction,
-                                  suffixes=cfg.data_ext)
-    console.print(corpus.summary(), highlight=False)
-    batches = Batches(corpus.train, batch=cfg.batch, seq=cfg.seq, seed=cfg.seed)
-    val = [jnp.asarray(b) for b in eval_batches(corpus.val, batch=cfg.batch, seq=cfg.seq,
-                                                  max_windows=cfg.eval_windows)]
 
+def _initialise(cfg: TrainConfig, model: nn.Module, example: jax.Array, out: Path,
+                compiler_options: dict[str, Any] | None) -> tuple[TrainState, _Position]:
+    """A new run: initial parameters and optimizer state, an empty metrics file."""
+    init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    init = partial(init_train_state, model, make_optimizer(cfg))
+    state = jax.jit(init).lower(example, init_key).compile(compiler_options)(example, init_key)
+    (out / "metrics.jsonl").write_text("")
+    return state, _Position(rng, 0, 0.0, float("nan"))
+
+
+def _restore(cfg: TrainConfig, model: nn.Module, mngr: ocp.CheckpointManager, latest: int,
+             corpus: Corpus, example: jax.Array, out: Path, console: Console) -> tuple[TrainState, _Position]:
+    """The state of checkpoint ``latest``; metrics after it are dropped (they are redone)."""
     tx = make_optimizer(cfg)
     init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    example = jnp.asarray(batches.batch_at(0))
-    init = partial(init_train_state, model, tx)
+    abstract = jax.eval_shape(partial(init_train_state, model, tx), example, init_key)
+    target = {"params": abstract.params, "opt_state": abstract.opt_state, "step": abstract.step, "rng": rng}
+    restored = mngr.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    tree, meta = restored["state"], restored["meta"]
+    if meta["corpus_key"] != corpus.key:
+        raise RematError(f"--resume: the corpus changed since step {latest} was saved (files added, "
+                         f"removed or edited); its batches would differ. Corpus now: {corpus.summary()}")
+    state = TrainState(step=tree["step"], apply_fn=model.apply, params=tree["params"], tx=tx,
+                       opt_state=tree["opt_state"])
     metrics_path = out / "metrics.jsonl"
-    if resume:
-        abstract = jax.eval_shape(init, example, init_key)
-        target = {"params": abstract.params, "opt_state": abstract.opt_state, "step": abstract.step,
-                  "rng": rng}
-        restored = mngr.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        tree, meta = restored["state"], restored["meta"]
-        state = TrainState(step=tree["step"], apply_fn=model.apply, params=tree["params"], tx=tx,
-                           opt_state=tree["opt_state"])
-        rng, position, prior_seconds = tree["rng"], meta["data_position"], meta["seconds"]
-        if meta["corpus_key"] != corpus.key:
-            raise ValueError(f"--resume: the corpus changed since step {latest} was saved (files added, "
-                             f"removed or edited); its batches would differ. Corpus now: {corpus.summary()}")
-        rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        metrics_path.write_text("".join(r + "\n" for r in rows if r and json.loads(r)["step"] <= latest))
-        train_loss = next((json.loads(r)["train_loss"] for r in reversed(rows)
-                           if r and json.loads(r)["step"] == latest), None) or float("nan")
-        console.print(f"resumed {out} at step {latest} (data position {position})", highlight=False)
-    else:
-        state = jax.jit(init).lower(example, init_key).compile(compiler_options)(example, init_key)
-        position, prior_seconds, train_loss = 0, 0.0, float("nan")
-        metrics_path.write_text("")
-    (out / "run.json").write_text(json.dumps(cfg.to_json(), indent=1))
+    text = metrics_path.read_text() if metrics_path.exists() else ""
+    rows = [json.loads(r) for r in text.splitlines() if r]
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= latest))
+    train_loss = next((r["train_loss"] for r in reversed(rows) if r["step"] == latest), None)
+    console.print(f"resumed {out} at step {latest} (data position {meta['data_position']})", highlight=False)
+    return state, _Position(tree["rng"], meta["data_position"], meta["seconds"],
+                            float("nan") if train_loss is None else train_loss)
 
+
+def _compile(cfg: TrainConfig, model: nn.Module, deterministic: bool, state: TrainState, example: jax.Array,
+             rng: jax.Array, val: list[jax.Array], compiler_options: dict[str, Any] | None,
+             console: Console) -> tuple[Any, Report, Any]:
+    """The compiled train step (PRNG split and learning rate inside), its
+    :class:`Report` from the same compile, and ``evaluate(params)`` (mean
+    validation loss, nats/byte)."""
     step_fn = make_train_step(model, deterministic=deterministic)
     schedule = make_lr_schedule(cfg)
 
@@ -393,102 +415,73 @@ def _train(cfg: TrainConfig, out: Path, mngr: ocp.CheckpointManager, resume: boo
     def eval_fn(params: Any, tokens: jax.Array) -> jax.Array:
         return lm_loss(model.apply({"params": params}, tokens, deterministic=True), tokens)
 
-    t_compile = time.perf_counter()
+    t0 = time.perf_counter()
     # One compile of the step serves both the run and its measurement.
     options = {} if compiler_options is None else compiler_options  # None: XLA's defaults, to run fast
     compiled, report = compile_and_analyze(train_step, state, example, rng, label="train step",
                                            donate_argnums=(0, 2), compiler_options=options)
     eval_compiled = jax.jit(eval_fn).lower(state.params, val[0]).compile(compiler_options)
-    console.print(f"compiled train and eval steps in {time.perf_counter() - t_compile:.1f} s",
-                  highlight=False)
+    console.print(f"compiled train and eval steps in {time.perf_counter() - t0:.1f} s", highlight=False)
     console.print(f"train step peak memory {format_bytes(report.peak_bytes)} (compile-time, "
                   f"remat.analyze; policy {cfg.policy}, groups {cfg.groups})", highlight=False)
+    evaluate = lambda params: float(np.mean([float(eval_compiled(params, b)) for b in val]))
+    return compiled, report, evaluate
 
-    def evaluate() -> float:
-        return float(np.mean([float(eval_compiled(state.params, b)) for b in val]))
 
-    def save(step: int) -> None:
-        if mngr.latest_step() == step:
-            return
-        tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": rng}
-        meta = {"data_position": position, "seconds": seconds(), "corpus_key": corpus.key,
-                "config": cfg.to_json()}
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                                meta=ocp.args.JsonSave(meta)))
-
+def _save(mngr: ocp.CheckpointManager, cfg: TrainConfig, state: TrainState, pos: _Position,
+          corpus: Corpus) -> None:
+    """Checkpoint the state and the data position at ``state.step`` (once per step)."""
     step = int(state.step)
-    start = time.perf_counter()
-    seconds = lambda: prior_seconds + time.perf_counter() - start
-    step_time, val_loss = 0.0, float("nan")
-    with _progress(console, progress) as bar, open(metrics_path, "a") as log:
-        def record(row: dict[str, Any]) -> None:
-            log.write(json.dumps(row) + "\n")
+    if mngr.latest_step() == step:
+        return
+    tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": pos.rng}
+    meta = {"data_position": pos.data_position, "seconds": pos.seconds(), "corpus_key": corpus.key,
+            "config": cfg.to_json()}
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+
+
+def _loop(cfg: TrainConfig, state: TrainState, pos: _Position, step_fn: Any, evaluate: Any, batches: Batches,
+          corpus: Corpus, mngr: ocp.CheckpointManager, latest: int | None, out: Path, console: Console,
+          progress: bool, interrupt: _Interrupt) -> tuple[TrainState, float]:
+    """Run the steps left, logging, evaluating and checkpointing; returns the final
+    state and the last validation loss. Ctrl-C saves and raises ``KeyboardInterrupt``."""
+    step, step_time, val_loss = int(state.step), 0.0, float("nan")
+    pos.start = time.perf_counter()
+    with _progress(console, progress) as bar, open(out / "metrics.jsonl", "a") as log:
+        def record(**row: Any) -> None:
+            log.write(json.dumps(row | {"seconds": pos.seconds()}) + "\n")
             log.flush()
 
         if latest is None:
-            val_loss = evaluate()
-            record({"step": 0, "train_loss": None, "val_loss": val_loss, "lr": 0.0,
-                    "tokens_per_s": None, "seconds": seconds()})
+            val_loss = evaluate(state.params)
+            record(step=0, train_loss=None, val_loss=val_loss, lr=0.0, tokens_per_s=None)
         task = bar.add_task("train", total=cfg.steps, completed=step, loss="-", tps="-")
         while step < cfg.steps and not interrupt.requested:
-            tokens = batches.batch_at(position)
             t0 = time.perf_counter()
-            state, rng, m = compiled(state, tokens, rng)
-            train_loss, lr = float(m["loss"]), float(m["lr"])
+            state, pos.rng, m = step_fn(state, batches.batch_at(pos.data_position), pos.rng)
+            pos.train_loss, lr = float(m["loss"]), float(m["lr"])
             dt = time.perf_counter() - t0
-            step_time += dt
-            step += 1
-            position += cfg.batch
-            if not math.isfinite(train_loss):
-                raise ValueError(f"training diverged: loss {train_loss} at step {step} "
-                                 f"(lr={lr:.2e}); lower --lr")
+            step_time, step, pos.data_position = step_time + dt, step + 1, pos.data_position + cfg.batch
+            if not math.isfinite(pos.train_loss):
+                raise RematError(f"training diverged: loss {pos.train_loss} at step {step} (lr={lr:.2e}); "
+                                 "lower --lr")
             row_val = None
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val_loss = row_val = evaluate()
-                bar.console.print(f"step {step}: train loss {train_loss:.3f}, "
+                val_loss = row_val = evaluate(state.params)
+                bar.console.print(f"step {step}: train loss {pos.train_loss:.3f}, "
                                   f"val loss {val_loss:.3f} nats/byte", highlight=False)
             tps = cfg.batch * cfg.seq / dt
-            record({"step": step, "train_loss": train_loss, "val_loss": row_val, "lr": lr,
-                    "tokens_per_s": tps, "seconds": seconds()})
-            bar.update(task, completed=step, loss=f"{train_loss:.3f}", tps=f"{tps:,.0f}")
+            record(step=step, train_loss=pos.train_loss, val_loss=row_val, lr=lr, tokens_per_s=tps)
+            bar.update(task, completed=step, loss=f"{pos.train_loss:.3f}", tps=f"{tps:,.0f}")
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save(step)
-        if interrupt.requested:
-            save(step)
-            mngr.wait_until_finished()
-            console.print(f"interrupted: checkpoint saved at step {step}; continue with "
-                          f"remat train --out {out} --resume", highlight=False)
-            raise KeyboardInterrupt
-
+                _save(mngr, cfg, state, pos, corpus)
+    pos.tokens_per_s = (step - (latest or 0)) * cfg.batch * cfg.seq / step_time if step_time else 0.0
+    if interrupt.requested:
+        _save(mngr, cfg, state, pos, corpus)
+        mngr.wait_until_finished()
+        console.print(f"interrupted: checkpoint saved at step {step}; continue with "
+                      f"remat train --out {out} --resume", highlight=False)
+        raise KeyboardInterrupt
     if math.isnan(val_loss):  # resumed a finished run: nothing trained, evaluate once
-        val_loss = evaluate()
-    plot_metrics(metrics_path, out / "loss.png")
-    done_steps = step - (latest or 0)
-    return TrainResult(state=state, train_loss=train_loss, val_loss=val_loss,
-                       tokens_per_s=done_steps * cfg.batch * cfg.seq / step_time if step_time else 0.0,
-                       seconds=seconds(), report=report, out=out)
-
-
-
-def main(args: Any) -> int:
-    """``remat train`` on parsed arguments (an ``argparse.Namespace`` whose unset options are
-    None): resolve the config, train, print the summary. Returns the exit status (130 after
-    Ctrl-C, with the checkpoint saved)."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
-    if "groups" in given:
-        given["groups"] = parse_groups(given["groups"])
-    for k in ("data", "data_ext"):
-        if k in given:
-            given[k] = tuple(given[k])
-    out = args.out or f"runs/{given.get('model', TrainConfig.model)}"
-    cfg = load_config(out, given) if args.resume else TrainConfig(**given)
-    console = Console()
-    console.print(f"remat train → {out}: " + ", ".join(f"{k}={v}" for k, v in cfg.to_json().items()),
-                  highlight=False)
-    try:
-        result = train(cfg, out, resume=args.resume, console=console)
-    except KeyboardInterrupt:
-        return 130
-    console.print(result.summary(), highlight=False)
-    return 0
+        val_loss = evaluate(state.params)
+    return state, val_loss

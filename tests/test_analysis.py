@@ -11,9 +11,11 @@ import pytest
 from jax.ad_checkpoint import checkpoint_name
 
 import remat
-from remat import analysis, models
-from remat.analysis import Report, analyze, count_flops, format_bytes, parse_bytes, residual_rows
-from remat.sweep import _measure, setup
+from remat import Report, analyze, models
+from remat._flops import count_flops
+from remat._format import format_bytes, parse_bytes
+from remat._residuals import ResidualRow, residual_rows
+from remat._sweep import trace_policy, train_step_setup
 
 L, B, T, D, F = 3, 2, 8, 16, 32
 
@@ -45,14 +47,14 @@ PARAMS = {"wi": jax.ShapeDtypeStruct((L, D, F), jnp.float32),
 X = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
 
 
-def _rows(spec: str) -> dict[str, analysis.ResidualRow]:
+def _rows(spec: str) -> dict[str, ResidualRow]:
     return {r.name: r for r in residual_rows(jax.make_jaxpr(_step(spec))(PARAMS, X))}
 
 
 # -- residuals -------------------------------------------------------------------------
 def test_full_keeps_only_the_layer_input_per_layer():
     rows = _rows("full")
-    assert rows["layer input"] == analysis.ResidualRow(
+    assert rows["layer input"] == ResidualRow(
         name="layer input", source="scan carry", shape=(B, T, D), dtype="float32", memory_kind="device",
         layers=L, count=1, size_bytes=L * B * T * D * 4, from_dot=False)
     assert "mlpwi" not in rows and "mlpwo" not in rows
@@ -118,9 +120,9 @@ def _formula_flops(name: str) -> tuple[int, int]:
     6 * N * tokens (Kaplan et al. 2020: forward 2N, backward 4N per token) plus
     attention's two [T, T] matmuls, 12 * L * B * T^2 * (heads * head_dim)
     (forward 2 * 2 * T^2 * N * H per layer and sequence, times 3 for the backward)."""
-    s = setup(name, batch=1, seq=min(1024, models.get_config(name).max_seq_len))
+    s = train_step_setup(name, batch=1, seq=min(1024, models.get_config(name).max_seq_len))
     cfg = s.config
-    counted, _ = count_flops(_measure(s, "none", "none").traced.jaxpr)
+    counted, _ = count_flops(trace_policy(s, "none", "none").traced.jaxpr)
     n = models.param_count(cfg)
     attention = 12 * cfg.num_layers * s.batch * s.seq**2 * cfg.num_heads * cfg.head_dim
     return counted, 6 * n * s.batch * s.seq + attention
@@ -135,7 +137,7 @@ def test_no_remat_flops_match_6_n_tokens_plus_attention(name):
 # -- the report ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_reports() -> dict[str, Report]:
-    s = setup("tiny", batch=2, seq=64)
+    s = train_step_setup("tiny", batch=2, seq=64)
     none = remat.sweep(s, ["none", "full", "dots_with_no_batch_dims_saveable"])
     return {r.label: r for r in none.reports}
 

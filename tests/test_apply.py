@@ -13,9 +13,9 @@ from vocab_layer import vocab_layer
 import remat
 from remat import policies
 from remat._jaxpr import CHECKPOINT, walk
+from remat._scan import plan
+from remat._sweep import default_policies
 from remat.policies import vocab
-from remat.scan import plan
-from remat.sweep import default_policies
 from remat.testing import assert_memory_ordered, assert_policy_parity, assert_saved_names
 
 D, F = 8, 16
@@ -284,7 +284,7 @@ def test_offload_on_a_backend_without_pinned_host_is_a_clear_error(monkeypatch):
         def addressable_memories(self):
             return [type("Memory", (), {"kind": "device"})()]
 
-    from remat import apply
+    from remat import _apply as apply
 
     with pytest.raises(apply.OffloadUnsupportedError,
                        match=r"remat policy 'save:mlpwo \+ offload:mlpwi' offloads to 'pinned_host', but "

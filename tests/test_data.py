@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from remat.data import (
+from remat._data import (
     EXCLUDED_DIRS,
     Batches,
     CorpusError,

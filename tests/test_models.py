@@ -2,7 +2,7 @@
 blocks' tags and shapes, attention and RoPE against references, and gradient
 parity of every registered remat policy on both block families.
 
-Compiles use ``remat.analysis.default_compiler_options()`` (on CPU: LLVM
+Compiles use ``remat._memory.default_compiler_options()`` (on CPU: LLVM
 optimisation off, classic fusion emitters): the HLO (remat, CSE and fusion
 decisions) and the float semantics are unchanged, compiling is about 4x faster.
 """
@@ -23,7 +23,7 @@ import pytest
 import remat
 import remat.policies as P
 from remat import models as M
-from remat.analysis import default_compiler_options
+from remat._memory import default_compiler_options
 from remat.policies.vocab import missing_names
 from remat.step import lm_loss
 from remat.testing import TOLERANCES

@@ -11,12 +11,13 @@ import pytest
 from jax.ad_checkpoint import checkpoint_name
 
 import remat
-from remat import analysis, testing
-from remat.apply import NeverKeptError, NeverKeptWarning, ScanCarryOffloadError
+from remat import testing
+from remat._analysis import count_checkpoints
+from remat._apply import NeverKeptError, NeverKeptWarning, ScanCarryOffloadError
+from remat._sweep import inspect_policy, sweep, train_step_setup
 from remat.models import Transformer, get_config
 from remat.policies import UnsupportedJaxModeError
 from remat.policies import vocab as v
-from remat.sweep import inspect_policy, setup, sweep
 
 D, F = 8, 16
 X = jax.random.normal(jax.random.key(0), (2, 3, D))
@@ -78,7 +79,7 @@ def test_a_written_name_never_kept_warns_and_a_preset_does_not():
 
 
 def test_the_report_notes_names_never_kept():
-    r = inspect_policy(setup("tiny", batch=2, seq=16), "minimal")
+    r = inspect_policy(train_step_setup("tiny", batch=2, seq=16), "minimal")
     assert "mlpwo: named by the policy and emitted, but never kept (the backward pass never reads it" \
         in " ".join(r.notes)
 
@@ -274,11 +275,11 @@ def test_a_grouped_none_shows_its_real_overhead():
     ("gpt2", "dots_with_no_batch_dims_saveable", 20, 33),
 ])
 def test_kept_matmuls_are_counted_through_bias_adds(family, policy, kept, total):
-    r = inspect_policy(setup(get_config("tiny", family=family), batch=2, seq=16), policy)
+    r = inspect_policy(train_step_setup(get_config("tiny", family=family), batch=2, seq=16), policy)
     assert (r.dots_kept, r.dots_forward) == (kept, total)
 
 
 def test_no_deprecated_jax_api_is_used():
     """Tests run with warnings as errors (pyproject.toml); this walks a jaxpr
     with sub-jaxprs through the one walker, which once used a deprecated API."""
-    assert analysis.count_checkpoints(jax.make_jaxpr(unrolled("full"))(W4, X4)) == 4
+    assert count_checkpoints(jax.make_jaxpr(unrolled("full"))(W4, X4)) == 4

@@ -10,7 +10,7 @@ import pytest
 
 import remat
 from remat import cli, policies
-from remat.sweep import default_policies, pareto_frontier, plot_sweep, setup
+from remat._sweep import default_policies, pareto_frontier, plot_sweep, train_step_setup
 
 # the order the definitions imply: each keeps a subset of what the one before keeps
 ORDER = ["none", "minimal", "save_dot_except_mlpwi", "save_dot_except_mlp", "save_qkv_proj", "full"]
@@ -107,9 +107,9 @@ def test_default_policies_dedupe_and_respect_emitted_names():
 
 def test_setup_rejects_bad_sizes():
     with pytest.raises(ValueError, match=r"seq=600 must be in 1\.\.512"):
-        setup("tiny", seq=600)
+        train_step_setup("tiny", seq=600)
     with pytest.raises(ValueError, match="batch=0 must be >= 1"):
-        setup("tiny", batch=0)
+        train_step_setup("tiny", batch=0)
 
 
 def test_sweep_rejects_duplicates_before_compiling():

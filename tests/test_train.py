@@ -1,7 +1,7 @@
 """remat.train: policies do not change the numbers, resume is exact, Ctrl-C saves,
 metrics/plot/summary are written, and bad input fails loudly.
 
-Everything compiles with ``remat.analysis.FAST_CPU_COMPILE`` (LLVM optimisation off: 5x
+Everything compiles with ``remat._memory.FAST_CPU_COMPILE`` (LLVM optimisation off: 5x
 faster compiles; the HLO passes that remat and fusion go through are unchanged)."""
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from remat import cli
-from remat.analysis import FAST_CPU_COMPILE
-from remat.data import Batches, build_corpus
+from remat import RematError, cli
+from remat._data import Batches, build_corpus
+from remat._memory import FAST_CPU_COMPILE
+from remat._scan import parse_groups
 from remat.models import Transformer, get_config
-from remat.scan import parse_groups
-from remat.step import init_train_state, make_train_step
-from remat.train import TrainConfig, load_config, make_optimizer, train
+from remat.step import init_train_state, make_optimizer, make_train_step
+from remat.train import TrainConfig, load_config, train
 
 # 4 layers so that (2, 2) nests; everything else as small as the family allows
 MICRO = dict(num_layers=4, d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64)
@@ -159,9 +159,9 @@ def test_existing_run_needs_resume(uninterrupted, text_dir, dropout_model):
 
 
 def test_resume_needs_a_checkpoint(tmp_path, text_dir, dropout_model):
-    with pytest.raises(FileNotFoundError, match=r"nothing to resume in .*: no checkpoint"):
+    with pytest.raises(RematError, match=r"nothing to resume in .*: no checkpoint"):
         _run(_cfg(text_dir), tmp_path, resume=True, model=dropout_model)
-    with pytest.raises(FileNotFoundError, match=r"nothing to resume in .*: no run\.json"):
+    with pytest.raises(RematError, match=r"nothing to resume in .*: no run\.json"):
         load_config(tmp_path, {})
 
 

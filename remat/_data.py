@@ -32,13 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
+from remat._errors import RematError
+
 _CHUNK = 1 << 20
 _CACHE_VERSION = 1
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 """Folder names skipped when walking the standard library (and ``__pycache__`` everywhere)."""
 
 
-class CorpusError(ValueError):
+class CorpusError(RematError):
     """A data path that does not exist, a corpus with no bytes, a binary file, or a split too
     small for the requested windows. The message names the bad path or value."""
 

@@ -2,8 +2,9 @@
 trade-off and its Pareto frontier, measured compile-only.
 
 The step is :func:`remat.step.make_train_step` (forward, next-token loss,
-gradients, an optax AdamW update) on the abstract state of
-``jax.eval_shape(remat.step.init_train_state, ...)``, donated, so parameters,
+gradients, the update of :func:`remat.step.make_optimizer`, as ``remat train``
+runs it) on the abstract state of ``jax.eval_shape(remat.step.init_train_state,
+...)``, donated, so parameters,
 gradients and optimizer state all appear in the memory figures. The abstract
 state is built once and reused for every policy; each policy is traced and
 lowered on the main thread while the previous one compiles on a worker thread,
@@ -25,16 +26,19 @@ import jax.numpy as jnp
 import optax
 from rich.table import Table
 
-from remat import analysis, models
+from remat import models
 from remat import policies as registry
+from remat._analysis import Traced, analyze, compile_traced, measure, trace, trace_without_remat
+from remat._errors import RematError
+from remat._format import format_bytes, format_flops
 from remat._jaxpr import checkpoint_names
-from remat.analysis import Report, format_bytes, format_flops
+from remat._report import Report
 from remat.policies import Policy
-from remat.step import init_train_state, make_train_step
+from remat.step import init_train_state, make_optimizer, make_train_step
 
 __all__ = [
     "SweepResult", "TrainStepSetup", "default_policies", "inspect_policy", "pareto_frontier", "plot_sweep",
-    "setup", "sweep",
+    "sweep", "trace_policy", "train_step_setup",
 ]
 
 DEFAULT_SEQ = 2048
@@ -73,7 +77,7 @@ class TrainStepSetup:
         return models.Transformer(self.config, policy=policy, groups=self.groups)
 
 
-def setup(model: str | models.ModelConfig, *, batch: int = 1, seq: int | None = None,
+def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: int | None = None,
           dtype: str | None = None, groups: Any = None,
           optimizer: optax.GradientTransformation | None = None) -> TrainStepSetup:
     """Build the abstract train-step inputs for a model (nothing allocated).
@@ -85,7 +89,9 @@ def setup(model: str | models.ModelConfig, *, batch: int = 1, seq: int | None = 
         ``min(DEFAULT_SEQ, max_seq_len)``.
       dtype: compute dtype override (``"bf16"``, ``"f32"``, ``"f16"``); None keeps the preset's.
       groups: ``None``, ``(G, K)`` or ``"sqrt"`` (see :func:`remat.scan_layers`).
-      optimizer: default ``optax.adamw(3e-4)``.
+      optimizer: default :func:`remat.step.make_optimizer` ``()``, the optimizer
+        ``remat train`` trains with (clipping, AdamW with its schedule and
+        weight-decay mask), so what is measured is what trains.
 
     Raises:
       ValueError: unknown preset (the message lists them), ``batch < 1``, or
@@ -97,26 +103,26 @@ def setup(model: str | models.ModelConfig, *, batch: int = 1, seq: int | None = 
     if seq is None:
         seq = min(DEFAULT_SEQ, config.max_seq_len)
     if batch < 1:
-        raise ValueError(f"batch={batch} must be >= 1")
+        raise RematError(f"batch={batch} must be >= 1")
     if not 1 <= seq <= config.max_seq_len:
-        raise ValueError(f"seq={seq} must be in 1..{config.max_seq_len} (the model's max_seq_len)")
+        raise RematError(f"seq={seq} must be in 1..{config.max_seq_len} (the model's max_seq_len)")
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     rng = jax.random.key(0)
     init_model = models.Transformer(config, policy="full", groups=groups)
-    tx = optimizer if optimizer is not None else optax.adamw(3e-4)
+    tx = optimizer if optimizer is not None else make_optimizer()
     state = jax.eval_shape(lambda t, k: init_train_state(init_model, tx, t, k), tokens, rng)
     return TrainStepSetup(config, batch, seq, groups, state, tokens, rng)
 
 
-def _measure(s: TrainStepSetup, policy: str | Policy, label: str) -> analysis._Traced:
+def trace_policy(s: TrainStepSetup, policy: str | Policy, label: str) -> Traced:
     step = make_train_step(s.model(policy))
-    return analysis._trace(step, s.step_args(), {}, label, donate_argnums=0)
+    return trace(step, s.step_args(), {}, label, donate_argnums=0)
 
 
-def _baseline(s: TrainStepSetup) -> analysis._Traced:
+def _baseline(s: TrainStepSetup) -> Traced:
     """The train step with no ``jax.checkpoint`` at all (not even the groups'
     of a grouped ``"none"``): the baseline of every overhead."""
-    return analysis.trace_without_remat(make_train_step(s.model("full")), s.step_args(), {}, donate_argnums=0)
+    return trace_without_remat(make_train_step(s.model("full")), s.step_args(), {}, donate_argnums=0)
 
 
 def never_kept(policy: str | Policy, report: Report) -> Report:
@@ -150,7 +156,7 @@ def inspect_policy(s: TrainStepSetup, policy: str | Policy, *,
       remat.MissingCheckpointNameError: the policy names a tag the model does not emit.
     """
     label = policy if isinstance(policy, str) else str(policy)
-    report = analysis.analyze(make_train_step(s.model(policy)), *s.step_args(), label=label,
+    report = analyze(make_train_step(s.model(policy)), *s.step_args(), label=label,
                               donate_argnums=0, compiler_options=compiler_options)
     return report if s.groups else never_kept(policy, report)
 
@@ -262,7 +268,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         (then ``batch``/``seq``/``dtype``/``groups`` are ignored).
       policies: preset names, spec strings or Policies; default
         :func:`default_policies` of the model.
-      batch, seq, dtype, groups: see :func:`setup`.
+      batch, seq, dtype, groups: see :func:`train_step_setup`.
       workers: compile threads (>= 1).
       compiler_options: see :func:`remat.analyze`.
       on_report: called as ``on_report(report, done, total)`` with each finished
@@ -272,22 +278,23 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
       A :class:`SweepResult`.
 
     Raises:
-      ValueError: ``workers < 1``, an empty or duplicated policy list, and the errors of :func:`setup`.
+      RematError: ``workers < 1``, an empty or duplicated policy list, and the errors of
+        :func:`train_step_setup`.
       remat.policies.PolicySpecError / UnknownPolicyError: a bad spec.
       remat.MissingCheckpointNameError: a policy names a tag the model does not emit.
     """
     t0 = time.perf_counter()
     if workers < 1:
-        raise ValueError(f"workers={workers} must be >= 1")
-    s = model if isinstance(model, TrainStepSetup) else setup(
+        raise RematError(f"workers={workers} must be >= 1")
+    s = model if isinstance(model, TrainStepSetup) else train_step_setup(
         model, batch=batch, seq=seq, dtype=dtype, groups=groups)
     name = model if isinstance(model, str) else "custom config"
     if policies is not None:  # bad input fails before any trace or compile
         labels = [p if isinstance(p, str) else str(p) for p in policies]
         if not labels:
-            raise ValueError("no policies to sweep")
+            raise RematError("no policies to sweep")
         if len(set(labels)) != len(labels):
-            raise ValueError(f"duplicated policies in {labels}")
+            raise RematError(f"duplicated policies in {labels}")
         for p in policies:
             registry.get(p)
     base = _baseline(s)
@@ -299,21 +306,21 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
     with ThreadPoolExecutor(max_workers=workers) as pool:
         programs: dict[str, tuple[Future, str]] = {}  # lowered program hash -> (its compile, first label)
 
-        def submit(t: analysis._Traced) -> tuple[Future, str | None]:
+        def submit(t: Traced) -> tuple[Future, str | None]:
             if t.program in programs:
                 return programs[t.program]
-            f = programs[t.program] = (pool.submit(analysis._compile, t, compiler_options), t.label)
+            f = programs[t.program] = (pool.submit(compile_traced, t, compiler_options), t.label)
             return f[0], None
 
         base_compile, _ = submit(base)
-        pending: list[tuple[int, analysis._Traced, Future, str | None]] = []
+        pending: list[tuple[int, Traced, Future, str | None]] = []
         base_report: list[Report] = []
 
-        def collect(i: int, t: analysis._Traced, f: Future, same_as: str | None) -> None:
+        def collect(i: int, t: Traced, f: Future, same_as: str | None) -> None:
             if not base_report:
-                base_report.append(analysis._report(base, *base_compile.result()))
+                base_report.append(measure(base, *base_compile.result()))
             compiled, seconds = f.result()
-            r = analysis._report(t, compiled, 0.0 if same_as else seconds).with_baseline(base_report[0])
+            r = measure(t, compiled, 0.0 if same_as else seconds).with_baseline(base_report[0])
             if same_as:
                 r = dataclasses.replace(r, notes=(*r.notes, f"the same XLA program as {same_as!r}: "
                                                   "its compile was reused"))
@@ -322,7 +329,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
                 on_report(r, sum(x is not None for x in reports), len(reports))
 
         for i, (p, label) in enumerate(zip(policies, labels, strict=True)):
-            t = _measure(s, p, label)
+            t = trace_policy(s, p, label)
             f, same_as = submit(t)
             pending.append((i, t, f, same_as))
             while pending and pending[0][2].done():

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from remat.apply import (
+from remat._apply import (
     abstract,
     label,
     module_fields,
@@ -41,6 +41,7 @@ from remat.apply import (
     traced_flag_hint,
     validate_once,
 )
+from remat._errors import RematError
 from remat.policies import Policy, get
 
 Groups = tuple[int, int] | Literal["sqrt"] | None
@@ -65,7 +66,11 @@ class Segment:
 
 
 def factorizations(n: int) -> list[tuple[int, int]]:
-    """Every ``(G, K)`` with ``G * K == n``, e.g. ``6 -> [(1, 6), (2, 3), (3, 2), (6, 1)]``."""
+    """Every ``(G, K)`` with ``G * K == n``.
+
+    >>> factorizations(6)
+    [(1, 6), (2, 3), (3, 2), (6, 1)]
+    """
     return [(g, n // g) for g in range(1, n + 1) if n % g == 0]
 
 
@@ -82,14 +87,14 @@ def plan(num_layers: int, policy: PolicyArg = "full", groups: Groups = None) -> 
         message lists the valid factorizations).
     """
     if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        raise RematError(f"num_layers must be a positive int, got {num_layers!r}")
     if policy is None or isinstance(policy, (str, Policy)):
         parts = [(num_layers, get(policy))]  # get(None) raises, naming the valid forms
     else:
         parts = [(n, get(p)) for n, p in policy]
         counts = [n for n, _ in parts]
         if any(not isinstance(n, int) or n < 1 for n in counts) or sum(counts) != num_layers:
-            raise ValueError(
+            raise RematError(
                 f"policy segments {counts} must be positive and add up to num_layers={num_layers}")
     segments: list[Segment] = []
     for n, p in parts:
@@ -106,7 +111,7 @@ def plan(num_layers: int, policy: PolicyArg = "full", groups: Groups = None) -> 
             if (not isinstance(groups, tuple) or len(groups) != 2
                     or not all(isinstance(v, int) and v >= 1 for v in groups)
                     or groups[0] * groups[1] != n or len(parts) > 1):
-                raise ValueError(
+                raise RematError(
                     f"groups={groups!r} must be (G, K) with G * K == {n} layers (one policy "
                     f"segment), or 'sqrt'; valid: {valid}")
             segments.append(Segment(n, p, groups))
@@ -124,7 +129,7 @@ def parse_groups(text: str) -> str | tuple[int, int]:
     parts = text.split(",")
     if len(parts) == 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts):
         return int(parts[0]), int(parts[1])
-    raise ValueError(f"--groups {text!r}: valid forms are 'sqrt' or 'G,K' (positive integers, G*K = layers)")
+    raise RematError(f"--groups {text!r}: valid forms are 'sqrt' or 'G,K' (positive integers, G*K = layers)")
 
 
 def _map_leaves(fn: Any, tree: Any) -> Any:
@@ -276,8 +281,8 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
             fields = module_fields(self, block_cls)
             for seg in segments:
                 validate_once(
-                    seg.policy, (block_cls, seg.policy, tuple(sorted(static.items())),
-                                 tuple(sorted(fields.items())), str(abstract((x, dynamic)))),
+                    seg.policy, block_cls, (seg.policy, tuple(sorted(static.items())),
+                                            tuple(sorted(fields.items())), str(abstract((x, dynamic)))),
                     module_probe(block_cls, fields, orig, static), abstract({carry_name: x, **dynamic}),
                     where, seg_labels.get(seg.policy), carry_outputs=len(jax.tree.leaves(x)))
 

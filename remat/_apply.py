@@ -19,6 +19,7 @@ import contextvars
 import functools
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from remat import _jaxpr
+from remat._errors import RematError
 from remat._residuals import output_names, residual_rows
 from remat.policies import Policy, get, vocab
 from remat.policies.registry import written_names
@@ -37,7 +39,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=type[nn.Module])
 
 
-class MissingCheckpointNameError(ValueError):
+class MissingCheckpointNameError(RematError):
     """A policy saves or offloads a checkpoint name that the function never
     emits. ``.missing`` and ``.emitted`` hold the two sets of names."""
 
@@ -50,7 +52,7 @@ class MissingCheckpointNameError(ValueError):
             "Tag values with jax.ad_checkpoint.checkpoint_name, or fix the policy.")
 
 
-class NeverKeptError(ValueError):
+class NeverKeptError(RematError):
     """A policy's checkpoint names are emitted, but none of them is ever kept:
     the backward pass never reads those values, so JAX drops them whatever the
     policy says (silently "full" remat). ``.names`` holds the names."""
@@ -61,7 +63,7 @@ class NeverKeptWarning(UserWarning):
     kept (the backward pass never reads it); the policy's other names are."""
 
 
-class ScanCarryOffloadError(ValueError):
+class ScanCarryOffloadError(RematError):
     """A layer-scan policy offloads the name that tags the block's output,
     which is the scan carry: the scan itself keeps it on device."""
 
@@ -225,16 +227,20 @@ def abstract(tree: Any) -> Any:
     return jax.tree.map(leaf, tree)
 
 
-_VALIDATED: set[Any] = set()
+_VALIDATED: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary()
+"""Per wrapped function or module class (held weakly, so a wrapper created and
+dropped by the user is freed with it): the checks already passed."""
 
 
-def validate_once(policy: Policy, key: Any, make: Probe, dynamic: Any, where: str,
+def validate_once(policy: Policy, owner: Any, key: Any, make: Probe, dynamic: Any, where: str,
                   label: str | None = None, *, carry_outputs: int = 0) -> None:
-    """Check, once per hashable ``key``, that the backend can do what
-    ``policy`` asks (:func:`check_offload`) and that the policy fits what it
-    wraps (:func:`check_names` on the :func:`probe_jaxpr` of ``make`` on the
-    abstract ``dynamic`` inputs). A policy without names is never traced;
-    unhashable keys are checked every time.
+    """Check, once per ``owner`` (the wrapped function or module class) and
+    hashable ``key`` (policy, static arguments, input shapes), that the
+    backend can do what ``policy`` asks (:func:`check_offload`) and that the
+    policy fits what it wraps (:func:`check_names` on the :func:`probe_jaxpr`
+    of ``make`` on the abstract ``dynamic`` inputs). A policy without names is
+    never traced; an unhashable key or an owner that cannot be weakly
+    referenced is checked every time.
 
     Raises:
       MissingCheckpointNameError, NeverKeptError, ScanCarryOffloadError: see
@@ -242,19 +248,20 @@ def validate_once(policy: Policy, key: Any, make: Probe, dynamic: Any, where: st
       OffloadUnsupportedError: see :func:`check_offload`.
     """
     try:
-        if key in _VALIDATED:
+        seen: set[Any] | None = _VALIDATED.setdefault(owner, set())
+        if key in seen:  # type: ignore[operator]
             return
     except TypeError:
-        key = None
+        seen = None
     check_offload(policy)
     _warn_prng(where)
     if policy.names:
         check_names(policy, probe_jaxpr(make, dynamic, policy), where, label, carry_outputs=carry_outputs)
-    if key is not None:
-        _VALIDATED.add(key)
+    if seen is not None:
+        seen.add(key)
 
 
-class OffloadUnsupportedError(ValueError):
+class OffloadUnsupportedError(RematError):
     """The policy offloads to ``pinned_host`` memory, which the backend lacks."""
 
 
@@ -288,20 +295,22 @@ def _warn_prng(where: str) -> None:
 
 
 _STATIC_FLOATS: dict[tuple[str, str], set[float]] = {}
+"""Per (wrapper, argument): the first float values seen, at most 8 each."""
 
 
 def _warn_changing_floats(static: dict[str, Any], where: str) -> None:
-    """a Python float static argument that changes every step
-    retraces and recompiles every step; warn once it has taken 8 values."""
+    """A Python float static argument that changes every step retraces and
+    recompiles every step; warn once it has taken 8 values."""
     for name, value in static.items():
         if isinstance(value, float):
             seen = _STATIC_FLOATS.setdefault((where, name), set())
-            seen.add(value)
-            if len(seen) == 8:
-                warnings.warn(
-                    f"{where}: static argument {name!r} has taken {len(seen)} different float values; "
-                    "each one retraces and recompiles. Pass it as an ordinary (traced) argument.",
-                    stacklevel=3)
+            if len(seen) < 8 and value not in seen:
+                seen.add(value)
+                if len(seen) == 8:
+                    warnings.warn(
+                        f"{where}: static argument {name!r} has taken 8 different float values; "
+                        "each one retraces and recompiles. Pass it as an ordinary (traced) argument.",
+                        stacklevel=3)
 
 
 def static_indices(fn: Callable[..., Any], static_argnames: Sequence[str], *, skip_self: bool) -> None:
@@ -315,7 +324,7 @@ def static_indices(fn: Callable[..., Any], static_argnames: Sequence[str], *, sk
         params = params[1:]
     for name in static_argnames:
         if name not in params:
-            raise ValueError(
+            raise RematError(
                 f"static argument name {name!r} is not a parameter of {fn.__qualname__}; "
                 f"its parameters: {', '.join(params)}")
 
@@ -408,7 +417,7 @@ def checkpoint(fn: F, policy: str | Policy, *, static_argnames: Sequence[str] = 
         if remat_disabled():
             return fn(*args, **kwargs)
         inner = lambda dyn: fn(**static, **dyn)
-        validate_once(pol, (fn, pol, tuple(sorted(static.items())), str(abstract(dynamic))),
+        validate_once(pol, fn, (pol, tuple(sorted(static.items())), str(abstract(dynamic))),
                       function_probe(inner), abstract(dynamic), where, label(policy))
         with traced_flag_hint(where, dynamic):
             return jax.checkpoint(inner, policy=pol.to_jax(), prevent_cse=prevent_cse)(dynamic)
@@ -476,8 +485,8 @@ def _remat_method(cls: type[nn.Module], orig: Callable[..., Any], pol: Policy,
         dynamic.pop(self_name)
         fields = module_fields(self, cls)
         validate_once(
-            pol, (cls, orig, pol, tuple(sorted(static.items())), tuple(sorted(fields.items())),
-                  str(abstract(dynamic))),
+            pol, cls, (orig, pol, tuple(sorted(static.items())), tuple(sorted(fields.items())),
+                       str(abstract(dynamic))),
             module_probe(cls, fields, orig, static), abstract(dynamic), where, policy_label)
         body = lambda mdl, dyn: orig(mdl, **static, **dyn)
         with traced_flag_hint(where, dynamic):

@@ -1,0 +1,232 @@
+"""Compile-only measurement of a (train) step: memory, residuals, FLOPs.
+
+:func:`analyze` jit-lowers-compiles a function on abstract inputs
+(``jax.ShapeDtypeStruct``; nothing is allocated) and returns a :class:`Report`:
+
+- **memory** from XLA's ``compiled.memory_analysis()`` (per device, bytes);
+- **residuals**: what the forward pass keeps for the backward pass, one
+  :class:`ResidualRow` per checkpoint name (or producing op) with its per-layer
+  shape, bytes, memory kind (device or host) and how many layers it repeats for;
+- **FLOPs** counted over the traced program with every ``scan`` iteration
+  counted (XLA's ``cost_analysis()`` counts a while-loop body once).
+
+How residuals are found: :mod:`remat._residuals`; FLOPs: :mod:`remat._flops`;
+memory: :mod:`remat._memory`; the report: :mod:`remat._report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax.extend import core as jcore
+
+from remat._apply import without_remat
+from remat._errors import RematError
+from remat._flops import count_dots, count_flops
+from remat._format import format_bytes
+from remat._jaxpr import CALL_BODY, CHECKPOINT, checkpoint_names, nbytes, walk
+from remat._memory import compiled_memory, default_compiler_options
+from remat._report import Report
+from remat._residuals import residual_rows
+
+__all__ = ["Traced", "analyze", "compile_and_analyze", "compile_traced", "count_checkpoints", "measure",
+           "trace", "trace_without_remat"]
+
+
+def cse_notes(jaxpr: jcore.Jaxpr) -> list[str]:
+    """A note when a ``jax.checkpoint`` with ``prevent_cse=False`` is not the
+    body of a ``scan`` (calls such as ``jit`` in between do not count): only a
+    scan keeps XLA from merging its recomputation into the forward pass."""
+    loose = 0
+    for s in walk(jaxpr):
+        if s.eqn.primitive.name in CHECKPOINT and s.eqn.params.get("prevent_cse") is False:
+            outer = [e for e in s.scope.enclosing if e.primitive.name not in CALL_BODY or
+                     e.primitive.name in CHECKPOINT]
+            loose += not (outer and outer[-1].primitive.name == "scan")
+    if not loose:
+        return []
+    return [f"{loose} jax.checkpoint(prevent_cse=False) outside a scan body: XLA's common-subexpression "
+            "elimination can merge the recomputation into the forward pass, so it may save no memory; "
+            "use prevent_cse=True outside lax.scan"]
+
+
+def count_checkpoints(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> int:
+    """How many ``jax.checkpoint`` equations a jaxpr holds, sub-jaxprs included."""
+    return sum(s.eqn.primitive.name in CHECKPOINT for s in walk(jaxpr))
+
+
+@dataclasses.dataclass
+class Traced:
+    """A traced and lowered step waiting for its compile (see :func:`trace`)."""
+
+    traced: Any
+    lowered: Any
+    label: str
+    trace_seconds: float
+    notes: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def program(self) -> str:
+        """A hash of the lowered program: equal for steps that compile alike."""
+        return hashlib.sha256(self.lowered.as_text(debug_info=False).encode()).hexdigest()
+
+
+def trace(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], label: str | None,
+           donate_argnums: int | Sequence[int]) -> Traced:
+    t0 = time.perf_counter()
+    traced = jax.jit(fn, donate_argnums=donate_argnums).trace(*args, **kwargs)
+    lowered = traced.lower()
+    return Traced(traced, lowered, label or getattr(fn, "__name__", "fn"), time.perf_counter() - t0)
+
+
+def compile_traced(t: Traced, compiler_options: dict[str, Any] | None) -> tuple[Any, float]:
+    """Compile a lowered step; safe in a worker thread (XLA releases the GIL),
+    so a sweep overlaps the compile of one policy with the trace of the next."""
+    t0 = time.perf_counter()
+    compiled = t.lowered.compile(default_compiler_options() if compiler_options is None else compiler_options)
+    return compiled, time.perf_counter() - t0
+
+
+def measure(t: Traced, compiled: Any, compile_seconds: float) -> Report:
+    closed = t.traced.jaxpr
+    jaxpr = closed.jaxpr
+    rows = residual_rows(jaxpr)
+    flops, notes_t = count_flops(jaxpr)
+    notes = [*notes_t, *t.notes]
+    dots, batched = count_dots(jaxpr)
+    dots_kept = sum(r.count * r.layers for r in rows if r.from_dot)
+    residual_bytes = sum(r.size_bytes for r in rows if r.memory_kind == "device")
+    host_residual_bytes = sum(r.size_bytes for r in rows if r.memory_kind == "host")
+    backend = jax.default_backend()
+
+    mem = compiled_memory(compiled)
+    fields: dict[str, int | None]
+    if mem is not None:
+        fields = dict(mem)
+        peak = fields["argument"] + fields["output"] + fields["temp"] - fields["alias"]  # type: ignore[operator]
+        peak_source = "memory_analysis"
+        if host_residual_bytes and not fields["host_temp"]:
+            notes.append(f"the {backend} backend reports no host memory (host_temp_bytes=0); "
+                         f"the offloaded residuals total {format_bytes(host_residual_bytes)} "
+                         "(host_residual_bytes)")
+    else:
+        in_bytes = sum(nbytes(a) for a in closed.in_avals)
+        out_bytes = sum(nbytes(a) for a in closed.out_avals)
+        fields = {"temp": None, "argument": in_bytes, "output": out_bytes, "alias": None, "host_temp": None}
+        peak = in_bytes + out_bytes + residual_bytes
+        peak_source = "residual estimate"
+        notes.append(f"the {backend} backend gives no memory_analysis() (or all zeros): peak_bytes = "
+                     "arguments + outputs + device residuals, a lower bound")
+    notes += cse_notes(jaxpr)
+    if dots and batched == dots:
+        notes.append(f"every one of the {dots} forward matmuls has batch dimensions: a dots:no_batch "
+                     "rule keeps none of them (an outer vmap or batched expert einsums?)")
+
+    return Report(
+        label=t.label, backend=backend, device_kind=jax.devices()[0].device_kind,
+        jax_version=jax.__version__,
+        temp_bytes=fields["temp"], argument_bytes=fields["argument"], output_bytes=fields["output"],
+        alias_bytes=fields["alias"], host_temp_bytes=fields["host_temp"],
+        peak_bytes=peak, peak_source=peak_source,
+        residual_bytes=residual_bytes, host_residual_bytes=host_residual_bytes, residuals=rows,
+        flops=flops, recompute_flops=None, recompute_overhead=None,
+        dots_forward=dots, dots_forward_batched=batched, dots_kept=dots_kept,
+        checkpoint_names=tuple(sorted(checkpoint_names(jaxpr))),
+        trace_seconds=t.trace_seconds, compile_seconds=compile_seconds, notes=tuple(notes))
+
+
+def compile_and_analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
+                        donate_argnums: int | Sequence[int] = (),
+                        compiler_options: dict[str, Any] | None = None, **kwargs: Any) -> tuple[Any, Report]:
+    """Compile ``fn`` once and measure it: ``(compiled, report)``.
+
+    For a step that is both measured and run (``remat train``): the
+    ``jax.stages.Compiled`` executable runs on concrete arguments of the
+    traced shapes, and the :class:`Report` is what :func:`analyze` gives for
+    the same compile. Arguments as for :func:`analyze`; pass
+    ``compiler_options={}`` for XLA's defaults (fast execution) rather than
+    the fast-compile options that None selects.
+    """
+    t = trace(fn, args, kwargs, label, donate_argnums)
+    compiled, compile_seconds = compile_traced(t, compiler_options)
+    return compiled, measure(t, compiled, compile_seconds)
+
+
+def trace_without_remat(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
+                        donate_argnums: int | Sequence[int] = ()) -> Traced:
+    """Trace ``fn`` with every checkpoint that ``remat`` applies removed
+    (:func:`remat.apply.without_remat`): the baseline of every overhead.
+
+    ``fn`` is traced through a fresh wrapper, so JAX's tracing cache cannot
+    hand back the program traced with remat."""
+    with without_remat():
+        t = trace(lambda *a, **k: fn(*a, **k), args, kwargs, "no remat", donate_argnums)
+    if n := count_checkpoints(t.traced.jaxpr):
+        t.notes = (f"the baseline still holds {n} jax.checkpoint that remat did not apply and cannot remove "
+                   "(or traced before, and cached by JAX); overheads and savings are against it",)
+    return t
+
+
+def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
+            donate_argnums: int | Sequence[int] = (), baseline: Report | int | str | None = "no_remat",
+            compiler_options: dict[str, Any] | None = None, **kwargs: Any) -> Report:
+    """Measure ``fn(*args, **kwargs)`` compile-only: memory, residuals, FLOPs.
+
+    ``jax.jit(fn, donate_argnums=...).trace(*args, **kwargs)``, then
+    ``.lower().compile()`` on the default backend; nothing runs and, with
+    ``jax.ShapeDtypeStruct`` arguments, nothing is allocated. Residuals and
+    FLOPs come from the traced jaxpr (see the module doc), memory from
+    ``compiled.memory_analysis()``.
+
+    The baseline is the same function with no ``jax.checkpoint``: traced
+    again with every checkpoint that ``remat`` applies removed
+    (:func:`remat.apply.without_remat`) and compiled too, unless it lowers to
+    the same program. Overheads are against it, and the claimed residual
+    saving is checked against the compiled memory (:meth:`Report.with_baseline`).
+    Checkpoints applied with ``jax.checkpoint`` or ``nn.remat`` directly
+    stay in the baseline, and a note says so.
+
+    Args:
+      fn: the function to measure, typically a train step that computes
+        gradients (``remat.step.make_train_step``); the residual rows are empty
+        for a function without a backward pass.
+      *args: arrays or ``jax.ShapeDtypeStruct`` pytrees (e.g. the abstract
+        state from ``jax.eval_shape(remat.step.init_train_state, ...)``).
+      label: a name for the report (default: ``fn.__name__``).
+      donate_argnums: arguments whose buffers the outputs may reuse (the train
+        state), so that ``alias_bytes`` and ``peak_bytes`` are as in training.
+      baseline: ``"no_remat"`` (the default, see above); the baseline's
+        :class:`Report` or FLOPs (int) if you measured it already; or None
+        for no baseline (``recompute_overhead`` stays None).
+      compiler_options: XLA options for ``Lowered.compile``; None means
+        :func:`default_compiler_options` (fast compile on CPU).
+      **kwargs: keyword arguments of ``fn``.
+
+    Returns:
+      A :class:`Report` (per device).
+
+    Raises:
+      ValueError: ``baseline`` is a string other than ``"no_remat"``.
+      TypeError: ``baseline`` is of another type.
+      Whatever tracing or compiling ``fn`` raises (a shape error, a policy
+      naming a checkpoint name the model does not emit, ...).
+    """
+    if isinstance(baseline, str) and baseline != "no_remat":
+        raise RematError(f"baseline={baseline!r}: valid are 'no_remat', a Report, an int (FLOPs) or None")
+    if baseline is not None and not isinstance(baseline, Report | int | str):
+        raise TypeError(f"baseline must be 'no_remat', a Report, an int (FLOPs) or None, "
+                        f"got {type(baseline).__name__}")
+    t = trace(fn, args, kwargs, label, donate_argnums)
+    report = measure(t, *compile_traced(t, compiler_options))
+    if baseline == "no_remat":
+        b = trace_without_remat(fn, args, kwargs, donate_argnums)
+        baseline = report if b.program == t.program else measure(b, *compile_traced(b, compiler_options))
+    if baseline is not None:
+        report = report.with_baseline(baseline)
+    return report

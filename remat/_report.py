@@ -1,0 +1,179 @@
+"""The :class:`Report` of a measured step, and its rendering (``__rich__``,
+so the library returns values and a console draws them)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from remat._format import format_bytes, format_flops
+from remat._residuals import ResidualRow
+
+if TYPE_CHECKING:
+    from rich.console import Group
+    from rich.table import Table
+
+__all__ = ["Report"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What a compiled step costs, per device, measured without running it.
+
+    Memory fields come from XLA's ``compiled.memory_analysis()`` and are None
+    where the backend does not report them (then ``peak_source`` says which
+    fallback gave ``peak_bytes``); residual and FLOP fields come from the
+    jaxpr (see the module doc) and do not depend on the backend.
+
+    Attributes:
+      label: what was measured, e.g. a policy spec.
+      backend: ``jax.default_backend()``, e.g. ``"cpu"``, ``"gpu"``, ``"tpu"``.
+      device_kind: e.g. ``"cpu"``, ``"NVIDIA H100 80GB HBM3"``.
+      jax_version: ``jax.__version__``.
+      temp_bytes: XLA temporaries (activations, residuals, workspace).
+      argument_bytes: the inputs (parameters, optimizer state, batch).
+      output_bytes: the outputs.
+      alias_bytes: outputs that reuse a donated input's buffer.
+      host_temp_bytes: temporaries in host memory (offloaded residuals); 0 on
+        backends that do not account for host memory (CPU), see
+        ``host_residual_bytes``.
+      peak_bytes: ``argument + output + temp - alias``; if the backend reports
+        no memory analysis, ``argument + output + residual_bytes`` (a lower
+        bound) computed from the abstract values.
+      peak_source: ``"memory_analysis"`` or ``"residual estimate"``.
+      residual_bytes: device residuals, summed over ``residuals``.
+      host_residual_bytes: host (offloaded) residuals, summed over ``residuals``.
+      residuals: the rows, largest first.
+      flops: FLOPs of one call, every scan iteration counted.
+      recompute_flops: ``flops - flops(no remat)``; None without a baseline.
+      recompute_overhead: ``flops / flops(no remat) - 1``; None without a baseline.
+      dots_forward: matmuls of the forward pass (layers counted).
+      dots_forward_batched: of those, matmuls with batch dimensions (attention's
+        ``q k^T`` and ``p v``), which a ``dots:no_batch`` rule never keeps.
+      dots_kept: matmul outputs kept as residuals (layers counted).
+      checkpoint_names: every ``checkpoint_name`` the step emits, sorted.
+      trace_seconds: tracing the step to a jaxpr and lowering it to StableHLO.
+      compile_seconds: XLA compiling.
+      notes: caveats on this measurement (fallbacks, uncounted loops, a
+        residual saving the compiled memory does not show).
+      saving_unconfirmed: against its baseline (the step with no
+        ``jax.checkpoint``), the compiled ``temp_bytes`` fall by less than half
+        the residual bytes this report claims to save, or the peak is higher:
+        XLA did not do what the residual rows suggest (see ``notes``).
+    """
+
+    label: str
+    backend: str
+    device_kind: str
+    jax_version: str
+    temp_bytes: int | None
+    argument_bytes: int | None
+    output_bytes: int | None
+    alias_bytes: int | None
+    host_temp_bytes: int | None
+    peak_bytes: int
+    peak_source: str
+    residual_bytes: int
+    host_residual_bytes: int
+    residuals: tuple[ResidualRow, ...]
+    flops: int
+    recompute_flops: int | None
+    recompute_overhead: float | None
+    dots_forward: int
+    dots_forward_batched: int
+    dots_kept: int
+    checkpoint_names: tuple[str, ...]
+    trace_seconds: float
+    compile_seconds: float
+    notes: tuple[str, ...] = ()
+    saving_unconfirmed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-able Python values (rows as dicts, tuples as lists)."""
+        d = dataclasses.asdict(self)
+        d["residuals"] = [{**r, "shape": list(r["shape"])} for r in d["residuals"]]
+        d["checkpoint_names"] = list(self.checkpoint_names)
+        d["notes"] = list(self.notes)
+        return d
+
+    def with_baseline(self, baseline: Report | int) -> Report:
+        """This report measured against the same step with no ``jax.checkpoint``
+        at all, given as its :class:`Report` or its FLOPs (int).
+
+        Fills ``recompute_flops`` / ``recompute_overhead``. With a Report whose
+        memory comes from ``memory_analysis`` on both sides, also checks the
+        claim of the residual rows against the compiler: when the compiled
+        ``temp_bytes`` fall by less than half the residual bytes (device and
+        host) this report saves, or the peak is higher than the baseline's,
+        a note says so and ``saving_unconfirmed`` is set.
+        """
+        base_flops = baseline if isinstance(baseline, int) else baseline.flops
+        r = dataclasses.replace(self, recompute_flops=self.flops - base_flops,
+                                recompute_overhead=self.flops / base_flops - 1.0)
+        if isinstance(baseline, int) or None in (self.temp_bytes, baseline.temp_bytes):
+            return r
+        notes = []
+        claimed = (baseline.residual_bytes + baseline.host_residual_bytes
+                   - self.residual_bytes - self.host_residual_bytes)
+        saved = baseline.temp_bytes - self.temp_bytes  # type: ignore[operator]
+        if claimed > 0 and saved < claimed / 2:
+            notes.append(f"the residuals shrink by {format_bytes(claimed)} against no remat, but the "
+                         f"compiled temporaries by {format_bytes(saved)} only: XLA did not realise the "
+                         "saving (e.g. values recomputed for a group of layers are held while it is "
+                         "differentiated, or XLA merged an unrolled loop's recomputation away)")
+        if self.peak_bytes > baseline.peak_bytes:
+            notes.append(f"the peak is {format_bytes(self.peak_bytes - baseline.peak_bytes)} higher than "
+                         "with no remat at all")
+        return dataclasses.replace(r, notes=(*r.notes, *notes), saving_unconfirmed=bool(notes))
+
+    def summary_table(self) -> Table:
+        """A two-column rich table of the memory and compute figures."""
+        from rich.table import Table
+
+        t = Table(title=f"remat inspect: {self.label}", show_header=False)
+        t.add_column("figure", style="bold")
+        t.add_column("value", justify="right")
+        rows = [
+            ("peak", format_bytes(self.peak_bytes) + ("" if self.peak_source == "memory_analysis"
+                                                      else f" ({self.peak_source})")),
+            ("  arguments", format_bytes(self.argument_bytes)),
+            ("  outputs", format_bytes(self.output_bytes)),
+            ("  temporaries", format_bytes(self.temp_bytes)),
+            ("  aliased (donated)", format_bytes(self.alias_bytes)),
+            ("host temporaries", format_bytes(self.host_temp_bytes)),
+            ("residuals on device", format_bytes(self.residual_bytes)),
+            ("residuals on host", format_bytes(self.host_residual_bytes)),
+            ("FLOPs", format_flops(self.flops)),
+            ("recompute FLOPs", format_flops(self.recompute_flops)),
+            ("recompute overhead", "-" if self.recompute_overhead is None
+             else f"{self.recompute_overhead:+.1%}"),
+            ("matmuls kept", f"{self.dots_kept} of {self.dots_forward} "
+                             f"({self.dots_forward_batched} with batch dims)"),
+            ("checkpoint names", ", ".join(self.checkpoint_names) or "-"),
+            ("backend", f"{self.backend} ({self.device_kind}), jax {self.jax_version}"),
+            ("trace / compile", f"{self.trace_seconds:.2f} s / {self.compile_seconds:.2f} s"),
+        ]
+        for k, v in rows:
+            t.add_row(k, v)
+        return t
+
+    def residual_table(self) -> Table:
+        """A rich table of the residual rows: name x layers, shape, bytes, memory kind."""
+        from rich.table import Table
+
+        t = Table(title="residuals kept for the backward pass (per device)")
+        for col, just in (("name", "left"), ("source", "left"), ("per-layer shape", "left"),
+                          ("dtype", "left"), ("count", "right"), ("layers", "right"),
+                          ("bytes", "right"), ("memory", "left")):
+            t.add_column(col, justify=just, overflow="fold")
+        for r in self.residuals:
+            t.add_row(r.name, r.source, "[" + ", ".join(map(str, r.shape)) + "]", r.dtype,
+                      str(r.count), str(r.layers), format_bytes(r.size_bytes), r.memory_kind)
+        return t
+
+    def __rich__(self) -> Group:
+        from rich.console import Group
+
+        parts: list[Any] = [self.summary_table(), self.residual_table()]
+        parts += [f"[yellow]note:[/] {n}" for n in self.notes]
+        return Group(*parts)

@@ -1,0 +1,95 @@
+"""The package's shape: a light core, the public names (a snapshot: a name
+cannot appear or disappear unnoticed), one error base class, and the
+docstring examples, run as doctests."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import remat
+from remat import cli
+
+PUBLIC = {
+    "remat": [
+        "CorpusError", "MissingCheckpointNameError", "NeverKeptError", "NeverKeptWarning",
+        "OffloadUnsupportedError", "Policy", "PolicySpecError", "RematError", "Report", "ResidualRow",
+        "ScanCarryOffloadError", "SweepResult", "TrainStepSetup", "UnknownPolicyError",
+        "UnsupportedJaxModeError", "analyze", "checkpoint", "checkpoint_names", "inspect_policy", "models",
+        "plot_sweep", "policies", "remat", "scan_layers", "step", "sweep", "testing", "train",
+        "train_step_setup", "without_remat",
+    ],
+    "remat.policies": [
+        "DotsRule", "Policy", "PolicySpecError", "UnknownPolicyError", "UnsupportedJaxModeError", "describe",
+        "get", "names", "register", "vocab",
+    ],
+    "remat.models": [
+        "PUBLISHED_PARAMS", "Attention", "Block", "Mlp", "ModelConfig", "Transformer",
+        "attention_implementation", "get_config", "names", "param_count", "rope",
+    ],
+    "remat.testing": [
+        "TOLERANCES", "NoMemoryAnalysisError", "assert_memory_ordered", "assert_policy_parity",
+        "assert_saved_names", "compiled_op_count", "saved_names", "temp_bytes",
+    ],
+    "remat.step": ["OptimizerConfig", "StepFn", "init_train_state", "lm_loss", "make_lr_schedule",
+                   "make_optimizer", "make_train_step"],
+    "remat.train": ["TrainConfig", "TrainResult", "load_config", "train"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC))
+def test_public_names_are_a_snapshot(module):
+    mod = importlib.import_module(module)
+    assert sorted(mod.__all__) == sorted(PUBLIC[module])
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None
+
+
+def test_every_public_error_is_a_remat_error_and_a_value_error():
+    errors = [getattr(remat, n) for n in remat.__all__ if n.endswith("Error")]
+    errors.append(remat.testing.NoMemoryAnalysisError)
+    assert len(errors) == 10
+    assert all(issubclass(e, remat.RematError) and issubclass(e, ValueError) for e in errors)
+
+
+def test_policies_need_only_jax():
+    """flax, optax, chex, rich, matplotlib and orbax made unimportable."""
+    code = textwrap.dedent("""
+        import sys
+        for name in ("flax", "optax", "chex", "rich", "matplotlib", "orbax"):
+            sys.modules[name] = None
+        import remat.policies
+        print(remat.policies.get("minimal").to_jax())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("SaveOnlyTheseNames(")
+
+
+def test_the_cli_prints_one_line_for_bad_input_and_lets_a_bug_raise(capsys, monkeypatch):
+    assert cli.main(["inspect", "--model", "tiny", "--policy", "minimall"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown remat policy 'minimall' (did you mean 'minimal' or "
+                          "'minimal_offloaded'?); valid names: none, full,")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+    def bug(*args, **kwargs):
+        raise ValueError("a genuine bug")
+
+    monkeypatch.setattr("remat._sweep.inspect_policy", bug)
+    with pytest.raises(ValueError, match="a genuine bug"):
+        cli.main(["inspect", "--model", "tiny", "--policy", "minimal"])
+
+
+DOCTESTED = ["remat.policies.registry", "remat.policies.vocab", "remat._scan", "remat.models.config",
+             "remat._format", "remat.testing"]
+
+
+@pytest.mark.parametrize("module", DOCTESTED)
+def test_docstring_examples_run(module):
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
