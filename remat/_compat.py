@@ -13,13 +13,10 @@ from jax._src.ad_checkpoint import (
     CheckpointName,  # the hi-primitive form of `checkpoint_name`
     call_hi_primitive_p,
     name_p,  # the primitive of `checkpoint_name`
-    saved_residuals,  # (aval, source) pairs
 )
 from jax._src.core import MemorySpace
 
-__all__ = [
-    "eqn_checkpoint_name", "is_transposed", "name_p", "on_host", "saved_residuals", "source_line",
-]
+__all__ = ["eqn_checkpoint_name", "is_transposed", "on_host", "source_line"]
 
 
 def eqn_checkpoint_name(eqn: Any) -> str | None:

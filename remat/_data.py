@@ -12,12 +12,12 @@ reuses the cache. The train/validation split is by file and deterministic
 (a hash of each file's path relative to the folder it was found under), as
 in the per-document splits of GPT-2-style data pipelines.
 
-Batches follow the nanoGPT recipe for byte/char corpora: fixed windows of
-``seq`` bytes; window ``i`` starts at byte ``i * (seq - 1)`` so consecutive
-windows share one byte and every next-byte target is seen once per epoch;
-each epoch visits the windows in a seeded permutation. A batch is a pure
-function of the *data position* (windows consumed so far), which is what a
-checkpoint records to resume exactly.
+Batches are fixed windows of ``seq`` bytes (not the random offsets that
+nanoGPT's ``get_batch`` draws every step): window ``i`` starts at byte
+``i * (seq - 1)`` so consecutive windows share one byte and every next-byte
+target is seen once per epoch; each epoch visits the windows in a seeded
+permutation. A batch is a pure function of the *data position* (windows
+consumed so far), which is what a checkpoint records to resume exactly.
 """
 
 from __future__ import annotations

@@ -73,11 +73,6 @@ class Scope:
     ctx: int = 0
 
     @property
-    def in_custom_rule(self) -> bool:
-        """Inside a ``custom_vjp``/``custom_jvp`` function."""
-        return any(e.primitive.name.startswith("custom_") for e in self.enclosing)
-
-    @property
     def transposed(self) -> bool:
         """Inside an equation of a backward pass (see :func:`remat._compat.is_transposed`)."""
         return any(_compat.is_transposed(e) for e in self.enclosing)

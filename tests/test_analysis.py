@@ -220,3 +220,18 @@ def test_format_bytes():
     assert format_bytes(3 * 2**30 // 2) == "1.50 GiB"
     assert format_bytes(12) == "12 B"
     assert format_bytes(None) == "-"
+
+
+def test_fast_cpu_compile_options_leave_the_memory_figures_unchanged():
+    """analyze compiles with FAST_CPU_COMPILE on CPU; remat train runs XLA's defaults.
+    Buffer assignment, hence every memory figure, is the same to within alignment."""
+    from remat._memory import FAST_CPU_COMPILE
+    from remat.step import make_train_step
+
+    s = train_step_setup("tiny", batch=2, seq=32)
+    step = make_train_step(s.model("minimal"))
+    fast, default = (analyze(step, *s.step_args(), baseline=None, donate_argnums=0, compiler_options=o)
+                     for o in (FAST_CPU_COMPILE, {}))
+    assert fast.argument_bytes == default.argument_bytes and fast.output_bytes == default.output_bytes
+    assert abs(fast.temp_bytes - default.temp_bytes) <= 1024
+    assert fast.residuals == default.residuals

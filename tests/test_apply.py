@@ -115,15 +115,19 @@ def test_debug_callbacks_run_again_in_the_recompute():
 
 
 # -- remat.remat -------------------------------------------------------------------------
-def test_remat_module_same_params_and_gradients_with_dropout():
-    plain = Block()
-    params = plain.init(RNGS, X, deterministic=True)
-    want = grads(plain, params, False)
-    for policy in ["full", "save:mlpwi", "offload:mlpwi"]:
-        wrapped = remat.remat(Block, policy, static_argnames=("deterministic",))()
-        chex.assert_trees_all_equal(wrapped.init(RNGS, X, deterministic=True), params)
-        # `deterministic` is keyword-only and static by name: Python branching on it works.
-        chex.assert_trees_all_close(grads(wrapped, params, False), want, atol=1e-6)
+@pytest.fixture(scope="module")
+def block_reference():
+    params = Block().init(RNGS, X, deterministic=True)
+    return params, grads(Block(), params, False)
+
+
+@pytest.mark.parametrize("policy", ["full", "save:mlpwi", "offload:mlpwi"])
+def test_remat_module_same_params_and_gradients_with_dropout(block_reference, policy):
+    params, want = block_reference
+    wrapped = remat.remat(Block, policy, static_argnames=("deterministic",))()
+    chex.assert_trees_all_equal(wrapped.init(RNGS, X, deterministic=True), params)
+    # `deterministic` is keyword-only and static by name: Python branching on it works.
+    chex.assert_trees_all_close(grads(wrapped, params, False), want, atol=1e-6)
     assert remat.remat(Block, "none") is Block
 
 
@@ -149,12 +153,15 @@ def test_parameters_are_stacked_on_a_leading_layer_axis(params):
         chex.assert_trees_all_equal(stack(policy, groups).init(RNGS, X, deterministic=True), params)
 
 
+@pytest.fixture(scope="module")
+def plain_grads(params):
+    return grads(stack("none"), params, True)
+
+
 @pytest.mark.parametrize("groups", [None, (2, 3), "sqrt"])
-def test_every_policy_and_grouping_gives_the_plain_gradients(params, groups):
-    want = grads(stack("none"), params, True)
-    for policy in POLICIES:
-        chex.assert_trees_all_close(grads(stack(policy, groups), params, True), want, atol=1e-5,
-                                    custom_message=f"{policy} {groups}")
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_and_grouping_gives_the_plain_gradients(params, plain_grads, policy, groups):
+    chex.assert_trees_all_close(grads(stack(policy, groups), params, True), plain_grads, atol=1e-5)
 
 
 def test_dropout_gradients_equal_under_remat_for_the_same_rng(params):
@@ -336,10 +343,15 @@ class VocabBlock(nn.Module):
         return vocab_layer(w, x)
 
 
-@pytest.mark.parametrize("groups", [None, (2, 2)])
-def test_every_registry_preset_scanned_gives_the_plain_gradients(groups):
+@pytest.fixture(scope="module")
+def vocab_reference():
     p = stack("none", num_layers=4, block=VocabBlock).init(RNGS, X, deterministic=True)
-    want = grads(stack("none", num_layers=4, block=VocabBlock), p, True)
-    for policy in default_policies(vocab.ALL_NAMES):  # one preset name per distinct policy
-        got = grads(stack(policy, groups, num_layers=4, block=VocabBlock), p, True)
-        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5, custom_message=f"{policy} {groups}")
+    return p, grads(stack("none", num_layers=4, block=VocabBlock), p, True)
+
+
+@pytest.mark.parametrize("groups", [None, (2, 2)])
+@pytest.mark.parametrize("policy", default_policies(vocab.ALL_NAMES))  # one preset name per distinct policy
+def test_every_registry_preset_scanned_gives_the_plain_gradients(vocab_reference, policy, groups):
+    p, want = vocab_reference
+    got = grads(stack(policy, groups, num_layers=4, block=VocabBlock), p, True)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)

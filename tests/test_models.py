@@ -23,6 +23,7 @@ import pytest
 import remat
 import remat.policies as P
 from remat import models as M
+from remat._jaxpr import walk
 from remat._memory import default_compiler_options
 from remat.policies.vocab import missing_names
 from remat.step import lm_loss
@@ -211,19 +212,10 @@ def test_activation_constraints_follow_rules(family):
 
 # -- tags ----------------------------------------------------------------------------
 
-def _tag_shapes(jaxpr, out: dict[str, tuple[tuple[int, ...], str]]) -> dict:
+def _tag_shapes(jaxpr) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{checkpoint name: (shape, dtype)}`` from a jaxpr and its sub-jaxprs."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "name":
-            aval = eqn.invars[0].aval
-            out[eqn.params["name"]] = (tuple(aval.shape), str(aval.dtype))
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    _tag_shapes(sub.jaxpr, out)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    _tag_shapes(sub, out)
-    return out
+    return {s.eqn.params["name"]: (tuple(s.eqn.invars[0].aval.shape), str(s.eqn.invars[0].aval.dtype))
+            for s in walk(jaxpr) if s.eqn.primitive.name == "name"}
 
 
 @pytest.mark.parametrize("attention", ["xla", "dot_product_attention"])
@@ -243,7 +235,7 @@ def test_block_tags_and_shapes(family, attention):
     if attention == "xla":
         want |= {"attn_scores": (B, n, T, T), "attn_probs": (B, n, T, T)}
     want |= {"mlpwi": (B, T, f)} if family == "gpt2" else {"mlpwi_0": (B, T, f), "mlpwi_1": (B, T, f)}
-    assert _tag_shapes(jaxpr, {}) == {name: (shape, "bfloat16") for name, shape in want.items()}
+    assert _tag_shapes(jaxpr) == {name: (shape, "bfloat16") for name, shape in want.items()}
 
 
 @pytest.mark.parametrize("attention", ["xla", "dot_product_attention"])

@@ -4,8 +4,11 @@ docstring examples, run as doctests."""
 
 from __future__ import annotations
 
+import ast
 import doctest
 import importlib
+import importlib.util
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -85,6 +88,53 @@ def test_the_cli_prints_one_line_for_bad_input_and_lets_a_bug_raise(capsys, monk
         cli.main(["inspect", "--model", "tiny", "--policy", "minimal"])
 
 
+LAYERS = [
+    ("remat.policies", "remat._errors"),
+    ("remat._compat", "remat._jaxpr", "remat._residuals", "remat._apply", "remat._scan", "remat._flops",
+     "remat._format", "remat._memory", "remat._report", "remat._analysis", "remat.testing"),
+    ("remat.models", "remat.step"),
+    ("remat._sweep", "remat._data", "remat.train", "remat.cli", "remat"),
+]
+"""Dependencies run one way: policies -> core (apply, scan, analysis) -> models
+(and their train step) -> tools (sweep, train, CLI, the lazy facade)."""
+
+
+def _layer(module: str) -> int:
+    return next(i for i, group in enumerate(LAYERS) for m in group
+                if module == m or (module.startswith(m + ".") and m != "remat"))
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "remat"}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "remat":
+            out |= {sub if _is_module(sub := f"{node.module}.{a.name}") else node.module for a in node.names}
+    return out
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_dependencies_run_one_way():
+    root = pathlib.Path(remat.__file__).parent
+    files = {"remat": root, "remat.policies": pathlib.Path(remat.policies.__file__).parent,
+             "remat.models": pathlib.Path(remat.models.__file__).parent}
+    upward = []
+    for package, folder in files.items():
+        for path in sorted(folder.glob("*.py")):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            if name == "remat":
+                continue  # the facade: imports lazily, on attribute access
+            upward += [f"{name} imports {dep}" for dep in _imports(path) if _layer(dep) > _layer(name)]
+    assert upward == []
+
+
 DOCTESTED = ["remat.policies.registry", "remat.policies.vocab", "remat._scan", "remat.models.config",
              "remat._format", "remat.testing"]
 
@@ -93,3 +143,13 @@ DOCTESTED = ["remat.policies.registry", "remat.policies.vocab", "remat._scan", "
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def test_every_train_config_field_has_a_flag():
+    import dataclasses
+
+    from remat.train import TrainConfig
+
+    subcommands = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    dests = {a.dest for a in subcommands.choices["train"]._actions}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} - dests == set()
