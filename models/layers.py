@@ -13,8 +13,13 @@ Shape-suffix legend (nanodo style; a local ``x_BxTxD`` has shape ``[B, T, D]``):
 Logical axis names (MaxText style, for ``flax.linen`` logical partitioning
 rules): parameters use ``"embed"`` (D), ``"heads"`` (N), ``"kv_heads"`` (K),
 ``"head_dim"`` (H), ``"mlp"`` (F), ``"vocab"`` (V), ``"norm"`` (a norm's D);
-activations use ``"batch"``, ``"length"`` plus the same feature names. The
-scanned layer axis is ``"layers"`` (added by :func:`remat.scan_layers`).
+activations have names of their own, as MaxText's: ``"activation_batch"``,
+``"activation_length"``, ``"activation_embed"``, ``"activation_heads"``,
+``"activation_kv_heads"``, ``"activation_kv"`` (H), ``"activation_mlp"``,
+``"activation_vocab"``, so that sharding a parameter's axis (FSDP shards
+``embed``) never constrains an activation's, and the reverse (the rules:
+:mod:`remat._mesh`). The scanned layer axis is ``"layers"`` (added by
+:func:`remat.scan_layers`).
 
 Checkpoint names come from :mod:`remat.policies.vocab`; each is placed where
 MaxText places it (``MaxText/layers/attentions.py``, ``linears.py``,
@@ -32,12 +37,12 @@ from remat.models.config import ModelConfig, residual_init_std
 from remat.policies import vocab
 
 # Logical axes of activations.
-BTD = ("batch", "length", "embed")
-BTNH = ("batch", "length", "heads", "head_dim")
-BTKH = ("batch", "length", "kv_heads", "head_dim")
-BNTS = ("batch", "heads", "length", None)
-BTF = ("batch", "length", "mlp")
-BTV = ("batch", "length", "vocab")
+BTD = ("activation_batch", "activation_length", "activation_embed")
+BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+BTKH = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
+BNTS = ("activation_batch", "activation_heads", "activation_length", None)
+BTF = ("activation_batch", "activation_length", "activation_mlp")
+BTV = ("activation_batch", "activation_length", "activation_vocab")
 
 
 def tag(x: jax.Array, name: str, axes: tuple[str | None, ...]) -> jax.Array:

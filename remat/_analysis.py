@@ -78,9 +78,13 @@ class Traced:
 
 
 def trace(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], label: str | None,
-           donate_argnums: int | Sequence[int]) -> Traced:
+          donate_argnums: int | Sequence[int], out_shardings: Any = None) -> Traced:
+    """``jax.jit(fn).trace(...).lower()``, timed; ``out_shardings`` (None:
+    the compiler's choice) pins the outputs' shardings, e.g. a train state's
+    to its input's under a mesh."""
     t0 = time.perf_counter()
-    traced = jax.jit(fn, donate_argnums=donate_argnums).trace(*args, **kwargs)
+    pinned = {} if out_shardings is None else {"out_shardings": out_shardings}
+    traced = jax.jit(fn, donate_argnums=donate_argnums, **pinned).trace(*args, **kwargs)
     lowered = traced.lower()
     return Traced(traced, lowered, label or getattr(fn, "__name__", "fn"), time.perf_counter() - t0)
 
@@ -101,8 +105,8 @@ def measure(t: Traced, compiled: Any, compile_seconds: float) -> Report:
     notes = [*notes_t, *t.notes]
     dots, batched = count_dots(jaxpr)
     dots_kept = sum(r.count * r.layers for r in rows if r.from_dot)
-    residual_bytes = sum(r.size_bytes for r in rows if r.memory_kind == "device")
-    host_residual_bytes = sum(r.size_bytes for r in rows if r.memory_kind == "host")
+    residual_bytes = sum(r.device_bytes for r in rows if r.memory_kind == "device")
+    host_residual_bytes = sum(r.device_bytes for r in rows if r.memory_kind == "host")
     backend = jax.default_backend()
 
     mem = compiled_memory(compiled)
@@ -138,7 +142,8 @@ def measure(t: Traced, compiled: Any, compile_seconds: float) -> Report:
         flops=flops, recompute_flops=None, recompute_overhead=None,
         dots_forward=dots, dots_forward_batched=batched, dots_kept=dots_kept,
         checkpoint_names=tuple(sorted(checkpoint_names(jaxpr))),
-        trace_seconds=t.trace_seconds, compile_seconds=compile_seconds, notes=tuple(notes))
+        trace_seconds=t.trace_seconds, compile_seconds=compile_seconds, notes=tuple(notes),
+        devices=max((len(s.device_set) for s in jax.tree.leaves(compiled.input_shardings)), default=1))
 
 
 def compile_and_analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
@@ -159,14 +164,14 @@ def compile_and_analyze(fn: Callable[..., Any], *args: Any, label: str | None = 
 
 
 def trace_without_remat(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
-                        donate_argnums: int | Sequence[int] = ()) -> Traced:
+                        donate_argnums: int | Sequence[int] = (), out_shardings: Any = None) -> Traced:
     """Trace ``fn`` with every checkpoint that ``remat`` applies removed
     (:func:`remat.apply.without_remat`): the baseline of every overhead.
 
     ``fn`` is traced through a fresh wrapper, so JAX's tracing cache cannot
     hand back the program traced with remat."""
     with without_remat():
-        t = trace(lambda *a, **k: fn(*a, **k), args, kwargs, "no remat", donate_argnums)
+        t = trace(lambda *a, **k: fn(*a, **k), args, kwargs, "no remat", donate_argnums, out_shardings)
     if n := count_checkpoints(t.traced.jaxpr):
         t.notes = (f"the baseline still holds {n} jax.checkpoint that remat did not apply and cannot remove "
                    "(or traced before, and cached by JAX); overheads and savings are against it",)
@@ -175,7 +180,8 @@ def trace_without_remat(fn: Callable[..., Any], args: tuple, kwargs: dict[str, A
 
 def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
             donate_argnums: int | Sequence[int] = (), baseline: Report | int | str | None = "no_remat",
-            compiler_options: dict[str, Any] | None = None, **kwargs: Any) -> Report:
+            compiler_options: dict[str, Any] | None = None, out_shardings: Any = None,
+            **kwargs: Any) -> Report:
     """Measure ``fn(*args, **kwargs)`` compile-only: memory, residuals, FLOPs.
 
     ``jax.jit(fn, donate_argnums=...).trace(*args, **kwargs)``, then
@@ -206,6 +212,8 @@ def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
         for no baseline (``recompute_overhead`` stays None).
       compiler_options: XLA options for ``Lowered.compile``; None means
         :func:`default_compiler_options` (fast compile on CPU).
+      out_shardings: as ``jax.jit``'s (None: the compiler's choice); under a
+        mesh, pin a donated train state to its input shardings.
       **kwargs: keyword arguments of ``fn``.
 
     Returns:
@@ -222,10 +230,10 @@ def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
     if baseline is not None and not isinstance(baseline, Report | int | str):
         raise TypeError(f"baseline must be 'no_remat', a Report, an int (FLOPs) or None, "
                         f"got {type(baseline).__name__}")
-    t = trace(fn, args, kwargs, label, donate_argnums)
+    t = trace(fn, args, kwargs, label, donate_argnums, out_shardings)
     report = measure(t, *compile_traced(t, compiler_options))
     if baseline == "no_remat":
-        b = trace_without_remat(fn, args, kwargs, donate_argnums)
+        b = trace_without_remat(fn, args, kwargs, donate_argnums, out_shardings)
         baseline = report if b.program == t.program else measure(b, *compile_traced(b, compiler_options))
     if baseline is not None:
         report = report.with_baseline(baseline)

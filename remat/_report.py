@@ -20,6 +20,9 @@ __all__ = ["Report"]
 class Report:
     """What a compiled step costs, per device, measured without running it.
 
+    Every ``*_bytes`` figure is per device (one SPMD partition); ``flops`` is
+    the global count and ``flops_per_device`` each device's share.
+
     Memory fields come from XLA's ``compiled.memory_analysis()`` and are None
     where the backend does not report them (then ``peak_source`` says which
     fallback gave ``peak_bytes``); residual and FLOP fields come from the
@@ -41,10 +44,12 @@ class Report:
         no memory analysis, ``argument + output + residual_bytes`` (a lower
         bound) computed from the abstract values.
       peak_source: ``"memory_analysis"`` or ``"residual estimate"``.
-      residual_bytes: device residuals, summed over ``residuals``.
-      host_residual_bytes: host (offloaded) residuals, summed over ``residuals``.
+      residual_bytes: device residuals per device, summed over the rows'
+        ``device_bytes``.
+      host_residual_bytes: host (offloaded) residuals per device, likewise.
       residuals: the rows, largest first.
-      flops: FLOPs of one call, every scan iteration counted.
+      flops: FLOPs of one call, every scan iteration counted, over all devices
+        (the global count, e.g. about 6 x parameters x tokens for a train step).
       recompute_flops: ``flops - flops(no remat)``; None without a baseline.
       recompute_overhead: ``flops / flops(no remat) - 1``; None without a baseline.
       dots_forward: matmuls of the forward pass (layers counted).
@@ -56,6 +61,12 @@ class Report:
       compile_seconds: XLA compiling.
       notes: caveats on this measurement (fallbacks, uncounted loops, a
         residual saving the compiled memory does not show).
+      devices: how many devices the step runs on (its SPMD partitions).
+      mesh: the device mesh, ``(axis, size)`` pairs (empty on one device).
+      rules: the logical-axis rules used under the mesh.
+      parameter_bytes, optimizer_bytes, batch_bytes: ``argument_bytes`` split
+        per device into the parameters, the optimizer state and the batch
+        (None when the step's arguments are not a train step's).
       saving_unconfirmed: against its baseline (the step with no
         ``jax.checkpoint``), the compiled ``temp_bytes`` fall by less than half
         the residual bytes this report claims to save, or the peak is higher:
@@ -87,6 +98,17 @@ class Report:
     compile_seconds: float
     notes: tuple[str, ...] = ()
     saving_unconfirmed: bool = False
+    devices: int = 1
+    mesh: tuple[tuple[str, int], ...] = ()
+    rules: tuple[tuple[str, Any], ...] = ()
+    parameter_bytes: int | None = None
+    optimizer_bytes: int | None = None
+    batch_bytes: int | None = None
+
+    @property
+    def flops_per_device(self) -> float:
+        """``flops / devices``: each device's share of the step."""
+        return self.flops / self.devices
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as JSON-able Python values (rows as dicts, tuples as lists)."""
@@ -94,6 +116,9 @@ class Report:
         d["residuals"] = [{**r, "shape": list(r["shape"])} for r in d["residuals"]]
         d["checkpoint_names"] = list(self.checkpoint_names)
         d["notes"] = list(self.notes)
+        d["mesh"] = dict(self.mesh)
+        d["rules"] = [[k, list(v) if isinstance(v, tuple) else v] for k, v in self.rules]
+        d["flops_per_device"] = self.flops_per_device
         return d
 
     def with_baseline(self, baseline: Report | int) -> Report:
@@ -134,16 +159,21 @@ class Report:
         t.add_column("figure", style="bold")
         t.add_column("value", justify="right")
         rows = [
-            ("peak", format_bytes(self.peak_bytes) + ("" if self.peak_source == "memory_analysis"
-                                                      else f" ({self.peak_source})")),
+            ("peak per device", format_bytes(self.peak_bytes) + ("" if self.peak_source == "memory_analysis"
+                                                                 else f" ({self.peak_source})")),
             ("  arguments", format_bytes(self.argument_bytes)),
+            *([("    parameters", format_bytes(self.parameter_bytes)),
+               ("    optimizer state", format_bytes(self.optimizer_bytes)),
+               ("    batch", format_bytes(self.batch_bytes))] if self.parameter_bytes is not None else []),
             ("  outputs", format_bytes(self.output_bytes)),
             ("  temporaries", format_bytes(self.temp_bytes)),
             ("  aliased (donated)", format_bytes(self.alias_bytes)),
             ("host temporaries", format_bytes(self.host_temp_bytes)),
             ("residuals on device", format_bytes(self.residual_bytes)),
             ("residuals on host", format_bytes(self.host_residual_bytes)),
-            ("FLOPs", format_flops(self.flops)),
+            ("FLOPs (all devices)", format_flops(self.flops)),
+            *([("FLOPs per device", format_flops(self.flops_per_device)),
+               ("mesh", ", ".join(f"{a}={n}" for a, n in self.mesh))] if self.mesh else []),
             ("recompute FLOPs", format_flops(self.recompute_flops)),
             ("recompute overhead", "-" if self.recompute_overhead is None
              else f"{self.recompute_overhead:+.1%}"),
@@ -161,14 +191,14 @@ class Report:
         """A rich table of the residual rows: name x layers, shape, bytes, memory kind."""
         from rich.table import Table
 
-        t = Table(title="residuals kept for the backward pass (per device)")
-        for col, just in (("name", "left"), ("source", "left"), ("per-layer shape", "left"),
+        t = Table(title="residuals kept for the backward pass")
+        for col, just in (("name", "left"), ("source", "left"), ("per-layer shape (global)", "left"),
                           ("dtype", "left"), ("count", "right"), ("layers", "right"),
-                          ("bytes", "right"), ("memory", "left")):
+                          ("bytes per device", "right"), ("memory", "left")):
             t.add_column(col, justify=just, overflow="fold")
         for r in self.residuals:
             t.add_row(r.name, r.source, "[" + ", ".join(map(str, r.shape)) + "]", r.dtype,
-                      str(r.count), str(r.layers), format_bytes(r.size_bytes), r.memory_kind)
+                      str(r.count), str(r.layers), format_bytes(r.device_bytes), r.memory_kind)
         return t
 
     def __rich__(self) -> Group:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,10 @@ __all__ = ["ResidualRow", "output_names", "residual_rows"]
 
 _LOOK_THROUGH = {"device_put", "reduce_precision", "copy", "copy_p", "optimization_barrier"}
 """Ops that move or re-tag a value without computing a new one."""
+
+_RETAG = frozenset({"sharding_constraint", *_LOOK_THROUGH})
+"""Ops between a value and its checkpoint name that do not change it: a
+value a dots rule keeps before them still carries the name."""
 
 _DATA_MOVEMENT = frozenset("""
     slice dynamic_slice reshape squeeze expand_dims transpose broadcast_in_dim convert_element_type
@@ -67,6 +72,11 @@ class ResidualRow:
       size_bytes: ``count * layers * prod(shape) * itemsize``.
       from_dot: the value is a matmul (``dot_general``) output, possibly
         followed by a bias add, cast, reshape, sharding constraint or tag.
+      device_bytes: ``size_bytes`` per device under the value's sharding: the
+        sharding constraint it carries (a tagged value of the models), or
+        that of the nearest constrained value it is computed from elementwise
+        (XLA propagates shardings that way); ``size_bytes`` when none is found
+        or without a mesh.
     """
 
     name: str
@@ -78,6 +88,11 @@ class ResidualRow:
     count: int
     size_bytes: int
     from_dot: bool
+    device_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.device_bytes:
+            object.__setattr__(self, "device_bytes", self.size_bytes)
 
 
 Key = tuple[int, Any]
@@ -99,6 +114,8 @@ class _Graph:
         self.backward_inputs: list[Key] = []
         self.tagged: dict[Key, str] = {}  # value -> the checkpoint name tagging it
         self._derived: dict[Key, bool] = {}
+        self._divisors: dict[Key, int] = {}
+        self.outer: Callable[[Key], int] | None = None  # the split of a body input, from the enclosing graph
         transposed = {0: False}
         for step in walk(jaxpr, into=lambda e: call_body(e) is not None):
             eqn, ctx = step.eqn, step.scope.ctx
@@ -116,8 +133,13 @@ class _Graph:
             for i, v in enumerate(eqn.outvars):
                 self.producer[(ctx, v)] = (eqn, i, t, ctx)
             name = _compat.eqn_checkpoint_name(eqn)
-            if name is not None and (k := self.canon(ctx, eqn.invars[0])) is not None:
+            k = self.canon(ctx, eqn.invars[0]) if name is not None else None
+            while k is not None:  # the tagged value, and what it is a sharding constraint or move of
                 self.tagged[k] = name
+                p = self.producer.get(k)
+                if p is None or p[0].primitive.name not in _RETAG:
+                    break
+                k = self.canon(p[3], p[0].invars[0])
             if t:
                 self.backward_inputs.extend(k for v in eqn.invars if (k := self.canon(ctx, v)) is not None)
 
@@ -149,6 +171,34 @@ class _Graph:
             key = keys[0]
         return False
 
+    def divisor(self, key: Key | None) -> int:
+        """In how many pieces a value is split across devices (an estimate
+        that follows XLA's sharding propagation): the sharding constraint it
+        carries, else the largest split among the operands it is computed from
+        that share its leading (batch) dimension; a value entering a scan body
+        takes its operand's split in the enclosing program (:attr:`outer`);
+        1 when no constrained value is found."""
+        if key is None:
+            return 1
+        if key not in self._divisors:
+            self._divisors[key] = 1  # a guard while this value is resolved
+            self._divisors[key] = self._divisor(key)
+        return self._divisors[key]
+
+    def _divisor(self, key: Key) -> int:
+        if key not in self.producer:
+            return self.outer(key) if self.outer is not None and key[0] == 0 else 1
+        eqn, _, _, ctx = self.producer[key]
+        shape = getattr(key[1].aval, "shape", ())
+        if eqn.primitive.name == "sharding_constraint":
+            pieces = math.prod(eqn.params["sharding"].shard_shape(shape))
+            return max(1, math.prod(shape) // max(1, pieces))
+        if not shape:
+            return 1
+        operands = [k for v in eqn.invars if (k := self.canon(ctx, v)) is not None
+                    and getattr(k[1].aval, "shape", ())[:1] == shape[:1]]
+        return max((self.divisor(k) for k in operands), default=1)
+
     def input_derived(self, key: Key | None) -> bool:
         """True when a value is a step input or made from step inputs by data
         movement only (slice, reshape, cast, ...): a view of the parameters or
@@ -168,6 +218,7 @@ class _Origin:
     source: str
     layer_dims: tuple[int, ...]
     from_dot: bool
+    divisor: int = 1
 
 
 class _Tracer:
@@ -190,25 +241,30 @@ class _Tracer:
         prim = eqn.primitive.name
         name = _compat.eqn_checkpoint_name(eqn)
         if name is not None:
-            return _Origin(name, "checkpoint_name", dims, g.from_dot(key))
+            return _Origin(name, "checkpoint_name", dims, g.from_dot(key), g.divisor(key))
         if key in g.tagged:  # a matmul output tagged by checkpoint_name, kept by a dots rule
-            return _Origin(g.tagged[key], "checkpoint_name", dims, g.from_dot(key))
+            return _Origin(g.tagged[key], "checkpoint_name", dims, g.from_dot(key), g.divisor(key))
         if prim in _LOOK_THROUGH:
             return self.origin(g, g.canon(ctx, eqn.invars[min(idx, len(eqn.invars) - 1)]), dims)
         if prim == "scan" and idx >= eqn.params["num_carry"]:
             n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
             body = open_jaxpr(eqn.params["jaxpr"])
             bg = self.graph(body)
+            if bg.outer is None:
+                operand = dict(zip(body.invars, eqn.invars, strict=True))
+                bg.outer = lambda k, g=g, ctx=ctx, operand=operand: (
+                    g.divisor(g.canon(ctx, operand[k[1]])) if k[1] in operand else 1)
             inner = bg.canon(0, body.outvars[idx])
             if inner is not None and inner[0] == 0 and inner[1] in body.invars:
                 k = body.invars.index(inner[1])
                 if n_consts <= k < n_consts + n_carry:
-                    return _Origin("layer input", "scan carry", (*dims, eqn.params["length"]), False)
+                    return _Origin("layer input", "scan carry", (*dims, eqn.params["length"]), False,
+                                   g.divisor(g.canon(ctx, eqn.invars[k])))
                 if k >= n_consts + n_carry:  # a slice of a scanned-over input, re-stacked
                     return self.origin(g, g.canon(ctx, eqn.invars[k]), dims)
             else:
                 return self.origin(bg, inner, (*dims, eqn.params["length"]))
-        return _Origin(prim, _compat.source_line(eqn) or "-", dims, g.from_dot(key))
+        return _Origin(prim, _compat.source_line(eqn) or "-", dims, g.from_dot(key), g.divisor(key))
 
 
 def residual_rows(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> tuple[ResidualRow, ...]:
@@ -238,12 +294,13 @@ def residual_rows(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> tuple[ResidualRow, 
         shape = tuple(aval.shape[len(o.layer_dims):])
         row = (o.name, o.source, shape, str(np.dtype(aval.dtype)),
                "host" if _compat.on_host(aval) else "device", math.prod(o.layer_dims), o.from_dot)
-        entry = groups.setdefault(row, [0, 0])
+        entry = groups.setdefault(row, [0, 0, 0])
         entry[0] += 1
         entry[1] += nbytes(aval)
+        entry[2] += nbytes(aval) // o.divisor
     rows = [ResidualRow(name=k[0], source=k[1], shape=k[2], dtype=k[3], memory_kind=k[4], layers=k[5],
-                        count=c, size_bytes=b, from_dot=k[6])
-            for k, (c, b) in groups.items()]
+                        count=c, size_bytes=b, from_dot=k[6], device_bytes=d)
+            for k, (c, b, d) in groups.items()]
     return tuple(sorted(rows, key=lambda r: (-r.size_bytes, r.name)))
 
 

@@ -15,15 +15,20 @@ are the named projections) share one compile.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rich.table import Table
 
 from remat import models
@@ -32,6 +37,7 @@ from remat._analysis import Traced, analyze, compile_traced, measure, trace, tra
 from remat._errors import RematError
 from remat._format import format_bytes, format_flops
 from remat._jaxpr import checkpoint_names
+from remat._mesh import LOGICAL_RULES, Rules, batch_factor, make_mesh
 from remat._report import Report
 from remat.policies import Policy
 from remat.step import init_train_state, make_optimizer, make_train_step
@@ -51,13 +57,18 @@ class TrainStepSetup:
 
     Attributes:
       config: the model config.
-      batch: sequences per step (B).
+      batch: sequences per step (B), global (over all devices).
       seq: tokens per sequence (T).
       groups: nested-checkpointing groups passed to :class:`remat.models.Transformer`.
       state: the abstract ``TrainState`` (``jax.ShapeDtypeStruct`` leaves:
-        float params, AdamW ``mu``/``nu``, step count).
-      tokens: ``ShapeDtypeStruct(int32[B, T])``.
-      rng: a PRNG key (dropout; unused when deterministic).
+        float params, AdamW ``mu``/``nu``, step counts; under a mesh each with
+        its ``NamedSharding``).
+      tokens: ``ShapeDtypeStruct(int32[B, T])``, the batch sharded under a mesh.
+      rng: a PRNG key (dropout; unused when deterministic), abstract under a mesh.
+      mesh: the device mesh, or None for one device.
+      rules: the logical-axis rules under the mesh (:data:`remat._mesh.LOGICAL_RULES`).
+      out_shardings: the step's output shardings under a mesh: the state as
+        its input, the metrics replicated.
     """
 
     config: models.ModelConfig
@@ -66,9 +77,12 @@ class TrainStepSetup:
     groups: Any
     state: Any
     tokens: jax.ShapeDtypeStruct
-    rng: jax.Array
+    rng: Any
+    mesh: Mesh | None = None
+    rules: Rules = LOGICAL_RULES
+    out_shardings: Any = None
 
-    def step_args(self) -> tuple[Any, jax.ShapeDtypeStruct, jax.Array]:
+    def step_args(self) -> tuple[Any, jax.ShapeDtypeStruct, Any]:
         """``(state, tokens, rng)`` for ``make_train_step(model)``."""
         return self.state, self.tokens, self.rng
 
@@ -76,15 +90,49 @@ class TrainStepSetup:
         """The model under ``policy``."""
         return models.Transformer(self.config, policy=policy, groups=self.groups)
 
+    def context(self) -> contextlib.AbstractContextManager[Any]:
+        """Where the step is traced: under the mesh (``jax.set_mesh``) and the
+        logical-axis rules, so the models' sharding constraints apply."""
+        stack = contextlib.ExitStack()
+        if self.mesh is not None:
+            stack.enter_context(jax.set_mesh(self.mesh))
+            stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def argument_split(self) -> dict[str, int]:
+        """Bytes per device of the step's arguments: ``parameter_bytes``,
+        ``optimizer_bytes`` (the optimizer state) and ``batch_bytes``."""
+        return {"parameter_bytes": _device_bytes(self.state.params),
+                "optimizer_bytes": _device_bytes(self.state.opt_state),
+                "batch_bytes": _device_bytes(self.tokens)}
+
+    def finish(self, report: Report) -> Report:
+        """``report`` with what the setup knows: the mesh, the rules and the argument split."""
+        mesh = tuple(self.mesh.shape.items()) if self.mesh is not None else ()
+        return dataclasses.replace(report, mesh=mesh, rules=tuple(self.rules) if mesh else (),
+                                   **self.argument_split())
+
+
+def _device_bytes(tree: Any) -> int:
+    """Bytes per device of abstract values: each leaf's shard under its sharding."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        shape = sharding.shard_shape(x.shape) if sharding is not None else x.shape
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
 
 def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: int | None = None,
-          dtype: str | None = None, groups: Any = None,
-          optimizer: optax.GradientTransformation | None = None) -> TrainStepSetup:
+                     dtype: str | None = None, groups: Any = None,
+                     optimizer: optax.GradientTransformation | None = None,
+                     mesh: Mesh | Mapping[str, int] | None = None,
+                     rules: Rules | None = None) -> TrainStepSetup:
     """Build the abstract train-step inputs for a model (nothing allocated).
 
     Args:
       model: a preset name (:func:`remat.models.names`) or a ``ModelConfig``.
-      batch: sequences per step, >= 1.
+      batch: sequences per step, >= 1 (global: over all devices).
       seq: tokens per sequence, 1..``max_seq_len``; default
         ``min(DEFAULT_SEQ, max_seq_len)``.
       dtype: compute dtype override (``"bf16"``, ``"f32"``, ``"f16"``); None keeps the preset's.
@@ -92,10 +140,15 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
       optimizer: default :func:`remat.step.make_optimizer` ``()``, the optimizer
         ``remat train`` trains with (clipping, AdamW with its schedule and
         weight-decay mask), so what is measured is what trains.
+      mesh: a ``jax.sharding.Mesh`` with axes ``data``/``fsdp``/``tensor``, or
+        their sizes (``{"fsdp": 8}``; see :func:`remat._mesh.make_mesh`);
+        None for one device.
+      rules: logical-axis rules (default :data:`remat._mesh.LOGICAL_RULES`).
 
     Raises:
-      ValueError: unknown preset (the message lists them), ``batch < 1``, or
-        ``seq`` outside ``1..max_seq_len``.
+      RematError: unknown preset (the message lists them), ``batch < 1``,
+        ``seq`` outside ``1..max_seq_len``, a mesh that does not match the
+        device count, or a batch the mesh cannot split evenly.
     """
     config = models.get_config(model) if isinstance(model, str) else model
     if dtype is not None:
@@ -110,19 +163,40 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
     rng = jax.random.key(0)
     init_model = models.Transformer(config, policy="full", groups=groups)
     tx = optimizer if optimizer is not None else make_optimizer()
-    state = jax.eval_shape(lambda t, k: init_train_state(init_model, tx, t, k), tokens, rng)
-    return TrainStepSetup(config, batch, seq, groups, state, tokens, rng)
+    init = lambda t, k: init_train_state(init_model, tx, t, k)
+    if mesh is None:
+        return TrainStepSetup(config, batch, seq, groups, jax.eval_shape(init, tokens, rng), tokens, rng)
+    mesh, rules = make_mesh(mesh), tuple(rules if rules is not None else LOGICAL_RULES)
+    factor = batch_factor(mesh, rules)
+    if batch % factor:
+        raise RematError(f"global batch {batch} does not split over the {factor} devices the batch is "
+                         f"sharded on (mesh {dict(mesh.shape)}): use a multiple of {factor}")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init, tokens, rng)
+    state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    abstract = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    state = jax.tree.map(abstract, nn.meta.unbox(boxed), state_shardings)
+    batch_spec = nn.logical_to_mesh_axes(("activation_batch", "activation_length"), rules)
+    tokens = abstract(tokens, NamedSharding(mesh, batch_spec))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key = abstract(jax.eval_shape(lambda: rng), replicated)
+    return TrainStepSetup(config, batch, seq, groups, state, tokens, key, mesh, rules,
+                          (state_shardings, replicated))
 
 
 def trace_policy(s: TrainStepSetup, policy: str | Policy, label: str) -> Traced:
-    step = make_train_step(s.model(policy))
-    return trace(step, s.step_args(), {}, label, donate_argnums=0)
+    """Trace and lower ``s``'s train step under ``policy`` (in ``s.context()``)."""
+    with s.context():
+        return trace(make_train_step(s.model(policy)), s.step_args(), {}, label, donate_argnums=0,
+                     out_shardings=s.out_shardings)
 
 
 def _baseline(s: TrainStepSetup) -> Traced:
     """The train step with no ``jax.checkpoint`` at all (not even the groups'
     of a grouped ``"none"``): the baseline of every overhead."""
-    return trace_without_remat(make_train_step(s.model("full")), s.step_args(), {}, donate_argnums=0)
+    with s.context():
+        return trace_without_remat(make_train_step(s.model("full")), s.step_args(), {}, donate_argnums=0,
+                                   out_shardings=s.out_shardings)
 
 
 def never_kept(policy: str | Policy, report: Report) -> Report:
@@ -156,8 +230,10 @@ def inspect_policy(s: TrainStepSetup, policy: str | Policy, *,
       remat.MissingCheckpointNameError: the policy names a tag the model does not emit.
     """
     label = policy if isinstance(policy, str) else str(policy)
-    report = analyze(make_train_step(s.model(policy)), *s.step_args(), label=label,
-                              donate_argnums=0, compiler_options=compiler_options)
+    with s.context():
+        report = s.finish(analyze(make_train_step(s.model(policy)), *s.step_args(), label=label,
+                                  donate_argnums=0, compiler_options=compiler_options,
+                                  out_shardings=s.out_shardings))
     return report if s.groups else never_kept(policy, report)
 
 
@@ -229,7 +305,9 @@ class SweepResult:
     def table(self) -> Table:
         """A rich table sorted by peak bytes; frontier rows marked ``*``."""
         n = len(self.reports)
-        t = Table(title=f"remat sweep: {self.model}, batch {self.batch} x seq {self.seq} "
+        mesh = self.reports[0].mesh if self.reports else ()
+        on = (" on mesh " + ",".join(f"{a}={k}" for a, k in mesh if k > 1)) if mesh else ""
+        t = Table(title=f"remat sweep: {self.model}, batch {self.batch} x seq {self.seq}{on} "
                         f"({n} policies, {self.wall_seconds:.1f} s)",
                   caption="* = Pareto frontier (no other policy is as good on peak memory and FLOPs "
                           "and better on one, by more than 0.1%); ! = the compiled memory does not show the "
@@ -254,6 +332,7 @@ class SweepResult:
 
 def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[str | Policy] | None = None,
           *, batch: int = 1, seq: int | None = None, dtype: str | None = None, groups: Any = None,
+          mesh: Mesh | Mapping[str, int] | None = None, rules: Rules | None = None,
           workers: int = 2, compiler_options: dict[str, Any] | None = None,
           on_report: Callable[[Report, int, int], None] | None = None) -> SweepResult:
     """Measure a model's train step under many policies (compile-only).
@@ -268,7 +347,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         (then ``batch``/``seq``/``dtype``/``groups`` are ignored).
       policies: preset names, spec strings or Policies; default
         :func:`default_policies` of the model.
-      batch, seq, dtype, groups: see :func:`train_step_setup`.
+      batch, seq, dtype, groups, mesh, rules: see :func:`train_step_setup`.
       workers: compile threads (>= 1).
       compiler_options: see :func:`remat.analyze`.
       on_report: called as ``on_report(report, done, total)`` with each finished
@@ -287,7 +366,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
     if workers < 1:
         raise RematError(f"workers={workers} must be >= 1")
     s = model if isinstance(model, TrainStepSetup) else train_step_setup(
-        model, batch=batch, seq=seq, dtype=dtype, groups=groups)
+        model, batch=batch, seq=seq, dtype=dtype, groups=groups, mesh=mesh, rules=rules)
     name = model if isinstance(model, str) else "custom config"
     if policies is not None:  # bad input fails before any trace or compile
         labels = [p if isinstance(p, str) else str(p) for p in policies]
@@ -318,9 +397,9 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
 
         def collect(i: int, t: Traced, f: Future, same_as: str | None) -> None:
             if not base_report:
-                base_report.append(measure(base, *base_compile.result()))
+                base_report.append(s.finish(measure(base, *base_compile.result())))
             compiled, seconds = f.result()
-            r = measure(t, compiled, 0.0 if same_as else seconds).with_baseline(base_report[0])
+            r = s.finish(measure(t, compiled, 0.0 if same_as else seconds)).with_baseline(base_report[0])
             if same_as:
                 r = dataclasses.replace(r, notes=(*r.notes, f"the same XLA program as {same_as!r}: "
                                                   "its compile was reused"))

@@ -141,14 +141,25 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
     p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
     p.add_argument("--groups", help="nested layer groups: 'sqrt' or 'G,K' with G*K = layers")
+    _add_mesh_options(p)
+
+
+def _add_mesh_options(p: argparse.ArgumentParser) -> None:
+    """``--mesh`` and ``--devices``, shared by ``inspect``, ``sweep`` and ``train``."""
+    p.add_argument("--mesh", help="device mesh AXIS=SIZE,... over the axes data, fsdp, tensor (their product "
+                                  "= the device count), e.g. data=2,fsdp=4; memory is then per device")
+    p.add_argument("--devices", type=int, help="simulate this many CPU devices (set before JAX starts)")
 
 
 def _step_kwargs(args: argparse.Namespace) -> dict:
-    """``batch``/``seq``/``dtype``/``groups`` for :func:`remat.train_step_setup` and :func:`remat.sweep`."""
+    """``batch``/``seq``/``dtype``/``groups``/``mesh`` for :func:`remat.train_step_setup` and
+    :func:`remat.sweep`."""
+    from remat._mesh import parse_mesh
     from remat._scan import parse_groups
 
     return {"batch": args.batch, "seq": args.seq, "dtype": args.dtype,
-            "groups": parse_groups(args.groups) if args.groups else None}
+            "groups": parse_groups(args.groups) if args.groups else None,
+            "mesh": parse_mesh(args.mesh) if args.mesh else None}
 
 
 def _print_wide(renderable: object, width: int = 150) -> None:
@@ -246,6 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``remat`` command. Returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "devices", None) is not None:
+            from remat._mesh import set_cpu_devices
+
+            set_cpu_devices(args.devices)
         return args.func(args)
     except RematError as e:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)

@@ -203,7 +203,7 @@ def test_activation_constraints_follow_rules(family):
     cfg = small(family)
     model = M.Transformer(cfg, policy="minimal", groups=(2, 2))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    rules = (("batch", "data"), ("embed", None), ("heads", None), ("mlp", None), ("layers", None))
+    rules = (("activation_batch", "data"), ("embed", None), ("heads", None), ("mlp", None), ("layers", None))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.eval_shape(model.init, jax.random.key(0), TOKENS)
         text = str(jax.make_jaxpr(lambda p, t: model.apply(p, t))(params, TOKENS))

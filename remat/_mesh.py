@@ -1,0 +1,141 @@
+"""Device meshes and logical-axis rules: what each device holds.
+
+JAX/XLA SPMD is the distributed engine (``jax.sharding``): a mesh with the
+axes ``data``, ``fsdp`` and ``tensor`` (an axis not given has size 1), and
+MaxText-style logical-axis rules that map the models' axis names onto it
+(:data:`LOGICAL_RULES`). Parameters and activations have names of their own
+(``embed`` vs ``activation_embed``, as MaxText's ``activation_*`` names), so
+sharding a parameter never constrains an activation, and the reverse.
+
+=======================  ===================  =====================================
+logical name             mesh axes            meaning
+=======================  ===================  =====================================
+``activation_batch``     ``data``, ``fsdp``   the batch: data parallel and FSDP
+``activation_heads``     ``tensor``           attention heads of activations
+``activation_kv_heads``  ``tensor``           key/value heads of activations
+``activation_mlp``       ``tensor``           the MLP hidden axis of activations
+``activation_vocab``     ``tensor``           the logits' vocabulary axis
+``embed``                ``fsdp``             parameters (and so gradients and
+                                              optimizer state) sharded on D: FSDP
+``heads``, ``kv_heads``  ``tensor``           tensor parallel attention weights
+``mlp``, ``vocab``       ``tensor``           tensor parallel MLP and embedding
+=======================  ===================  =====================================
+
+Every other name (``activation_length``, ``activation_embed``,
+``activation_kv``, ``head_dim``, ``norm``, ``layers``) is replicated. A mesh
+axis is used at most once per array (flax drops a second use).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from remat._errors import RematError
+
+__all__ = ["AXES", "LOGICAL_RULES", "Rules", "batch_factor", "make_mesh", "parse_mesh", "set_cpu_devices",
+           "shardings"]
+
+AXES = ("data", "fsdp", "tensor")
+"""The mesh axes, in mesh order."""
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+"""Logical-axis rules: ``(logical name, mesh axis or axes or None)`` pairs."""
+
+LOGICAL_RULES: Rules = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+)
+"""The default rules (see the module doc): data parallel, FSDP, tensor parallel."""
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}``.
+
+    Raises:
+      RematError: an unknown axis (the valid ones are :data:`AXES`), a size
+        that is not a positive integer, or an axis given twice.
+    """
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, size = part.strip().partition("=")
+        if name not in AXES or not sep or not size.strip().isdigit() or int(size) < 1 or name in out:
+            raise RematError(f"--mesh {text!r}: bad term {part.strip()!r}; write AXIS=SIZE terms joined by "
+                             f"commas, each axis once, axes {', '.join(AXES)}, e.g. data=2,fsdp=4")
+        out[name] = int(size)
+    return out
+
+
+def set_cpu_devices(n: int) -> None:
+    """Simulate ``n`` CPU devices (``jax_num_cpu_devices``); must run before
+    JAX initialises its backend (before any computation or ``jax.devices()``).
+
+    Raises:
+      RematError: ``n < 1``, or the backend already runs with another device count.
+    """
+    if n < 1:
+        raise RematError(f"--devices {n}: must be >= 1")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        have = jax.device_count()
+        if have != n:
+            raise RematError(f"--devices {n}: JAX already runs with {have} device(s); set the device count "
+                             "before any JAX computation (first thing in the process)") from None
+
+
+def make_mesh(axes: Mapping[str, int] | Mesh, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ``jax.sharding.Mesh`` with the axes ``data``, ``fsdp``, ``tensor``
+    (missing ones of size 1) over ``devices`` (default: all).
+
+    Raises:
+      RematError: the product of the sizes is not the device count (both named),
+        or an unknown axis.
+    """
+    if isinstance(axes, Mesh):
+        return axes
+    unknown = sorted(set(axes) - set(AXES))
+    if unknown:
+        raise RematError(f"mesh axes {unknown} unknown; valid: {', '.join(AXES)}")
+    devices = list(jax.devices() if devices is None else devices)
+    shape = tuple(axes.get(a, 1) for a in AXES)
+    if math.prod(shape) != len(devices):
+        given = ",".join(f"{a}={axes[a]}" for a in AXES if a in axes)
+        raise RematError(f"mesh {given} has {math.prod(shape)} devices, but JAX has {len(devices)}; "
+                         f"make the sizes multiply to {len(devices)}, or simulate that many CPU devices "
+                         "with --devices")
+    # Auto axes: the compiler propagates shardings from the constraints (as
+    # GSPMD/Shardy do), rather than the explicit-sharding mode's type checks.
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def batch_factor(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> int:
+    """How many ways the batch is split: the product of the mesh axes
+    ``activation_batch`` maps to."""
+    target = dict(rules).get("activation_batch")
+    names = (target,) if isinstance(target, str) else tuple(target or ())
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def shardings(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
+    """``NamedSharding`` for every leaf of a tree of (abstract) values: the
+    logical names of flax's ``LogicallyPartitioned`` boxes through ``rules``,
+    replicated for unnamed leaves."""
+    import flax.linen as nn
+
+    specs = nn.get_partition_spec(tree)
+    mesh_specs = nn.logical_to_mesh(specs, rules)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s if isinstance(s, PartitionSpec) else PartitionSpec()),
+                        mesh_specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)

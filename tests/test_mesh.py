@@ -1,0 +1,120 @@
+"""Per-device memory on a device mesh (8 simulated CPU devices).
+
+The figures are computed once, in a subprocess of their own, so the device
+count never leaks into the other tests (JAX fixes it when its backend starts).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import remat
+from remat import RematError, cli
+from remat._mesh import make_mesh, parse_mesh
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from remat._mesh import set_cpu_devices
+    set_cpu_devices(8)
+    import remat
+    from remat._sweep import default_policies, trace_policy
+    from remat.policies import vocab
+
+    from remat._flops import count_flops
+    from remat._residuals import residual_rows
+    out = {"figures": {}, "names": {}, "errors": {}}
+    meshes = {"one": None, "fsdp": {"fsdp": 8}, "data": {"data": 8}, "data_fsdp": {"data": 2, "fsdp": 4}}
+    setups = {k: remat.train_step_setup("tiny", batch=1 if m is None else 8, seq=64, mesh=m)
+              for k, m in meshes.items()}
+    for key, s in setups.items():
+        for policy in ("none", "minimal", "full"):
+            r = remat.inspect_policy(s, policy)
+            out["figures"][f"{key}/{policy}"] = {k: getattr(r, k) for k in (
+                "temp_bytes", "residual_bytes", "parameter_bytes", "optimizer_bytes", "batch_bytes",
+                "devices", "flops", "flops_per_device")} | {"mesh": dict(r.mesh)}
+
+    one8 = remat.train_step_setup("tiny", batch=8, seq=64)
+    out["flops_one_device_batch_8"] = count_flops(trace_policy(one8, "full", "full").traced.jaxpr)[0]
+
+    def kept(s, policy):
+        rows = residual_rows(trace_policy(s, policy, policy).traced.jaxpr)
+        return sorted(f"{r.name}@{r.memory_kind}" for r in rows if r.source == "checkpoint_name")
+
+    for policy in default_policies(vocab.ALL_NAMES):
+        out["names"][policy] = [kept(setups["one"], policy), kept(setups["fsdp"], policy)]
+    for name, call in {
+        "indivisible": lambda: remat.train_step_setup("tiny", batch=4, seq=64, mesh={"fsdp": 8}),
+        "mismatch": lambda: remat.train_step_setup("tiny", batch=8, seq=64, mesh={"fsdp": 4}),
+        "devices_late": lambda: set_cpu_devices(4),
+    }.items():
+        try:
+            call()
+        except remat.RematError as e:
+            out["errors"][name] = str(e)
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def measured():
+    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_fsdp_shards_parameters_and_optimizer_state(measured):
+    one, fsdp = measured["figures"]["one/full"], measured["figures"]["fsdp/full"]
+    for key in ("parameter_bytes", "optimizer_bytes"):
+        assert fsdp[key] <= one[key] / 8 * 1.05, key
+    assert fsdp["devices"] == 8 and fsdp["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert fsdp["batch_bytes"] == one["batch_bytes"]  # 8 sequences over 8 devices: one each
+    assert fsdp["flops"] == measured["flops_one_device_batch_8"]  # the global count
+    assert fsdp["flops_per_device"] == fsdp["flops"] / 8
+
+
+@pytest.mark.parametrize("policy", ["none", "minimal", "full"])
+@pytest.mark.parametrize("mesh", ["fsdp", "data", "data_fsdp"])
+def test_per_device_activations_match_one_device_at_the_per_device_batch(measured, mesh, policy):
+    one, got = measured["figures"][f"one/{policy}"], measured["figures"][f"{mesh}/{policy}"]
+    assert got["residual_bytes"] == pytest.approx(one["residual_bytes"], rel=0.15)
+    if mesh == "data":
+        assert got["temp_bytes"] == pytest.approx(one["temp_bytes"], rel=0.15)
+    else:  # FSDP also shards the gradients
+        assert got["temp_bytes"] <= one["temp_bytes"] * 1.15
+
+
+def test_every_preset_keeps_the_same_names_under_a_mesh(measured):
+    differ = {p: names for p, names in measured["names"].items() if names[0] != names[1]}
+    assert len(measured["names"]) >= 15 and differ == {}
+
+
+def test_mesh_errors_name_the_numbers(measured):
+    assert measured["errors"] == {
+        "indivisible": "global batch 4 does not split over the 8 devices the batch is sharded on "
+                       "(mesh {'data': 1, 'fsdp': 8, 'tensor': 1}): use a multiple of 8",
+        "mismatch": "mesh fsdp=4 has 4 devices, but JAX has 8; make the sizes multiply to 8, or simulate "
+                    "that many CPU devices with --devices",
+        "devices_late": "--devices 4: JAX already runs with 8 device(s); set the device count before any JAX "
+                        "computation (first thing in the process)",
+    }
+
+
+def test_parse_mesh():
+    assert parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
+    for bad in ("model=2", "data=0", "data=2,data=2", "fsdp"):
+        with pytest.raises(RematError, match=f"--mesh '{bad}': bad term .* axes data, fsdp, tensor"):
+            parse_mesh(bad)
+    with pytest.raises(RematError, match="mesh fsdp=8 has 8 devices, but JAX has 1"):
+        make_mesh({"fsdp": 8})
+
+
+def test_cli_mesh_without_devices_is_a_clear_error(capsys):
+    assert cli.main(["inspect", "--model", "tiny", "--policy", "full", "--mesh", "fsdp=8"]) == 2
+    assert "mesh fsdp=8 has 8 devices, but JAX has 1" in capsys.readouterr().err
+    assert remat.RematError is RematError
