@@ -148,7 +148,8 @@ def measure(t: Traced, compiled: Any, compile_seconds: float) -> Report:
 
 def compile_and_analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
                         donate_argnums: int | Sequence[int] = (),
-                        compiler_options: dict[str, Any] | None = None, **kwargs: Any) -> tuple[Any, Report]:
+                        compiler_options: dict[str, Any] | None = None, out_shardings: Any = None,
+                        **kwargs: Any) -> tuple[Any, Report]:
     """Compile ``fn`` once and measure it: ``(compiled, report)``.
 
     For a step that is both measured and run (``remat train``): the
@@ -158,7 +159,7 @@ def compile_and_analyze(fn: Callable[..., Any], *args: Any, label: str | None = 
     ``compiler_options={}`` for XLA's defaults (fast execution) rather than
     the fast-compile options that None selects.
     """
-    t = trace(fn, args, kwargs, label, donate_argnums)
+    t = trace(fn, args, kwargs, label, donate_argnums, out_shardings)
     compiled, compile_seconds = compile_traced(t, compiler_options)
     return compiled, measure(t, compiled, compile_seconds)
 

@@ -28,17 +28,18 @@ axis is used at most once per array (flax drops a second use).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from remat._errors import RematError
 
-__all__ = ["AXES", "LOGICAL_RULES", "Rules", "batch_factor", "make_mesh", "parse_mesh", "set_cpu_devices",
-           "shardings"]
+__all__ = ["AXES", "LOGICAL_RULES", "Rules", "batch_factor", "batch_sharding", "check_batch", "make_mesh",
+           "mesh_context", "parse_mesh", "set_cpu_devices", "sharded_abstract"]
 
 AXES = ("data", "fsdp", "tensor")
 """The mesh axes, in mesh order."""
@@ -129,13 +130,45 @@ def batch_factor(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> int:
     return math.prod(mesh.shape[a] for a in names)
 
 
-def shardings(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
-    """``NamedSharding`` for every leaf of a tree of (abstract) values: the
-    logical names of flax's ``LogicallyPartitioned`` boxes through ``rules``,
-    replicated for unnamed leaves."""
+def check_batch(batch: int, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> None:
+    """Raise :class:`RematError` when the global ``batch`` does not split evenly
+    over the devices the batch is sharded on."""
+    factor = batch_factor(mesh, rules)
+    if batch % factor:
+        raise RematError(f"global batch {batch} does not split over the {factor} devices the batch is "
+                         f"sharded on (mesh {dict(mesh.shape)}): use a multiple of {factor}")
+
+
+def mesh_context(mesh: Mesh | None, rules: Rules = LOGICAL_RULES) -> contextlib.ExitStack:
+    """Where a model is traced: under ``jax.set_mesh(mesh)`` and flax's
+    logical-axis ``rules``, so its sharding constraints apply; nothing for
+    ``mesh=None``."""
     import flax.linen as nn
 
-    specs = nn.get_partition_spec(tree)
-    mesh_specs = nn.logical_to_mesh(specs, rules)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s if isinstance(s, PartitionSpec) else PartitionSpec()),
-                        mesh_specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+    stack = contextlib.ExitStack()
+    if mesh is not None:
+        stack.enter_context(jax.set_mesh(mesh))
+        stack.enter_context(nn.logical_axis_rules(rules))
+    return stack
+
+
+def sharded_abstract(fn: Any, *args: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> tuple[Any, Any]:
+    """``(abstract, shardings)`` of ``fn(*args)`` (e.g. a train state's
+    initialiser): ``jax.ShapeDtypeStruct`` leaves with the ``NamedSharding``
+    their logical names get under ``rules``, flax's ``LogicallyPartitioned``
+    boxes removed; unnamed leaves replicated."""
+    import flax.linen as nn
+
+    with mesh_context(mesh, rules):
+        boxed = jax.eval_shape(fn, *args)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.meta.unbox(boxed), shardings)
+    return abstract, shardings
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
+    """The sharding of an ``int32[B, T]`` batch: B over the axes of ``activation_batch``."""
+    import flax.linen as nn
+
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("activation_batch", "activation_length"), rules))

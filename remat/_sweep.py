@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +36,15 @@ from remat._analysis import Traced, analyze, compile_traced, measure, trace, tra
 from remat._errors import RematError
 from remat._format import format_bytes, format_flops
 from remat._jaxpr import checkpoint_names
-from remat._mesh import LOGICAL_RULES, Rules, batch_factor, make_mesh
+from remat._mesh import (
+    LOGICAL_RULES,
+    Rules,
+    batch_sharding,
+    check_batch,
+    make_mesh,
+    mesh_context,
+    sharded_abstract,
+)
 from remat._report import Report
 from remat.policies import Policy
 from remat.step import init_train_state, make_optimizer, make_train_step
@@ -91,13 +98,9 @@ class TrainStepSetup:
         return models.Transformer(self.config, policy=policy, groups=self.groups)
 
     def context(self) -> contextlib.AbstractContextManager[Any]:
-        """Where the step is traced: under the mesh (``jax.set_mesh``) and the
-        logical-axis rules, so the models' sharding constraints apply."""
-        stack = contextlib.ExitStack()
-        if self.mesh is not None:
-            stack.enter_context(jax.set_mesh(self.mesh))
-            stack.enter_context(nn.logical_axis_rules(self.rules))
-        return stack
+        """Where the step is traced: under the mesh and the logical-axis rules
+        (:func:`remat._mesh.mesh_context`)."""
+        return mesh_context(self.mesh, self.rules)
 
     def argument_split(self) -> dict[str, int]:
         """Bytes per device of the step's arguments: ``parameter_bytes``,
@@ -167,19 +170,11 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
     if mesh is None:
         return TrainStepSetup(config, batch, seq, groups, jax.eval_shape(init, tokens, rng), tokens, rng)
     mesh, rules = make_mesh(mesh), tuple(rules if rules is not None else LOGICAL_RULES)
-    factor = batch_factor(mesh, rules)
-    if batch % factor:
-        raise RematError(f"global batch {batch} does not split over the {factor} devices the batch is "
-                         f"sharded on (mesh {dict(mesh.shape)}): use a multiple of {factor}")
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init, tokens, rng)
-    state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    abstract = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    state = jax.tree.map(abstract, nn.meta.unbox(boxed), state_shardings)
-    batch_spec = nn.logical_to_mesh_axes(("activation_batch", "activation_length"), rules)
-    tokens = abstract(tokens, NamedSharding(mesh, batch_spec))
+    check_batch(batch, mesh, rules)
+    state, state_shardings = sharded_abstract(init, tokens, rng, mesh=mesh, rules=rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    key = abstract(jax.eval_shape(lambda: rng), replicated)
+    tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype, sharding=batch_sharding(mesh, rules))
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: rng).dtype, sharding=replicated)
     return TrainStepSetup(config, batch, seq, groups, state, tokens, key, mesh, rules,
                           (state_shardings, replicated))
 

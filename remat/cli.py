@@ -99,6 +99,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt-every", type=int, help="checkpoint every K steps")
     p.add_argument("--seed", type=int, help="seed of init, data order and dropout")
     p.add_argument("--out", help="run folder (default runs/MODEL)")
+    _add_mesh_options(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
     p.set_defaults(func=_train)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
+from jax.sharding import NamedSharding, PartitionSpec
 from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import (
@@ -60,6 +61,7 @@ from remat._analysis import compile_and_analyze
 from remat._data import Batches, Corpus, build_corpus, eval_batches
 from remat._errors import RematError
 from remat._format import format_bytes
+from remat._mesh import batch_sharding, check_batch, make_mesh, mesh_context, parse_mesh, sharded_abstract
 from remat._report import Report
 from remat._scan import plan
 from remat.models import Transformer, get_config
@@ -98,6 +100,10 @@ class TrainConfig(OptimizerConfig):
       eval_windows: validation windows of ``seq`` bytes per evaluation (evenly spaced).
       ckpt_every: checkpoint every this many steps (and at the end); the last
         :data:`CHECKPOINTS_KEPT` checkpoints are kept.
+      mesh: train on a device mesh, e.g. ``"data=2,fsdp=4"`` (:mod:`remat._mesh`:
+        axes ``data``, ``fsdp``, ``tensor``, the default logical rules); None
+        for one device. It may change on resume: a checkpoint restores onto
+        any mesh.
       seed: seeds parameter init, data order and the dropout key.
 
     Raises:
@@ -116,6 +122,7 @@ class TrainConfig(OptimizerConfig):
     eval_windows: int = 128
     ckpt_every: int = 50
     seed: int = 0
+    mesh: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -333,16 +340,16 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model: nn.
                                   suffixes=cfg.data_ext)
             console.print(corpus.summary(), highlight=False)
             batches = Batches(corpus.train, batch=cfg.batch, seq=cfg.seq, seed=cfg.seed)
-            val = [jnp.asarray(b) for b in eval_batches(corpus.val, batch=cfg.batch, seq=cfg.seq,
-                                                          max_windows=cfg.eval_windows)]
-            example = jnp.asarray(batches.batch_at(0))
-            state, pos = (_restore(cfg, model, mngr, latest, corpus, example, out, console) if resume
-                          else _initialise(cfg, model, example, out, compiler_options))
+            val = list(eval_batches(corpus.val, batch=cfg.batch, seq=cfg.seq, max_windows=cfg.eval_windows))
+            place = _Placement.of(cfg, model, jnp.asarray(batches.batch_at(0)))
+            val = [place.batch(b) for b in val]
+            state, pos = (_restore(cfg, model, mngr, latest, corpus, place, out, console) if resume
+                          else _initialise(cfg, model, place, out, compiler_options))
             (out / "run.json").write_text(json.dumps(cfg.to_json(), indent=1))
-            step_fn, report, evaluate = _compile(cfg, model, deterministic, state, example, pos.rng, val,
+            step_fn, report, evaluate = _compile(cfg, model, deterministic, state, place, pos.rng, val,
                                                  compiler_options, console)
             state, val_loss = _loop(cfg, state, pos, step_fn, evaluate, batches, corpus, mngr, latest, out,
-                                    console, progress, interrupt)
+                                    console, progress, interrupt, place)
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -362,22 +369,71 @@ def _check_out(mngr: ocp.CheckpointManager, out: Path, resume: bool) -> int | No
     return latest
 
 
-def _initialise(cfg: TrainConfig, model: nn.Module, example: jax.Array, out: Path,
+@dataclass(frozen=True)
+class _Placement:
+    """Where a run's arrays live: one device (``mesh`` None) or a device mesh.
+
+    Attributes:
+      mesh: the mesh of ``cfg.mesh``, or None.
+      example: the first batch, placed (its shape is every batch's).
+      init: ``(tokens, key) -> TrainState``: the initial state, unboxed (plain arrays).
+      abstract: the abstract state, with its shardings under a mesh.
+      shardings: the state's ``NamedSharding`` tree under a mesh, else None.
+    """
+
+    mesh: Any
+    example: jax.Array
+    init: Any
+    abstract: Any
+    shardings: Any
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, model: nn.Module, example: jax.Array) -> _Placement:
+        """The placement of ``cfg`` (its mesh checked against the devices and the batch)."""
+        boxed = partial(init_train_state, model, make_optimizer(cfg))
+        init = lambda tokens, key: nn.meta.unbox(boxed(tokens, key))
+        key = jax.random.PRNGKey(cfg.seed)
+        if cfg.mesh is None:
+            return cls(None, example, init, jax.eval_shape(init, example, key), None)
+        mesh = make_mesh(parse_mesh(cfg.mesh))
+        check_batch(cfg.batch, mesh)
+        abstract, shardings = sharded_abstract(boxed, example, key, mesh=mesh)
+        return cls(mesh, jax.device_put(example, batch_sharding(mesh)), init, abstract, shardings)
+
+    def context(self) -> Any:
+        """Trace under the mesh and the logical rules (nothing on one device)."""
+        return mesh_context(self.mesh)
+
+    def batch(self, tokens: Any) -> jax.Array:
+        """``int32[B, T]`` tokens on the device(s), the batch split over the mesh."""
+        return jnp.asarray(tokens) if self.mesh is None else jax.device_put(tokens, batch_sharding(self.mesh))
+
+    def replicated(self, x: jax.Array) -> jax.Array:
+        """``x`` on every device of the mesh (as it is on one device)."""
+        return x if self.mesh is None else jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
+
+    def jit(self, fn: Any, out_shardings: Any = None) -> Any:
+        """``jax.jit(fn)``, with ``out_shardings`` pinned under a mesh."""
+        return jax.jit(fn) if self.mesh is None else jax.jit(fn, out_shardings=out_shardings)
+
+
+def _initialise(cfg: TrainConfig, model: nn.Module, place: _Placement, out: Path,
                 compiler_options: dict[str, Any] | None) -> tuple[TrainState, _Position]:
     """A new run: initial parameters and optimizer state, an empty metrics file."""
     init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    init = partial(init_train_state, model, make_optimizer(cfg))
-    state = jax.jit(init).lower(example, init_key).compile(compiler_options)(example, init_key)
+    with place.context():
+        init = place.jit(place.init, place.shardings).lower(place.example, init_key).compile(compiler_options)
     (out / "metrics.jsonl").write_text("")
-    return state, _Position(rng, 0, 0.0, float("nan"))
+    return init(place.example, init_key), _Position(place.replicated(rng), 0, 0.0, float("nan"))
 
 
 def _restore(cfg: TrainConfig, model: nn.Module, mngr: ocp.CheckpointManager, latest: int,
-             corpus: Corpus, example: jax.Array, out: Path, console: Console) -> tuple[TrainState, _Position]:
-    """The state of checkpoint ``latest``; metrics after it are dropped (they are redone)."""
-    tx = make_optimizer(cfg)
-    init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
-    abstract = jax.eval_shape(partial(init_train_state, model, tx), example, init_key)
+             corpus: Corpus, place: _Placement, out: Path, console: Console) -> tuple[TrainState, _Position]:
+    """The state of checkpoint ``latest`` (onto this run's mesh, whatever the
+    mesh it was saved on); metrics after it are dropped (they are redone)."""
+    _, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    abstract = place.abstract
+    tx = abstract.tx  # the optimizer of the placement's shardings (TrainState metadata must match)
     target = {"params": abstract.params, "opt_state": abstract.opt_state, "step": abstract.step, "rng": rng}
     restored = mngr.restore(latest, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
@@ -393,11 +449,11 @@ def _restore(cfg: TrainConfig, model: nn.Module, mngr: ocp.CheckpointManager, la
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= latest))
     train_loss = next((r["train_loss"] for r in reversed(rows) if r["step"] == latest), None)
     console.print(f"resumed {out} at step {latest} (data position {meta['data_position']})", highlight=False)
-    return state, _Position(tree["rng"], meta["data_position"], meta["seconds"],
+    return state, _Position(place.replicated(tree["rng"]), meta["data_position"], meta["seconds"],
                             float("nan") if train_loss is None else train_loss)
 
 
-def _compile(cfg: TrainConfig, model: nn.Module, deterministic: bool, state: TrainState, example: jax.Array,
+def _compile(cfg: TrainConfig, model: nn.Module, deterministic: bool, state: TrainState, place: _Placement,
              rng: jax.Array, val: list[jax.Array], compiler_options: dict[str, Any] | None,
              console: Console) -> tuple[Any, Report, Any]:
     """The compiled train step (PRNG split and learning rate inside), its
@@ -418,9 +474,13 @@ def _compile(cfg: TrainConfig, model: nn.Module, deterministic: bool, state: Tra
     t0 = time.perf_counter()
     # One compile of the step serves both the run and its measurement.
     options = {} if compiler_options is None else compiler_options  # None: XLA's defaults, to run fast
-    compiled, report = compile_and_analyze(train_step, state, example, rng, label="train step",
-                                           donate_argnums=(0, 2), compiler_options=options)
-    eval_compiled = jax.jit(eval_fn).lower(state.params, val[0]).compile(compiler_options)
+    replicated = None if place.mesh is None else NamedSharding(place.mesh, PartitionSpec())
+    with place.context():
+        compiled, report = compile_and_analyze(
+            train_step, state, place.example, rng, label="train step", donate_argnums=(0, 2),
+            compiler_options=options, out_shardings=None if place.mesh is None else (
+                place.shardings, replicated, replicated))
+        eval_compiled = place.jit(eval_fn, replicated).lower(state.params, val[0]).compile(compiler_options)
     console.print(f"compiled train and eval steps in {time.perf_counter() - t0:.1f} s", highlight=False)
     console.print(f"train step peak memory {format_bytes(report.peak_bytes)} (compile-time, "
                   f"remat.analyze; policy {cfg.policy}, groups {cfg.groups})", highlight=False)
@@ -442,7 +502,7 @@ def _save(mngr: ocp.CheckpointManager, cfg: TrainConfig, state: TrainState, pos:
 
 def _loop(cfg: TrainConfig, state: TrainState, pos: _Position, step_fn: Any, evaluate: Any, batches: Batches,
           corpus: Corpus, mngr: ocp.CheckpointManager, latest: int | None, out: Path, console: Console,
-          progress: bool, interrupt: _Interrupt) -> tuple[TrainState, float]:
+          progress: bool, interrupt: _Interrupt, place: _Placement) -> tuple[TrainState, float]:
     """Run the steps left, logging, evaluating and checkpointing; returns the final
     state and the last validation loss. Ctrl-C saves and raises ``KeyboardInterrupt``."""
     step, step_time, val_loss = int(state.step), 0.0, float("nan")
@@ -458,7 +518,7 @@ def _loop(cfg: TrainConfig, state: TrainState, pos: _Position, step_fn: Any, eva
         task = bar.add_task("train", total=cfg.steps, completed=step, loss="-", tps="-")
         while step < cfg.steps and not interrupt.requested:
             t0 = time.perf_counter()
-            state, pos.rng, m = step_fn(state, batches.batch_at(pos.data_position), pos.rng)
+            state, pos.rng, m = step_fn(state, place.batch(batches.batch_at(pos.data_position)), pos.rng)
             pos.train_loss, lr = float(m["loss"]), float(m["lr"])
             dt = time.perf_counter() - t0
             step_time, step, pos.data_position = step_time + dt, step + 1, pos.data_position + cfg.batch

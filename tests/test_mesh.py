@@ -118,3 +118,39 @@ def test_cli_mesh_without_devices_is_a_clear_error(capsys):
     assert cli.main(["inspect", "--model", "tiny", "--policy", "full", "--mesh", "fsdp=8"]) == 2
     assert "mesh fsdp=8 has 8 devices, but JAX has 1" in capsys.readouterr().err
     assert remat.RematError is RematError
+
+
+TRAIN = textwrap.dedent("""
+    import json, shutil, sys
+    from dataclasses import replace
+    from pathlib import Path
+    from remat._mesh import set_cpu_devices
+    set_cpu_devices(8)
+    from rich.console import Console
+    from remat._memory import FAST_CPU_COMPILE
+    from remat.train import TrainConfig, train
+
+    out = Path(sys.argv[1])
+    cfg = TrainConfig(model="tiny", policy="minimal", steps=6, batch=8, seq=32, warmup=2, eval_every=100,
+                      eval_windows=8, ckpt_every=2, data=(str(Path(json.__file__).parent),), val_fraction=0.3)
+    run = lambda c, d, **kw: train(c, out / d, console=Console(quiet=True), progress=False,
+                                   compiler_options=FAST_CPU_COMPILE, **kw)
+    rows = lambda d: map(json.loads, (out / d / "metrics.jsonl").read_text().splitlines())
+    losses = lambda d: [r["train_loss"] for r in rows(d) if r["train_loss"] is not None]
+    run(cfg, "one")
+    run(replace(cfg, mesh="data=2,fsdp=4"), "mesh")
+    shutil.copytree(out / "mesh", out / "moved")
+    shutil.rmtree(out / "moved" / "checkpoints" / "6")  # resume from step 4, on another mesh
+    run(replace(cfg, mesh="fsdp=8"), "moved", resume=True)
+    print(json.dumps({d: losses(d) for d in ("one", "mesh", "moved")}))
+""")
+
+
+def test_training_on_a_mesh_matches_one_device_and_resumes_on_another_mesh(tmp_path):
+    run = subprocess.run([sys.executable, "-c", TRAIN, str(tmp_path)], capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(losses["one"]) == 6
+    assert losses["mesh"][:5] == pytest.approx(losses["one"][:5], rel=1e-4)
+    assert losses["moved"][4:] == pytest.approx(losses["mesh"][4:], rel=1e-5)
