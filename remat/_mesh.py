@@ -38,7 +38,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from remat._errors import RematError
 
-__all__ = ["AXES", "LOGICAL_RULES", "Rules", "batch_factor", "batch_sharding", "check_batch", "make_mesh",
+__all__ = ["AXES", "LOGICAL_RULES", "Rules", "batch_factor", "batch_sharding", "check_batch",
+           "initialize_distributed", "make_mesh",
            "mesh_context", "parse_mesh", "set_cpu_devices", "sharded_abstract"]
 
 AXES = ("data", "fsdp", "tensor")
@@ -95,6 +96,27 @@ def set_cpu_devices(n: int) -> None:
         if have != n:
             raise RematError(f"--devices {n}: JAX already runs with {have} device(s); set the device count "
                              "before any JAX computation (first thing in the process)") from None
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Join a multi-process (multi-host) run: ``jax.distributed.initialize``
+    with these arguments; those left None JAX takes from its environment
+    (``JAX_COORDINATOR_ADDRESS``, or a detected cluster: SLURM, Cloud TPU,
+    MPI, ...). On CPU the processes exchange data through gloo. Every process
+    then sees every device (``jax.devices()``), so a mesh spans the processes.
+    Must run before any JAX computation.
+
+    Raises:
+      RematError: JAX could not initialise (the message says why).
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    except (RuntimeError, ValueError) as e:
+        raise RematError(f"jax.distributed.initialize(coordinator={coordinator!r}, num_processes="
+                         f"{num_processes!r}, process_id={process_id!r}) failed: {e}") from None
 
 
 def make_mesh(axes: Mapping[str, int] | Mesh, devices: Sequence[Any] | None = None) -> Mesh:

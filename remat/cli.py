@@ -150,6 +150,12 @@ def _add_mesh_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", help="device mesh AXIS=SIZE,... over the axes data, fsdp, tensor (their product "
                                   "= the device count), e.g. data=2,fsdp=4; memory is then per device")
     p.add_argument("--devices", type=int, help="simulate this many CPU devices (set before JAX starts)")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run (jax.distributed.initialize); the options below, or JAX's "
+                        "environment (JAX_COORDINATOR_ADDRESS, SLURM, Cloud TPU, MPI) say where")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (implies --distributed)")
+    p.add_argument("--num-processes", type=int, help="how many processes take part")
+    p.add_argument("--process-id", type=int, help="this process's index, 0..num-processes-1")
 
 
 def _step_kwargs(args: argparse.Namespace) -> dict:
@@ -262,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from remat._mesh import set_cpu_devices
 
             set_cpu_devices(args.devices)
+        if getattr(args, "distributed", False) or getattr(args, "coordinator", None):
+            from remat._mesh import initialize_distributed
+
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         return args.func(args)
     except RematError as e:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)

@@ -154,3 +154,23 @@ def test_training_on_a_mesh_matches_one_device_and_resumes_on_another_mesh(tmp_p
     assert len(losses["one"]) == 6
     assert losses["mesh"][:5] == pytest.approx(losses["one"][:5], rel=1e-4)
     assert losses["moved"][4:] == pytest.approx(losses["mesh"][4:], rel=1e-5)
+
+
+def test_two_processes_on_loopback_measure_one_mesh():
+    """Multi-host through jax.distributed: two local CPU processes (gloo), one
+    device each, form a data=2 mesh; each measures the same per-device step."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "remat.cli", "inspect", "--model", "tiny", "--policy", "minimal",
+           "--batch", "2", "--seq", "32", "--mesh", "data=2", "--coordinator", f"127.0.0.1:{port}",
+           "--num-processes", "2", "--json", "-", "--process-id"]
+    procs = [subprocess.Popen([*cmd, str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    reports = [json.loads(o) for o, _ in outs]
+    assert [r["devices"] for r in reports] == [2, 2] and reports[0]["mesh"]["data"] == 2
+    assert reports[0]["peak_bytes"] == reports[1]["peak_bytes"]
