@@ -128,6 +128,9 @@ def measure(t: Traced, compiled: Any, compile_seconds: float) -> Report:
         notes.append(f"the {backend} backend gives no memory_analysis() (or all zeros): peak_bytes = "
                      "arguments + outputs + device residuals, a lower bound")
     notes += cse_notes(jaxpr)
+    if gathered := sorted({r.name for r in rows if r.gathered}):
+        notes.append(f"saved after an all-gather (replicated on a mesh axis their inputs were sharded on): "
+                     f"{', '.join(gathered)}; tag and save the value before the gather")
     if dots and batched == dots:
         notes.append(f"every one of the {dots} forward matmuls has batch dimensions: a dots:no_batch "
                      "rule keeps none of them (an outer vmap or batched expert einsums?)")

@@ -72,6 +72,12 @@ class ResidualRow:
       size_bytes: ``count * layers * prod(shape) * itemsize``.
       from_dot: the value is a matmul (``dot_general``) output, possibly
         followed by a bias add, cast, reshape, sharding constraint or tag.
+      gathered: the value is replicated along a mesh axis that what it is
+        made from (by elementwise ops and moves, since the last sharding
+        constraint) was sharded on: it is saved after an all-gather, at more
+        bytes per device than needed (save the value before the gather). A
+        matmul or reduction output is not flagged: replicating its partial
+        sums is an all-reduce that cannot be saved earlier.
       device_bytes: ``size_bytes`` per device under the value's sharding: the
         sharding constraint it carries (a tagged value of the models), or
         that of the nearest constrained value it is computed from elementwise
@@ -89,6 +95,7 @@ class ResidualRow:
     size_bytes: int
     from_dot: bool
     device_bytes: int = 0
+    gathered: bool = False
 
     def __post_init__(self) -> None:
         if not self.device_bytes:
@@ -115,6 +122,8 @@ class _Graph:
         self.tagged: dict[Key, str] = {}  # value -> the checkpoint name tagging it
         self._derived: dict[Key, bool] = {}
         self._divisors: dict[Key, int] = {}
+        self._gathered: set[Key] = set()
+        self._contracted: set[Key] = set()  # made by a contraction since the last constraint
         self.outer: Callable[[Key], int] | None = None  # the split of a body input, from the enclosing graph
         transposed = {0: False}
         for step in walk(jaxpr, into=lambda e: call_body(e) is not None):
@@ -192,12 +201,30 @@ class _Graph:
         shape = getattr(key[1].aval, "shape", ())
         if eqn.primitive.name == "sharding_constraint":
             pieces = math.prod(eqn.params["sharding"].shard_shape(shape))
-            return max(1, math.prod(shape) // max(1, pieces))
+            d = max(1, math.prod(shape) // max(1, pieces))
+            operand = self.canon(ctx, eqn.invars[0])
+            if self.divisor(operand) > d and operand not in self._contracted:
+                self._gathered.add(key)  # a reduction's partial sums are all-reduced, not gathered
+            return d
         if not shape:
             return 1
         operands = [k for v in eqn.invars if (k := self.canon(ctx, v)) is not None
                     and getattr(k[1].aval, "shape", ())[:1] == shape[:1]]
-        return max((self.divisor(k) for k in operands), default=1)
+        best = max(operands, key=self.divisor, default=None)
+        if best is None:
+            return 1
+        if best in self._gathered:
+            self._gathered.add(key)
+        prim = eqn.primitive.name
+        if best in self._contracted or prim == "dot_general" or prim.startswith("reduce_"):
+            self._contracted.add(key)
+        return self.divisor(best)
+
+    def gathered(self, key: Key | None) -> bool:
+        """The value is replicated along a mesh axis its inputs were sharded
+        on (a sharding constraint that gathers, or a value computed from one)."""
+        self.divisor(key)
+        return key in self._gathered
 
     def input_derived(self, key: Key | None) -> bool:
         """True when a value is a step input or made from step inputs by data
@@ -219,6 +246,7 @@ class _Origin:
     layer_dims: tuple[int, ...]
     from_dot: bool
     divisor: int = 1
+    gathered: bool = False
 
 
 class _Tracer:
@@ -241,9 +269,10 @@ class _Tracer:
         prim = eqn.primitive.name
         name = _compat.eqn_checkpoint_name(eqn)
         if name is not None:
-            return _Origin(name, "checkpoint_name", dims, g.from_dot(key), g.divisor(key))
+            return _Origin(name, "checkpoint_name", dims, g.from_dot(key), g.divisor(key), g.gathered(key))
         if key in g.tagged:  # a matmul output tagged by checkpoint_name, kept by a dots rule
-            return _Origin(g.tagged[key], "checkpoint_name", dims, g.from_dot(key), g.divisor(key))
+            return _Origin(g.tagged[key], "checkpoint_name", dims, g.from_dot(key), g.divisor(key),
+                           g.gathered(key))
         if prim in _LOOK_THROUGH:
             return self.origin(g, g.canon(ctx, eqn.invars[min(idx, len(eqn.invars) - 1)]), dims)
         if prim == "scan" and idx >= eqn.params["num_carry"]:
@@ -264,7 +293,8 @@ class _Tracer:
                     return self.origin(g, g.canon(ctx, eqn.invars[k]), dims)
             else:
                 return self.origin(bg, inner, (*dims, eqn.params["length"]))
-        return _Origin(prim, _compat.source_line(eqn) or "-", dims, g.from_dot(key), g.divisor(key))
+        return _Origin(prim, _compat.source_line(eqn) or "-", dims, g.from_dot(key), g.divisor(key),
+                       g.gathered(key))
 
 
 def residual_rows(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> tuple[ResidualRow, ...]:
@@ -293,13 +323,13 @@ def residual_rows(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> tuple[ResidualRow, 
         aval = key[1].aval
         shape = tuple(aval.shape[len(o.layer_dims):])
         row = (o.name, o.source, shape, str(np.dtype(aval.dtype)),
-               "host" if _compat.on_host(aval) else "device", math.prod(o.layer_dims), o.from_dot)
+               "host" if _compat.on_host(aval) else "device", math.prod(o.layer_dims), o.from_dot, o.gathered)
         entry = groups.setdefault(row, [0, 0, 0])
         entry[0] += 1
         entry[1] += nbytes(aval)
         entry[2] += nbytes(aval) // o.divisor
     rows = [ResidualRow(name=k[0], source=k[1], shape=k[2], dtype=k[3], memory_kind=k[4], layers=k[5],
-                        count=c, size_bytes=b, from_dot=k[6], device_bytes=d)
+                        count=c, size_bytes=b, from_dot=k[6], device_bytes=d, gathered=k[7])
             for k, (c, b, d) in groups.items()]
     return tuple(sorted(rows, key=lambda r: (-r.size_bytes, r.name)))
 

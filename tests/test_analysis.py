@@ -184,7 +184,7 @@ def test_report_to_dict_is_json_with_units_in_names(tiny_reports):
         assert key in d
     row = d["residuals"][0]
     assert set(row) == {"name", "source", "shape", "dtype", "memory_kind", "layers", "count",
-                        "size_bytes", "device_bytes", "from_dot"}
+                        "size_bytes", "device_bytes", "from_dot", "gathered"}
     assert row["device_bytes"] == row["size_bytes"]  # one device
     for key in ("devices", "mesh", "rules", "flops_per_device"):
         assert key in d

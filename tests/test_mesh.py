@@ -48,6 +48,23 @@ SCRIPT = textwrap.dedent("""
 
     for policy in default_policies(vocab.ALL_NAMES):
         out["names"][policy] = [kept(setups["one"], policy), kept(setups["fsdp"], policy)]
+    import jax.numpy as jnp
+    from jax.ad_checkpoint import checkpoint_name
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = remat._mesh.make_mesh({"data": 8})
+    along = lambda spec: NamedSharding(mesh, spec)
+
+    def gathers(x, w):  # one value saved replicated (after an all-gather), one saved sharded
+        x = jax.lax.with_sharding_constraint(x, along(P("data")))
+        h = checkpoint_name(jax.lax.with_sharding_constraint(jnp.cos(x), along(P())), "gathered")
+        k = checkpoint_name(jax.lax.with_sharding_constraint(jnp.cos(x), along(P("data"))), "sharded")
+        return (jnp.sin(h) + jnp.sin(k)).sum()
+
+    r = remat.analyze(jax.grad(remat.checkpoint(gathers, "save:gathered,sharded")),
+                      jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=along(P("data"))),
+                      jax.ShapeDtypeStruct((32, 32), jnp.float32, sharding=along(P())))
+    out["gathered"] = {row.name: [row.device_bytes, row.gathered] for row in r.residuals}
+    out["gathered_notes"] = list(r.notes)
     for name, call in {
         "indivisible": lambda: remat.train_step_setup("tiny", batch=4, seq=64, mesh={"fsdp": 8}),
         "mismatch": lambda: remat.train_step_setup("tiny", batch=8, seq=64, mesh={"fsdp": 4}),
@@ -92,6 +109,14 @@ def test_per_device_activations_match_one_device_at_the_per_device_batch(measure
 def test_every_preset_keeps_the_same_names_under_a_mesh(measured):
     differ = {p: names for p, names in measured["names"].items() if names[0] != names[1]}
     assert len(measured["names"]) >= 15 and differ == {}
+
+
+def test_a_residual_saved_after_an_all_gather_is_flagged(measured):
+    assert measured["gathered"]["gathered"] == [64 * 32 * 4, True]
+    assert measured["gathered"]["sharded"] == [64 * 32 * 4 // 8, False]
+    assert any(n.startswith("saved after an all-gather (replicated on a mesh axis their inputs were sharded "
+                            "on): gathered; tag and save the value before the gather") for n in
+               measured["gathered_notes"])
 
 
 def test_mesh_errors_name_the_numbers(measured):
