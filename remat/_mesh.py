@@ -137,8 +137,8 @@ def make_mesh(axes: Mapping[str, int] | Mesh, devices: Sequence[Any] | None = No
     if math.prod(shape) != len(devices):
         given = ",".join(f"{a}={axes[a]}" for a in AXES if a in axes)
         raise RematError(f"mesh {given} has {math.prod(shape)} devices, but JAX has {len(devices)}; "
-                         f"make the sizes multiply to {len(devices)}, or simulate that many CPU devices "
-                         "with --devices")
+                         f"make the sizes multiply to {len(devices)}, or simulate {math.prod(shape)} CPU "
+                         f"devices with --devices {math.prod(shape)}")
     # Auto axes: the compiler propagates shardings from the constraints (as
     # GSPMD/Shardy do), rather than the explicit-sharding mode's type checks.
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)

@@ -123,8 +123,8 @@ def test_mesh_errors_name_the_numbers(measured):
     assert measured["errors"] == {
         "indivisible": "global batch 4 does not split over the 8 devices the batch is sharded on "
                        "(mesh {'data': 1, 'fsdp': 8, 'tensor': 1}): use a multiple of 8",
-        "mismatch": "mesh fsdp=4 has 4 devices, but JAX has 8; make the sizes multiply to 8, or simulate "
-                    "that many CPU devices with --devices",
+        "mismatch": "mesh fsdp=4 has 4 devices, but JAX has 8; make the sizes multiply to 8, or simulate 4 "
+                    "CPU devices with --devices 4",
         "devices_late": "--devices 4: JAX already runs with 8 device(s); set the device count before any JAX "
                         "computation (first thing in the process)",
     }
