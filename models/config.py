@@ -96,6 +96,10 @@ class ModelConfig:
       attention: ``"xla"`` or ``"dot_product_attention"`` (see :data:`AttentionImpl`).
       rope_theta: RoPE base frequency (Su et al. 2021), llama only.
       norm_eps: epsilon of LayerNorm / RMSNorm.
+      loss_chunks: compute the logits and the cross-entropy of a train step in
+        this many chunks over the token positions (:meth:`Transformer.__call__`
+        with ``targets``), so the float32 ``[B, T, V]`` logits are never whole
+        in memory ("vocab tiling"); 1 (default) computes them at once.
       init_std: standard deviation of the normal initialiser of embeddings and
         kernels; the two residual projections (``out_proj``, ``mlpwo``) use
         ``init_std / sqrt(2 L)`` as GPT-2 does.
@@ -127,6 +131,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    loss_chunks: int = 1
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -135,7 +140,7 @@ class ModelConfig:
             raise RematError(
                 f"ModelConfig.attention={self.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}")
         for field in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads",
-                      "head_dim", "mlp_dim", "max_seq_len"):
+                      "head_dim", "mlp_dim", "max_seq_len", "loss_chunks"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
                 raise RematError(f"ModelConfig.{field}={value!r} must be a positive integer")

@@ -130,7 +130,7 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
                      dtype: str | None = None, groups: Any = None,
                      optimizer: optax.GradientTransformation | None = None,
                      mesh: Mesh | Mapping[str, int] | None = None,
-                     rules: Rules | None = None) -> TrainStepSetup:
+                     rules: Rules | None = None, loss_chunks: int | None = None) -> TrainStepSetup:
     """Build the abstract train-step inputs for a model (nothing allocated).
 
     Args:
@@ -147,6 +147,8 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
         their sizes (``{"fsdp": 8}``; see :func:`remat._mesh.make_mesh`);
         None for one device.
       rules: logical-axis rules (default :data:`remat._mesh.LOGICAL_RULES`).
+      loss_chunks: compute the loss head in this many chunks
+        (``ModelConfig.loss_chunks``); None keeps the config's.
 
     Raises:
       RematError: unknown preset (the message lists them), ``batch < 1``,
@@ -156,6 +158,8 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
     config = models.get_config(model) if isinstance(model, str) else model
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype)
+    if loss_chunks is not None:
+        config = dataclasses.replace(config, loss_chunks=loss_chunks)
     if seq is None:
         seq = min(DEFAULT_SEQ, config.max_seq_len)
     if batch < 1:
@@ -328,7 +332,7 @@ class SweepResult:
 def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[str | Policy] | None = None,
           *, batch: int = 1, seq: int | None = None, dtype: str | None = None, groups: Any = None,
           mesh: Mesh | Mapping[str, int] | None = None, rules: Rules | None = None,
-          workers: int = 2, compiler_options: dict[str, Any] | None = None,
+          loss_chunks: int | None = None, workers: int = 2, compiler_options: dict[str, Any] | None = None,
           on_report: Callable[[Report, int, int], None] | None = None) -> SweepResult:
     """Measure a model's train step under many policies (compile-only).
 
@@ -342,7 +346,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         (then ``batch``/``seq``/``dtype``/``groups`` are ignored).
       policies: preset names, spec strings or Policies; default
         :func:`default_policies` of the model.
-      batch, seq, dtype, groups, mesh, rules: see :func:`train_step_setup`.
+      batch, seq, dtype, groups, mesh, rules, loss_chunks: see :func:`train_step_setup`.
       workers: compile threads (>= 1).
       compiler_options: see :func:`remat.analyze`.
       on_report: called as ``on_report(report, done, total)`` with each finished
@@ -361,7 +365,8 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
     if workers < 1:
         raise RematError(f"workers={workers} must be >= 1")
     s = model if isinstance(model, TrainStepSetup) else train_step_setup(
-        model, batch=batch, seq=seq, dtype=dtype, groups=groups, mesh=mesh, rules=rules)
+        model, batch=batch, seq=seq, dtype=dtype, groups=groups, mesh=mesh, rules=rules,
+        loss_chunks=loss_chunks)
     name = model if isinstance(model, str) else "custom config"
     if policies is not None:  # bad input fails before any trace or compile
         labels = [p if isinstance(p, str) else str(p) for p in policies]

@@ -99,6 +99,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt-every", type=int, help="checkpoint every K steps")
     p.add_argument("--seed", type=int, help="seed of init, data order and dropout")
     p.add_argument("--out", help="run folder (default runs/MODEL)")
+    p.add_argument("--loss-chunks", type=int, help="compute the logits and loss in this many chunks")
     _add_mesh_options(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
@@ -142,6 +143,8 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
     p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
     p.add_argument("--groups", help="nested layer groups: 'sqrt' or 'G,K' with G*K = layers")
+    p.add_argument("--loss-chunks", type=int, help="compute the logits and loss in this many chunks over the "
+                                                    "tokens (default 1: at once)")
     _add_mesh_options(p)
 
 
@@ -166,7 +169,7 @@ def _step_kwargs(args: argparse.Namespace) -> dict:
 
     return {"batch": args.batch, "seq": args.seq, "dtype": args.dtype,
             "groups": parse_groups(args.groups) if args.groups else None,
-            "mesh": parse_mesh(args.mesh) if args.mesh else None}
+            "mesh": parse_mesh(args.mesh) if args.mesh else None, "loss_chunks": args.loss_chunks}
 
 
 def _print_wide(renderable: object, width: int = 150) -> None:

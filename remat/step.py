@@ -52,7 +52,9 @@ def make_train_step(model: nn.Module, *, deterministic: bool = True) -> StepFn:
 
     Args:
       model: a linen module ``tokens[B, T] -> logits[B, T, V]`` whose
-        ``__call__`` takes ``deterministic=`` (dropout off when True).
+        ``__call__`` takes ``deterministic=`` (dropout off when True); a
+        :class:`remat.models.Transformer` whose ``config.loss_chunks > 1``
+        computes the loss itself (``targets=``), in chunks.
       deterministic: False switches dropout on; ``rng`` then seeds it.
 
     Returns:
@@ -61,11 +63,14 @@ def make_train_step(model: nn.Module, *, deterministic: bool = True) -> StepFn:
       scalars ``loss`` (nats/token) and ``grad_norm``.
     """
 
+    chunked = getattr(getattr(model, "config", None), "loss_chunks", 1) > 1
+
     def step(state: TrainState, tokens: jax.Array, rng: jax.Array):
         def loss_fn(params: Any) -> jax.Array:
-            logits = model.apply({"params": params}, tokens, deterministic=deterministic,
-                                 rngs={"dropout": rng})
-            return lm_loss(logits, tokens)
+            variables, rngs = {"params": params}, {"dropout": rng}
+            if chunked:  # the model's loss head computes the logits in chunks
+                return model.apply(variables, tokens, deterministic=deterministic, rngs=rngs, targets=tokens)
+            return lm_loss(model.apply(variables, tokens, deterministic=deterministic, rngs=rngs), tokens)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}

@@ -104,6 +104,8 @@ class TrainConfig(OptimizerConfig):
         axes ``data``, ``fsdp``, ``tensor``, the default logical rules); None
         for one device. It may change on resume: a checkpoint restores onto
         any mesh.
+      loss_chunks: the loss head's chunks (``ModelConfig.loss_chunks``); the
+        losses do not change, only the step's memory.
       seed: seeds parameter init, data order and the dropout key.
 
     Raises:
@@ -123,6 +125,7 @@ class TrainConfig(OptimizerConfig):
     ckpt_every: int = 50
     seed: int = 0
     mesh: str | None = None
+    loss_chunks: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -197,7 +200,7 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, bool]:
         (:func:`remat.scan.plan`), or ``seq`` longer than the model's ``max_seq_len``.
     """
     overrides = {} if jax.default_backend() == "cpu" else {"dtype": "bfloat16"}
-    mcfg = get_config(cfg.model, **overrides)
+    mcfg = get_config(cfg.model, loss_chunks=cfg.loss_chunks, **overrides)
     if cfg.seq > mcfg.max_seq_len:
         raise RematError(f"seq={cfg.seq} exceeds max_seq_len={mcfg.max_seq_len} of model {cfg.model!r}")
     plan(mcfg.num_layers, cfg.policy, cfg.groups)  # bad policy/groups fail here, before any work

@@ -348,3 +348,36 @@ def test_gradient_parity_groups(family, policy, groups):
     ref = loss_and_grads(cfg, "none")
     rtol, atol = TOLERANCES["float32"]
     chex.assert_trees_all_close(got, ref, rtol=rtol, atol=atol)
+
+
+# -- the chunked loss head -------------------------------------------------------------
+@pytest.mark.parametrize(("dtype", "tie"), [("float32", True), ("float32", False), ("bfloat16", True)])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_loss_head_equals_the_whole_logits(family, dtype, tie):
+    """5 chunks over 31 predicted positions (padded to 35): loss and gradients
+    equal lm_loss of the whole logits."""
+    cfg = small(family, dtype, tie_embeddings=tie)
+    tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, (2, 32)), jnp.int32)
+    whole = M.Transformer(cfg, policy="minimal")
+    chunked = M.Transformer(dataclasses.replace(cfg, loss_chunks=5), policy="minimal")
+    params = jit(whole.init)(jax.random.key(1), tokens)
+    want = jit(jax.value_and_grad(lambda p: lm_loss(whole.apply(p, tokens), tokens)))(params)
+    got = jit(jax.value_and_grad(lambda p: chunked.apply(p, tokens, targets=tokens)))(params)
+    rtol, atol = TOLERANCES[dtype]
+    chex.assert_trees_all_close(got, want, rtol=rtol, atol=atol)
+
+
+def test_chunked_loss_head_keeps_no_logits_for_the_backward_pass():
+    from remat._sweep import inspect_policy, train_step_setup
+
+    def loss_head_bytes(chunks, fn):
+        r = inspect_policy(train_step_setup("tiny", batch=2, seq=128, loss_chunks=chunks), "full")
+        return sum(row.size_bytes for row in r.residuals if row.source.endswith(f"({fn})")), r
+
+    whole, r1 = loss_head_bytes(1, "lm_loss")
+    chunked, r8 = loss_head_bytes(8, "chunked_lm_loss")
+    assert whole >= 2 * 127 * 256 * 4  # the f32 softmax [B, T - 1, V]
+    assert chunked <= 2 * 128 * (128 + 2) * 4  # only the hidden states [B, T, D] and the targets
+    assert r8.flops < r1.flops * 1.15  # at most one more forward of the head
+    with pytest.raises(remat.RematError, match="ModelConfig.loss_chunks=0 must be a positive integer"):
+        M.get_config("tiny", loss_chunks=0)
