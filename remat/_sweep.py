@@ -285,6 +285,11 @@ class SweepResult:
       frontier: indices into ``reports`` on the Pareto frontier (peak bytes
         vs FLOPs), by peak bytes.
       wall_seconds: the whole sweep, setup included.
+      same_cost: indices into ``reports`` grouped by identical figures (peak,
+        temporaries, residuals on device and host, FLOPs): policies that cost
+        the same, e.g. ``full`` and ``save_iteration_input``, or two that lower
+        to one XLA program, are one table row and one plot point. Empty: every
+        report its own group.
     """
 
     model: str
@@ -293,16 +298,29 @@ class SweepResult:
     reports: tuple[Report, ...]
     frontier: tuple[int, ...]
     wall_seconds: float
+    same_cost: tuple[tuple[int, ...], ...] = ()
+
+    def groups(self) -> list[tuple[int, ...]]:
+        """The report indices per cost (see ``same_cost``), sorted by peak
+        bytes then FLOPs."""
+        groups = list(self.same_cost) or [(i,) for i in range(len(self.reports))]
+        return sorted(groups, key=lambda g: (self.reports[g[0]].peak_bytes, self.reports[g[0]].flops))
+
+    def group_label(self, group: Sequence[int]) -> str:
+        """The policies of one group, e.g. ``"full = save_iteration_input"``."""
+        return " = ".join(self.reports[i].label for i in group)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: the fields, reports via :meth:`Report.to_dict`, frontier as labels."""
         return {"model": self.model, "batch": self.batch, "seq": self.seq,
                 "wall_seconds": self.wall_seconds,
                 "frontier": [self.reports[i].label for i in self.frontier],
+                "same_cost": [[self.reports[i].label for i in g] for g in self.groups()],
                 "reports": [r.to_dict() for r in self.reports]}
 
     def table(self) -> Table:
-        """A rich table sorted by peak bytes; frontier rows marked ``*``."""
+        """A rich table sorted by peak bytes, one row per cost (policies that
+        cost the same joined by ``=``); frontier rows marked ``*``."""
         n = len(self.reports)
         mesh = self.reports[0].mesh if self.reports else ()
         on = (" on mesh " + ",".join(f"{a}={k}" for a, k in mesh if k > 1)) if mesh else ""
@@ -317,15 +335,15 @@ class SweepResult:
                           ("recompute", "right")):
             t.add_column(col, justify=just)
         front = set(self.frontier)
-        for i in sorted(range(n), key=lambda i: (self.reports[i].peak_bytes, self.reports[i].flops)):
-            r = self.reports[i]
-            mark = ("*" if i in front else "") + ("!" if r.saving_unconfirmed else "")
-            t.add_row(mark, r.label, format_bytes(r.peak_bytes),
+        for group in self.groups():
+            r, on_front = self.reports[group[0]], bool(front & set(group))
+            mark = ("*" if on_front else "") + ("!" if r.saving_unconfirmed else "")
+            t.add_row(mark, self.group_label(group), format_bytes(r.peak_bytes),
                       format_bytes(r.temp_bytes), format_bytes(r.residual_bytes),
                       format_bytes(r.host_residual_bytes) if r.host_residual_bytes else "-",
                       format_flops(r.flops),
                       "-" if r.recompute_overhead is None else f"{r.recompute_overhead:+.1%}",
-                      style="bold" if i in front else None)
+                      style="bold" if on_front else None)
         return t
 
 
@@ -416,12 +434,19 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         for item in pending:
             collect(*item)
     done = tuple(r for r in reports if r is not None)
-    return SweepResult(name, s.batch, s.seq, done, pareto_frontier(done), time.perf_counter() - t0)
+    by_cost: dict[tuple, list[int]] = {}
+    for i, r in enumerate(done):
+        cost = (r.peak_bytes, r.temp_bytes, r.residual_bytes, r.host_residual_bytes, r.flops)
+        by_cost.setdefault(cost, []).append(i)
+    return SweepResult(name, s.batch, s.seq, done, pareto_frontier(done), time.perf_counter() - t0,
+                       tuple(tuple(g) for g in by_cost.values()))
 
 
 def plot_sweep(result: SweepResult, path: str | None = None) -> Any:
-    """Peak memory (GiB) against FLOPs (TFLOP) per policy, the Pareto frontier
-    drawn as a step line, every point labelled. Uses matplotlib's Agg backend.
+    """Peak memory per device (GiB) against FLOPs (TFLOP), one numbered point
+    per cost (policies that cost the same share it; the key beside the axes
+    lists them), the Pareto frontier drawn as a step line. Uses matplotlib's
+    Agg backend.
 
     Args:
       result: from :func:`sweep`.
@@ -431,20 +456,29 @@ def plot_sweep(result: SweepResult, path: str | None = None) -> Any:
       The ``matplotlib.figure.Figure``.
     """
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    from matplotlib.lines import Line2D
 
-    fig = Figure(figsize=(9, 6), layout="constrained")
+    fig = Figure(figsize=(11, 6), layout="constrained")
     ax = fig.add_subplot()
-    gib = [r.peak_bytes / 2**30 for r in result.reports]
-    tflop = [r.flops / 1e12 for r in result.reports]
+    groups = result.groups()
     front = set(result.frontier)
-    ax.scatter([g for i, g in enumerate(gib) if i not in front],
-               [f for i, f in enumerate(tflop) if i not in front], color="tab:gray", label="policy")
-    ax.scatter([gib[i] for i in result.frontier], [tflop[i] for i in result.frontier],
-               color="tab:red", zorder=3, label="Pareto frontier")
-    ax.step([gib[i] for i in result.frontier], [tflop[i] for i in result.frontier],
-            where="post", color="tab:red", alpha=0.6)
-    for i, r in enumerate(result.reports):
-        ax.annotate(r.label, (gib[i], tflop[i]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    on_front = [bool(front & set(g)) for g in groups]
+    gib = [result.reports[g[0]].peak_bytes / 2**30 for g in groups]
+    tflop = [result.reports[g[0]].flops / 1e12 for g in groups]
+    ax.scatter([x for x, f in zip(gib, on_front, strict=True) if not f],
+               [y for y, f in zip(tflop, on_front, strict=True) if not f], color="tab:gray", label="policy")
+    ax.scatter([x for x, f in zip(gib, on_front, strict=True) if f],
+               [y for y, f in zip(tflop, on_front, strict=True) if f], color="tab:red", zorder=3,
+               label="Pareto frontier")
+    ax.step([x for x, f in zip(gib, on_front, strict=True) if f],
+            [y for y, f in zip(tflop, on_front, strict=True) if f], where="post", color="tab:red", alpha=0.6)
+    # Numbers at the points and a numbered key beside the axes, so no label overlaps another.
+    for k, (x, y) in enumerate(zip(gib, tflop, strict=True), start=1):
+        ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    key = [Line2D([], [], linestyle="none", marker=f"${k}$", color="black")
+           for k in range(1, len(groups) + 1)]
+    fig.legend(key, [result.group_label(g) for g in groups], loc="outside right upper", fontsize=7,
+               title="policies (same cost: one point)", title_fontsize=8)
     ax.set_xlabel("peak memory per device (GiB)")
     ax.set_ylabel("train step FLOPs (TFLOP)")
     ax.set_title(f"{result.model}: batch {result.batch} x seq {result.seq}, "

@@ -50,6 +50,8 @@ def test_identical_programs_share_a_compile(tiny_sweep):
     assert shared.compile_seconds == 0.0
     assert shared.notes == ("the same XLA program as 'minimal': its compile was reused",)
     assert shared.peak_bytes == by["minimal"].peak_bytes
+    labels = {tiny_sweep.group_label(g) for g in tiny_sweep.groups()}
+    assert "minimal = dots_with_no_batch_dims_saveable" in labels  # one row, one point
 
 
 def test_frontier_is_exactly_the_undominated_reports(tiny_sweep):
@@ -82,8 +84,10 @@ def test_plot_marks_frontier_and_labels_points(tiny_sweep, tmp_path):
     fig = plot_sweep(tiny_sweep, str(path))
     ax = fig.axes[0]
     assert path.stat().st_size > 10_000
-    assert {t.get_text() for t in ax.texts} == {r.label for r in tiny_sweep.reports}
-    assert ax.get_legend().get_texts()[1].get_text() == "Pareto frontier"
+    groups = tiny_sweep.groups()
+    assert [t.get_text() for t in ax.texts] == [str(k) for k in range(1, len(groups) + 1)]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [tiny_sweep.group_label(g) for g in groups]
+    assert len(groups) < len(tiny_sweep.reports)  # policies that cost the same are one point
 
 
 def test_table_sorted_by_peak_with_frontier_marked(tiny_sweep):
@@ -92,7 +96,7 @@ def test_table_sorted_by_peak_with_frontier_marked(tiny_sweep):
     console = Console(record=True, width=200)
     console.print(tiny_sweep.table())
     lines = [ln for ln in console.export_text().splitlines() if ln.startswith("│")]
-    assert len(lines) == len(tiny_sweep.reports)
+    assert len(lines) == len(tiny_sweep.groups())
     assert lines[-1].split("│")[2].strip() == "none"  # the most memory
 
 
