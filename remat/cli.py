@@ -238,7 +238,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                            total=total)
 
             result = sweep(args.model, specs, workers=args.workers, on_report=advance, **_step_kwargs(args))
-        _print_wide(result.table(), width=130)
+        _print_wide(result.table(), width=160)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result.to_dict(), f, indent=2)
