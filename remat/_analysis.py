@@ -170,7 +170,7 @@ def compile_and_analyze(fn: Callable[..., Any], *args: Any, label: str | None = 
 def trace_without_remat(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
                         donate_argnums: int | Sequence[int] = (), out_shardings: Any = None) -> Traced:
     """Trace ``fn`` with every checkpoint that ``remat`` applies removed
-    (:func:`remat.apply.without_remat`): the baseline of every overhead.
+    (:func:`remat.without_remat`): the baseline of every overhead.
 
     ``fn`` is traced through a fresh wrapper, so JAX's tracing cache cannot
     hand back the program traced with remat."""
@@ -196,7 +196,7 @@ def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
 
     The baseline is the same function with no ``jax.checkpoint``: traced
     again with every checkpoint that ``remat`` applies removed
-    (:func:`remat.apply.without_remat`) and compiled too, unless it lowers to
+    (:func:`remat.without_remat`) and compiled too, unless it lowers to
     the same program. Overheads are against it, and the claimed residual
     saving is checked against the compiled memory (:meth:`Report.with_baseline`).
     Checkpoints applied with ``jax.checkpoint`` or ``nn.remat`` directly

@@ -34,13 +34,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from remat._errors import RematError
 
-__all__ = ["AXES", "LOGICAL_RULES", "Rules", "batch_factor", "batch_sharding", "check_batch",
-           "initialize_distributed", "make_mesh",
-           "mesh_context", "parse_mesh", "set_cpu_devices", "sharded_abstract"]
+__all__ = [
+    "AXES",
+    "LOGICAL_RULES",
+    "Rules",
+    "batch_factor",
+    "batch_sharding",
+    "check_batch",
+    "initialize_distributed",
+    "make_mesh",
+    "mesh_context",
+    "parse_mesh",
+    "replicated",
+    "set_cpu_devices",
+    "sharded_abstract",
+]
 
 AXES = ("data", "fsdp", "tensor")
 """The mesh axes, in mesh order."""
@@ -187,6 +199,11 @@ def sharded_abstract(fn: Any, *args: Any, mesh: Mesh, rules: Rules = LOGICAL_RUL
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             nn.meta.unbox(boxed), shardings)
     return abstract, shardings
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A value held whole on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from rich.table import Table
 
 from remat import models
@@ -43,6 +43,7 @@ from remat._mesh import (
     check_batch,
     make_mesh,
     mesh_context,
+    replicated,
     sharded_abstract,
 )
 from remat._report import Report
@@ -176,11 +177,11 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
     mesh, rules = make_mesh(mesh), tuple(rules if rules is not None else LOGICAL_RULES)
     check_batch(batch, mesh, rules)
     state, state_shardings = sharded_abstract(init, tokens, rng, mesh=mesh, rules=rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    whole = replicated(mesh)
     tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype, sharding=batch_sharding(mesh, rules))
-    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: rng).dtype, sharding=replicated)
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: rng).dtype, sharding=whole)
     return TrainStepSetup(config, batch, seq, groups, state, tokens, key, mesh, rules,
-                          (state_shardings, replicated))
+                          (state_shardings, whole))
 
 
 def trace_policy(s: TrainStepSetup, policy: str | Policy, label: str) -> Traced:

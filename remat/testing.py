@@ -183,6 +183,14 @@ def compiled_op_count(fn: Callable[..., Any], op: str, *args: Any, policy: str |
 
     (For a ``jax.custom_vjp`` kernel that means saving both the residuals its
     forward rule tags and its tagged output; see the README's Limitations.)
+
+    Returns:
+      The count (int); 0 when the op does not occur, so a misspelt opcode
+      cannot pass an ``== 1`` assertion.
+
+    Raises:
+      The errors of :func:`remat.checkpoint` for a bad ``policy``, and of
+      tracing ``fn`` on ``args``.
     """
     f = fn if policy is None else checkpoint(fn, policy)
     lowered = jax.jit(jax.value_and_grad(_loss(f), argnums=tuple(range(len(args))))).lower(*args)

@@ -3,7 +3,7 @@
 One run lives in one folder ``DIR``:
 
 - ``run.json``: the :class:`TrainConfig` (``--resume`` reads it back);
-- ``data/``: the corpus as memory-mapped byte files (:func:`remat.data.build_corpus`);
+- ``data/``: the corpus as memory-mapped byte files (:func:`remat._data.build_corpus`);
 - ``checkpoints/<step>/``: orbax checkpoints (parameters, optimizer state, PRNG key,
   data position, elapsed seconds) every ``ckpt_every`` steps, at the end, and on Ctrl-C;
 - ``metrics.jsonl``: one JSON object per step: ``step``, ``train_loss`` and
@@ -16,12 +16,12 @@ The optimizer is :func:`remat.step.make_optimizer` (AdamW, warmup + cosine, clip
 the one that ``remat inspect``/``sweep`` measure too. The step is
 :func:`remat.step.make_train_step`, compiled once ahead of time
 (``jax.jit(...).lower(...).compile()``, with the PRNG split and the learning rate
-inside); that one compile is also measured (:func:`remat.analysis.compile_and_analyze`)
+inside); that one compile is also measured (:func:`remat._analysis.compile_and_analyze`)
 for the step's peak memory in the summary. On accelerators the model computes in
 bfloat16 (parameters stay float32); on CPU in float32.
 
 Resume is exact: a batch is a pure function of the data position
-(:class:`remat.data.Batches`) and the checkpoint holds everything else that evolves,
+(:class:`remat._data.Batches`) and the checkpoint holds everything else that evolves,
 so ``N/2`` steps + ``--resume`` + ``N/2`` steps gives the same losses and parameters
 as ``N`` steps in one go.
 """
@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
-from jax.sharding import NamedSharding, PartitionSpec
 from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import (
@@ -61,7 +60,15 @@ from remat._analysis import compile_and_analyze
 from remat._data import Batches, Corpus, build_corpus, eval_batches
 from remat._errors import RematError
 from remat._format import format_bytes
-from remat._mesh import batch_sharding, check_batch, make_mesh, mesh_context, parse_mesh, sharded_abstract
+from remat._mesh import (
+    batch_sharding,
+    check_batch,
+    make_mesh,
+    mesh_context,
+    parse_mesh,
+    replicated,
+    sharded_abstract,
+)
 from remat._report import Report
 from remat._scan import plan
 from remat.models import Transformer, get_config
@@ -197,7 +204,7 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, bool]:
 
     Raises:
       ValueError: unknown model (:func:`remat.models.get_config`), policy or groups
-        (:func:`remat.scan.plan`), or ``seq`` longer than the model's ``max_seq_len``.
+        (:func:`remat._scan.plan`), or ``seq`` longer than the model's ``max_seq_len``.
     """
     overrides = {} if jax.default_backend() == "cpu" else {"dtype": "bfloat16"}
     mcfg = get_config(cfg.model, loss_chunks=cfg.loss_chunks, **overrides)
@@ -382,6 +389,8 @@ class _Placement:
       init: ``(tokens, key) -> TrainState``: the initial state, unboxed (plain arrays).
       abstract: the abstract state, with its shardings under a mesh.
       shardings: the state's ``NamedSharding`` tree under a mesh, else None.
+      batch_sharding, replicated_sharding: a batch's and a replicated value's
+        ``NamedSharding`` under a mesh, else None.
     """
 
     mesh: Any
@@ -389,6 +398,8 @@ class _Placement:
     init: Any
     abstract: Any
     shardings: Any
+    batch_sharding: Any = None
+    replicated_sharding: Any = None
 
     @classmethod
     def of(cls, cfg: TrainConfig, model: nn.Module, example: jax.Array) -> _Placement:
@@ -401,7 +412,8 @@ class _Placement:
         mesh = make_mesh(parse_mesh(cfg.mesh))
         check_batch(cfg.batch, mesh)
         abstract, shardings = sharded_abstract(boxed, example, key, mesh=mesh)
-        return cls(mesh, jax.device_put(example, batch_sharding(mesh)), init, abstract, shardings)
+        batch = batch_sharding(mesh)
+        return cls(mesh, jax.device_put(example, batch), init, abstract, shardings, batch, replicated(mesh))
 
     def context(self) -> Any:
         """Trace under the mesh and the logical rules (nothing on one device)."""
@@ -409,11 +421,11 @@ class _Placement:
 
     def batch(self, tokens: Any) -> jax.Array:
         """``int32[B, T]`` tokens on the device(s), the batch split over the mesh."""
-        return jnp.asarray(tokens) if self.mesh is None else jax.device_put(tokens, batch_sharding(self.mesh))
+        return jnp.asarray(tokens) if self.mesh is None else jax.device_put(tokens, self.batch_sharding)
 
     def replicated(self, x: jax.Array) -> jax.Array:
         """``x`` on every device of the mesh (as it is on one device)."""
-        return x if self.mesh is None else jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
+        return x if self.mesh is None else jax.device_put(x, self.replicated_sharding)
 
     def jit(self, fn: Any, out_shardings: Any = None) -> Any:
         """``jax.jit(fn)``, with ``out_shardings`` pinned under a mesh."""
@@ -477,7 +489,7 @@ def _compile(cfg: TrainConfig, model: nn.Module, deterministic: bool, state: Tra
     t0 = time.perf_counter()
     # One compile of the step serves both the run and its measurement.
     options = {} if compiler_options is None else compiler_options  # None: XLA's defaults, to run fast
-    replicated = None if place.mesh is None else NamedSharding(place.mesh, PartitionSpec())
+    replicated = place.replicated_sharding
     with place.context():
         compiled, report = compile_and_analyze(
             train_step, state, place.example, rng, label="train step", donate_argnums=(0, 2),

@@ -1,4 +1,4 @@
-"""remat.analysis: residual rows by name x layers, trip-count-exact FLOPs,
+"""remat.analyze (remat._analysis): residual rows by name x layers, trip-count-exact FLOPs,
 memory figures and the report's JSON, on hand-written scans and on models."""
 
 from __future__ import annotations

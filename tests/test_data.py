@@ -1,4 +1,4 @@
-"""remat.data: the default stdlib corpus, user corpora and their errors, the split,
+"""remat._data: the default stdlib corpus, user corpora and their errors, the split,
 the memory-mapped cache and position-addressed batches."""
 
 from __future__ import annotations
