@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from remat._apply import checkpoint
 from remat._errors import RematError
 from remat._scan import scan_layers
 from remat.models.config import ModelConfig
@@ -123,10 +122,11 @@ class Transformer(nn.Module):
         else:
             w_DxV = self.param("head", _HeadKernel(kernel_init(cfg, ("embed", "vocab"))),
                                (cfg.d_model, cfg.vocab_size), cfg.param_dtype)["kernel"]
-        if targets is not None and cfg.loss_chunks > 1:
-            return chunked_lm_loss(x_BxTxD, w_DxV, targets, cfg.loss_chunks, cfg.dtype)
-        logits_BxTxV = nn.with_logical_constraint(_logits(x_BxTxD, w_DxV, cfg.dtype), BTV)
-        return logits_BxTxV if targets is None else lm_loss(logits_BxTxV, targets)
+        with jax.named_scope(vocab.LOSS_HEAD_SCOPE):
+            if targets is not None and cfg.loss_chunks > 1:
+                return chunked_lm_loss(x_BxTxD, w_DxV, targets, cfg.loss_chunks, cfg.dtype)
+            logits_BxTxV = nn.with_logical_constraint(_logits(x_BxTxD, w_DxV, cfg.dtype), BTV)
+            return logits_BxTxV if targets is None else lm_loss(logits_BxTxV, targets)
 
 
 def _logits(x: jax.Array, w_DxV: jax.Array, dtype: Any) -> jax.Array:
@@ -148,19 +148,23 @@ class _HeadKernel:
 def chunked_lm_loss(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, chunks: int,
                     dtype: Any) -> jax.Array:
     """Mean next-token cross-entropy (nats, float32) of ``logits = x @ w``,
-    computed over the token positions in ``chunks`` pieces by a ``lax.scan``
-    whose body is rematerialized: each piece's float32 logits ``[B, T/chunks,
-    V]`` exist only while that piece is computed, in the forward pass and
-    again in the backward pass (one more forward of the head, in FLOPs).
-    Positions are padded to a multiple of ``chunks`` and the padding masked.
+    computed over the token positions in ``chunks`` pieces so that the float32
+    logits ``[B, T, V]`` are never whole in memory ("vocab tiling").
 
-    Equal to ``remat.step.lm_loss(x @ w, targets)`` up to float rounding.
-    Measured compile-only at batch 8 (``full`` remat, one device): gpt2-small
-    x 1024 peak 6.24 -> 4.39 GiB with 8 chunks, the logits' 1.53 GiB softmax
-    residual gone, +7.6 % FLOPs. Caveat: the scan accumulates the head
-    weight's gradient ``[D, V]`` in float32 as its carry, which under FSDP is
-    not sharded like the parameter, so on a mesh it can cost more than it
-    saves (llama3-8b x 2048 on ``fsdp=8``: 20.75 -> 24.17 GiB).
+    A ``jax.custom_vjp``: when differentiated, a ``lax.scan`` over the pieces
+    computes each piece's logits ``[B, T/chunks, V]``, its cross-entropy and,
+    in the same step, its gradients: ``d x`` for the piece and ``d w``
+    accumulated in float32 (constrained to the head weight's logical axes
+    ``("embed", "vocab")``, so a mesh shards it as the parameter). The
+    backward pass only scales them by the incoming cotangent: nothing is
+    recomputed, the FLOPs are those of the whole-logits head, and the
+    residuals are ``d x`` and ``d w``. Positions are padded to a multiple of
+    ``chunks`` and the padding masked. Without differentiation the scan
+    computes the loss alone.
+
+    Equal to ``remat.step.lm_loss(x @ w, targets)`` up to float rounding (the
+    matmuls run in ``dtype`` as the whole head's do; ``d w`` is summed over
+    pieces in float32).
     """
     b, t, d = x_BxTxD.shape
     n = t - 1
@@ -170,14 +174,53 @@ def chunked_lm_loss(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array
     y = jnp.pad(targets_BxT[:, 1:], ((0, 0), (0, pad))).reshape(b, chunks, size).swapaxes(0, 1)
     mask = (jnp.arange(size * chunks) < n).reshape(chunks, 1, size)
 
-    def piece(total: jax.Array, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
-        h_BxSxD, y_BxS, m_1xS = xs
-        logits = _logits(h_BxSxD, w_DxV, dtype).astype(jnp.float32)
+    def piece_loss(h_BxSxD: jax.Array, w_c: jax.Array, y_BxS: jax.Array, m_1xS: jax.Array):
+        logits = nn.with_logical_constraint(_logits(h_BxSxD, w_c, dtype), BTV).astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y_BxS)
-        return total + jnp.sum(jnp.where(m_1xS, ce, 0.0)), None
+        return jnp.sum(jnp.where(m_1xS, ce, 0.0)) / (b * n), logits
 
-    total, _ = jax.lax.scan(checkpoint(piece, "full", prevent_cse=False), jnp.float32(0.0), (h, y, mask))
-    return total / (b * n)
+    def loss_only(h: jax.Array, w: jax.Array) -> jax.Array:
+        w_c = w.astype(dtype)
+
+        def piece(total, xs):
+            return total + piece_loss(xs[0], w_c, xs[1], xs[2])[0], None
+        return jax.lax.scan(piece, jnp.float32(0.0), (h, y, mask))[0]
+
+    def loss_and_grads(h: jax.Array, w: jax.Array):
+        w_c = nn.with_logical_constraint(w.astype(dtype), (None, None))  # gathered once, not per piece
+
+        def piece(carry, xs):
+            total, dw_DxV = carry
+            h_BxSxD, y_BxS, m_1xS = xs
+            loss, logits = piece_loss(h_BxSxD, w_c, y_BxS, m_1xS)
+            # d loss / d logits of the masked mean cross-entropy
+            dl = (jax.nn.softmax(logits) - jax.nn.one_hot(y_BxS, logits.shape[-1], dtype=jnp.float32))
+            dl = (jnp.where(m_1xS[..., None], dl, 0.0) / (b * n)).astype(dtype)
+            dl = nn.with_logical_constraint(dl, BTV)
+            dh_BxSxD = nn.with_logical_constraint(jnp.einsum("bsv,dv->bsd", dl, w_c), BTD)
+            dw_DxV = dw_DxV + nn.with_logical_constraint(
+                jnp.einsum("bsd,bsv->dv", h_BxSxD.astype(dtype), dl, preferred_element_type=jnp.float32),
+                ("embed", "vocab"))
+            return (total + loss, nn.with_logical_constraint(dw_DxV, ("embed", "vocab"))), dh_BxSxD
+
+        dw0 = nn.with_logical_constraint(jnp.zeros(w.shape, jnp.float32), ("embed", "vocab"))
+        (total, dw), dh = jax.lax.scan(piece, (jnp.float32(0.0), dw0), (h, y, mask))
+        return total, dh.astype(h.dtype), dw.astype(w.dtype)
+
+    @jax.custom_vjp
+    def head(h: jax.Array, w: jax.Array) -> jax.Array:
+        return loss_only(h, w)
+
+    def head_fwd(h: jax.Array, w: jax.Array):
+        total, dh, dw = loss_and_grads(h, w)
+        return total, (dh, dw)
+
+    def head_bwd(res, g):
+        dh, dw = res
+        return (g * dh).astype(dh.dtype), (g * dw).astype(dw.dtype)
+
+    head.defvjp(head_fwd, head_bwd)
+    return head(h, w_DxV)
 
 
 def param_count(config: ModelConfig, **model_kwargs: Any) -> int:

@@ -77,6 +77,13 @@ ALTERNATIVES: dict[str, frozenset[str]] = {
 }
 """For each name, the names a model may emit instead (fused vs split)."""
 
+LOSS_HEAD_SCOPE = "loss_head"
+"""Not a checkpoint name: the ``jax.named_scope`` around a model's loss head
+(the logits ``[B, T, V]`` and the cross-entropy). Checkpoint names do not reach
+the compiled program, but named scopes do (in each HLO op's ``op_name``), so
+the memory breakdown counts the buffers made under this scope as the loss-head
+term. Wrap your own model's head in it to have it counted so."""
+
 
 def missing_names(wanted: frozenset[str], emitted: frozenset[str]) -> frozenset[str]:
     """The names in ``wanted`` that neither occur in ``emitted`` nor have an

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     )
     from remat._data import CorpusError
     from remat._errors import RematError
+    from remat._memory import PeakBuffer
     from remat._report import Report
     from remat._residuals import ResidualRow
     from remat._scan import scan_layers
@@ -45,6 +46,7 @@ _EXPORTS = {
     "NeverKeptError": "remat._apply",
     "NeverKeptWarning": "remat._apply",
     "OffloadUnsupportedError": "remat._apply",
+    "PeakBuffer": "remat._memory",
     "Policy": "remat.policies",
     "PolicySpecError": "remat.policies",
     "RematError": "remat._errors",
@@ -74,6 +76,7 @@ __all__ = [
     "NeverKeptError",
     "NeverKeptWarning",
     "OffloadUnsupportedError",
+    "PeakBuffer",
     "Policy",
     "PolicySpecError",
     "RematError",

@@ -4,6 +4,10 @@
 (``jax.ShapeDtypeStruct``; nothing is allocated) and returns a :class:`Report`:
 
 - **memory** from XLA's ``compiled.memory_analysis()`` (per device, bytes);
+- **the peak by term**: what is live at the memory peak, from the buffer
+  assignment XLA dumps while compiling (:mod:`remat._buffers`), attributed to
+  parameters, optimizer state, gradients, residuals, the loss head, ...
+  (:func:`remat._memory.peak_terms`);
 - **residuals**: what the forward pass keeps for the backward pass, one
   :class:`ResidualRow` per checkpoint name (or producing op) with its per-layer
   shape, bytes, memory kind (device or host) and how many layers it repeats for;
@@ -16,22 +20,26 @@ memory: :mod:`remat._memory`; the report: :mod:`remat._report`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from remat._apply import without_remat
+from remat._buffers import DumpFormatError, PeakDump, read_dump
 from remat._errors import RematError
 from remat._flops import count_dots, count_flops
 from remat._format import format_bytes
 from remat._jaxpr import CALL_BODY, CHECKPOINT, checkpoint_names, nbytes, walk
-from remat._memory import compiled_memory, default_compiler_options
+from remat._memory import PEAK_BUFFERS, advice, compiled_memory, default_compiler_options, peak_terms
 from remat._report import Report
 from remat._residuals import residual_rows
 
@@ -89,15 +97,53 @@ def trace(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], label: st
     return Traced(traced, lowered, label or getattr(fn, "__name__", "fn"), time.perf_counter() - t0)
 
 
-def compile_traced(t: Traced, compiler_options: dict[str, Any] | None) -> tuple[Any, float]:
+def compile_traced(t: Traced, compiler_options: dict[str, Any] | None) -> tuple[Any, float, PeakDump | str]:
     """Compile a lowered step; safe in a worker thread (XLA releases the GIL),
-    so a sweep overlaps the compile of one policy with the trace of the next."""
-    t0 = time.perf_counter()
-    compiled = t.lowered.compile(default_compiler_options() if compiler_options is None else compiler_options)
-    return compiled, time.perf_counter() - t0
+    so a sweep overlaps the compile of one policy with the trace of the next.
+
+    XLA dumps the compiled module's buffer assignment into a temporary
+    directory (``xla_dump_to``; into yours if the options name one), read
+    by :func:`remat._buffers.read_dump`.
+
+    Returns:
+      ``(compiled, compile_seconds, dump)``: ``dump`` is what is live at the
+      memory peak, or a sentence saying why there is none.
+    """
+    options = dict(default_compiler_options() if compiler_options is None else compiler_options)
+    with contextlib.ExitStack() as stack:
+        if "xla_dump_to" not in options:
+            options["xla_dump_to"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="remat-xla-"))
+        t0 = time.perf_counter()
+        compiled = t.lowered.compile(options)
+        seconds = time.perf_counter() - t0
+        try:
+            dump: PeakDump | str = read_dump(options["xla_dump_to"])
+        except DumpFormatError as e:
+            dump = f"XLA's buffer-assignment dump could not be read ({e})"
+    return compiled, seconds, dump
 
 
-def measure(t: Traced, compiled: Any, compile_seconds: float) -> Report:
+def _peak_fields(dump: PeakDump | str, rows: Sequence[Any], closed: Any, peak: int,
+                 devices: int) -> tuple[dict[str, Any], list[str]]:
+    """The Report's peak-by-term fields and notes (:func:`remat._memory.peak_terms`)."""
+    if isinstance(dump, str):
+        return {}, [f"no peak breakdown by term: {dump}"]
+    weights = [a.shape for a in closed.in_avals if jnp.issubdtype(a.dtype, jnp.floating)]
+    terms, by_name, buffers, host = peak_terms(dump, rows, weights)
+    notes = []
+    total = sum(terms.values())
+    if abs(total - peak) > 0.01 * peak:
+        notes.append(f"the peak's terms from XLA's buffer assignment sum to {format_bytes(total)}, not to "
+                     f"peak_bytes {format_bytes(peak)}: the breakdown is off by more than 1%")
+    notes += advice(terms, peak, devices)
+    fields = {"peak_terms": tuple((k, v) for k, v in terms.items() if v),
+              "peak_residuals": tuple(sorted(by_name.items(), key=lambda kv: -kv[1])),
+              "peak_buffers": tuple(buffers[:PEAK_BUFFERS]), "host_peak_bytes": host}
+    return fields, notes
+
+
+def measure(t: Traced, compiled: Any, compile_seconds: float, dump: PeakDump | str = "not dumped") -> Report:
+    """The :class:`Report` of a traced and compiled step (see :func:`analyze`)."""
     closed = t.traced.jaxpr
     jaxpr = closed.jaxpr
     rows = residual_rows(jaxpr)
@@ -127,6 +173,11 @@ def measure(t: Traced, compiled: Any, compile_seconds: float) -> Report:
         peak_source = "residual estimate"
         notes.append(f"the {backend} backend gives no memory_analysis() (or all zeros): peak_bytes = "
                      "arguments + outputs + device residuals, a lower bound")
+    devices = max((len(s.device_set) for s in jax.tree.leaves(compiled.input_shardings)), default=1)
+    peak_fields: dict[str, Any] = {}
+    if mem is not None:
+        peak_fields, peak_notes = _peak_fields(dump, rows, closed, peak, devices)
+        notes += peak_notes
     notes += cse_notes(jaxpr)
     if gathered := sorted({r.name for r in rows if r.gathered}):
         notes.append(f"saved after an all-gather (replicated on a mesh axis their inputs were sharded on): "
@@ -146,7 +197,7 @@ def measure(t: Traced, compiled: Any, compile_seconds: float) -> Report:
         dots_forward=dots, dots_forward_batched=batched, dots_kept=dots_kept,
         checkpoint_names=tuple(sorted(checkpoint_names(jaxpr))),
         trace_seconds=t.trace_seconds, compile_seconds=compile_seconds, notes=tuple(notes),
-        devices=max((len(s.device_set) for s in jax.tree.leaves(compiled.input_shardings)), default=1))
+        devices=devices, **peak_fields)
 
 
 def compile_and_analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
@@ -163,8 +214,8 @@ def compile_and_analyze(fn: Callable[..., Any], *args: Any, label: str | None = 
     the fast-compile options that None selects.
     """
     t = trace(fn, args, kwargs, label, donate_argnums, out_shardings)
-    compiled, compile_seconds = compile_traced(t, compiler_options)
-    return compiled, measure(t, compiled, compile_seconds)
+    compiled, compile_seconds, dump = compile_traced(t, compiler_options)
+    return compiled, measure(t, compiled, compile_seconds, dump)
 
 
 def trace_without_remat(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any],

@@ -1,13 +1,25 @@
 """Compiled memory: XLA's ``compiled.memory_analysis()`` as bytes per
-device, and the compile options the analysis uses."""
+device, the compile options the analysis uses, and the peak by term (what
+is live at the peak, attributed from XLA's buffer-assignment dump)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
-__all__ = ["FAST_CPU_COMPILE", "compiled_memory", "default_compiler_options"]
+from remat._buffers import HOST_MEMORY_SPACE, LiveValue, PeakDump
+from remat._format import format_bytes
+from remat._residuals import ResidualRow
+from remat.policies import vocab
+
+__all__ = ["ACTIVATION_TERMS", "FAST_CPU_COMPILE", "PEAK_BUFFERS", "TERMS", "PeakBuffer", "advice",
+           "compiled_memory", "default_compiler_options", "peak_terms"]
 
 _MEMORY_FIELDS = ("temp", "argument", "output", "alias", "host_temp")
 
@@ -37,3 +49,169 @@ the executable is only measured, never run."""
 def default_compiler_options() -> dict[str, Any]:
     """:data:`FAST_CPU_COMPILE` on the CPU backend, no options elsewhere."""
     return dict(FAST_CPU_COMPILE) if jax.default_backend() == "cpu" else {}
+
+
+TERMS: tuple[str, ...] = ("parameters", "optimizer state", "gradients", "residuals", "stacked layer inputs",
+                          "loss head", "batch", "workspace", "fragmentation", "unattributed")
+"""The terms of the peak, in the order reports list them (see :func:`peak_terms`)."""
+
+ACTIVATION_TERMS = ("residuals", "stacked layer inputs")
+"""The terms a remat policy changes."""
+
+PEAK_BUFFERS = 10
+"""How many of the largest buffers live at the peak a report keeps."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakBuffer:
+    """One buffer live at the compiled step's memory peak.
+
+    Attributes:
+      term: which term of :data:`TERMS` it counts in.
+      name: the checkpoint name(s) of a residual (``"a / b"`` where residual
+        rows of equal size and dtype share it), the argument's path (e.g.
+        ``state.params['embed']['embedding'].value``), else "".
+      size_bytes: bytes per device.
+      shape: per-device shape and dtype, e.g. ``"f32[4,127,50257]"``.
+      op_name: JAX's name stack of the op that made it (``jit(...)/`` dropped).
+      source: ``file:line`` of that op, or "".
+    """
+
+    term: str
+    name: str
+    size_bytes: int
+    shape: str
+    op_name: str
+    source: str
+
+
+_COPY_OPS = ("convert_element_type", "transpose", "copy", "all_gather", "all-gather")
+"""The last op of a name stack that makes a copy of a weight rather than a gradient."""
+
+
+def _dims(shape: str) -> tuple[int, ...]:
+    """``"f32[4,128]"`` -> ``(4, 128)``."""
+    return tuple(int(n) for n in re.findall(r"\d+", shape.split("[", 1)[-1]))
+
+
+def _term(v: LiveValue, residual: str | None, weights: set[tuple[int, ...]]) -> str:
+    backward = "transpose(" in v.op_name
+    head = re.search(rf"\b{vocab.LOSS_HEAD_SCOPE}\b", v.op_name) is not None
+    if v.parameter:
+        return ("optimizer state" if "opt_state" in v.op_name else
+                "parameters" if "params" in v.op_name else "batch")
+    if _dims(v.shape) in weights:
+        gradient = (backward or not v.op_name) and not v.op_name.endswith(_COPY_OPS)
+        return "gradients" if gradient else "workspace"
+    if head:
+        return "loss head"
+    if residual is not None:
+        return "stacked layer inputs" if residual == "layer input" else "residuals"
+    return "workspace" if v.op_name else "unattributed"
+
+
+def peak_terms(dump: PeakDump, rows: Sequence[ResidualRow],
+               weight_shapes: Iterable[Sequence[int]] = ()) -> tuple[dict[str, int], dict[str, int],
+                                                                     list[PeakBuffer], int]:
+    """Attribute every buffer live at the peak to one term of :data:`TERMS`.
+
+    - **parameters / optimizer state / batch**: the step's arguments, by their
+      path (``params``, ``opt_state``, anything else).
+    - **gradients**: a weight's shape (``weight_shapes``: the global shapes of
+      the float arguments; the per-device shapes of the parameters; their
+      transposes), made in the backward pass or with no metadata (a
+      zero-initialised accumulator). A weight-shaped buffer made in the
+      forward pass (a cast, transpose or all-gather of a weight; the chunked
+      loss head's gradient of its weight, computed in its forward pass) or by
+      a copy op is workspace.
+    - **loss head**: any other buffer made under ``jax.named_scope("loss_head")``
+      (:data:`remat.policies.vocab.LOSS_HEAD_SCOPE`): the logits, the softmax
+      and their gradients.
+    - **residuals** (by checkpoint name) and **stacked layer inputs**: made in
+      the forward pass (``jvp`` on the name stack, no ``transpose``) with the
+      per-device element count of a residual row of the jaxpr (XLA may store a
+      bfloat16 value as float32, e.g. on CPU), each row claiming as many
+      buffers as it has values; the scan carry's row (``"layer input"``) is
+      the stacked layer inputs.
+    - **workspace**: any other buffer made by an op with metadata.
+    - **fragmentation**: bytes of the temporary allocation that no value
+      occupies at the peak (the holes XLA's heap packing leaves), from the
+      allocation's size in the dump (:attr:`remat._buffers.PeakDump.fragmentation_bytes`).
+    - **unattributed**: buffers with no metadata to go by.
+
+    Buffers the heap places over each other (XLA reusing a buffer in place)
+    count once: see :class:`remat._buffers.PeakDump`.
+
+    Returns:
+      ``(terms, residuals, buffers, host_bytes)``: device bytes per term (all
+      of :data:`TERMS`), device bytes per residual name, the device buffers
+      largest first, and the bytes live in host memory at the peak (not in the terms).
+    """
+    weights = {tuple(s) for s in weight_shapes}
+    weights |= {_dims(v.shape) for v in dump.live if v.parameter and "params" in v.op_name}
+    weights |= {w[::-1] for w in weights if len(w) == 2}
+    queues: dict[int, list[str]] = {}
+    for r in rows:
+        if r.memory_kind == "device" and r.count:
+            elements = r.device_bytes // (r.count * np.dtype(r.dtype).itemsize)
+            queues.setdefault(elements, []).extend([r.name] * r.count)
+    shared = {k: " / ".join(dict.fromkeys(q)) for k, q in queues.items()}
+    terms = dict.fromkeys(TERMS, 0)
+    residuals: dict[str, int] = {}
+    buffers = []
+    host = 0
+    for v in dump.live:
+        if v.memory_space == HOST_MEMORY_SPACE:
+            host += v.size_bytes
+            continue
+        residual = None
+        forward = "jvp(" in v.op_name and "transpose(" not in v.op_name
+        key = math.prod(_dims(v.shape))
+        if forward and not v.parameter and key in queues:
+            residual = queues[key].pop(0) if queues[key] else shared[key]
+        term = _term(v, residual, weights)
+        name = residual if term in ACTIVATION_TERMS else (v.op_name if v.parameter else "")
+        if term == "residuals":
+            residuals[name] = residuals.get(name, 0) + v.size_bytes  # type: ignore[index]
+        terms[term] += v.size_bytes
+        op = "" if v.parameter else v.op_name.split("/", 1)[-1] if v.op_name.startswith("jit(") else v.op_name
+        buffers.append(PeakBuffer(term, name or "", v.size_bytes, v.shape, op, v.source))
+    terms["fragmentation"] = dump.fragmentation_bytes
+    return terms, residuals, buffers, host
+
+
+def advice(terms: dict[str, int], peak: int, devices: int) -> list[str]:
+    """A note when the largest term of the peak is not the activations (the
+    residuals and stacked layer inputs, which a remat policy changes), naming
+    it and the levers that shrink it, with the bytes each would save (per
+    device; estimates that scale the term, not compiled figures).
+
+    Levers: a chunked loss head (``ModelConfig.loss_chunks``, ``--loss-chunks``;
+    8 chunks keep about 1/8 of the logits), FSDP (parameters, optimizer state
+    and gradients divided over the devices; ``--mesh fsdp=N``), a smaller
+    per-device batch (activations, loss head and workspace scale with it),
+    offloading residuals to host (``offload:NAME``).
+    """
+    candidates = {k: v for k, v in terms.items() if k not in ("fragmentation", "unattributed", "batch")}
+    top = max(candidates, key=candidates.__getitem__, default=None)
+    if top is None or top in ACTIVATION_TERMS or not candidates[top]:
+        return []
+    activations = sum(terms.get(k, 0) for k in ACTIVATION_TERMS)
+    state = sum(terms.get(k, 0) for k in ("parameters", "optimizer state", "gradients"))
+    scaled = sum(terms.get(k, 0) for k in (*ACTIVATION_TERMS, "loss head", "workspace"))
+    levers = []
+    if top == "loss head":
+        levers.append("compute the loss head in 8 chunks (ModelConfig.loss_chunks=8, --loss-chunks 8): "
+                      f"saves about {format_bytes(terms['loss head'] * 7 // 8)}")
+    if top in ("parameters", "optimizer state", "gradients"):
+        n = 8 if devices == 1 else 2 * devices
+        levers.append(f"shard parameters, optimizer state and gradients ({format_bytes(state)}) with FSDP "
+                      f"over {n} devices (--mesh fsdp={n}): saves about "
+                      f"{format_bytes(state - state * devices // n)}")
+    levers.append(f"halve the per-device batch: saves about {format_bytes(scaled // 2)} (activations, "
+                  "loss head and workspace scale with it)")
+    if activations:
+        levers.append(f"offload the residuals to host (offload:NAME): up to {format_bytes(activations)}")
+    return [f"the largest term at the peak is {top} ({format_bytes(candidates[top])} of "
+            f"{format_bytes(peak)}), not the activations ({format_bytes(activations)}): a remat policy "
+            "cannot shrink it. Levers: " + "; ".join(levers)]

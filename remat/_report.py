@@ -7,6 +7,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from remat._format import format_bytes, format_flops
+from remat._memory import PeakBuffer
 from remat._residuals import ResidualRow
 
 if TYPE_CHECKING:
@@ -67,6 +68,17 @@ class Report:
       parameter_bytes, optimizer_bytes, batch_bytes: ``argument_bytes`` split
         per device into the parameters, the optimizer state and the batch
         (None when the step's arguments are not a train step's).
+      peak_terms: the peak by term, ``(term, bytes per device)`` pairs in the
+        order of :data:`remat._memory.TERMS` (zero terms left out): what is live
+        at the peak, from XLA's buffer assignment (see
+        :func:`remat._memory.peak_terms` for how each term is found); they sum
+        to ``peak_bytes`` (a note says so when they do not, within 1%). Empty
+        where the backend writes no buffer assignment (a note says why).
+      peak_residuals: the ``residuals`` term by checkpoint name (or producing
+        op), ``(name, bytes)`` pairs, largest first.
+      peak_buffers: the largest buffers live at the peak (:class:`remat.PeakBuffer`).
+      host_peak_bytes: bytes live in host memory at the peak (offloaded
+        residuals), beside the terms, not in them; None without a breakdown.
       saving_unconfirmed: against its baseline (the step with no
         ``jax.checkpoint``), the compiled ``temp_bytes`` fall by less than half
         the residual bytes this report claims to save, or the peak is higher:
@@ -104,6 +116,10 @@ class Report:
     parameter_bytes: int | None = None
     optimizer_bytes: int | None = None
     batch_bytes: int | None = None
+    peak_terms: tuple[tuple[str, int], ...] = ()
+    peak_residuals: tuple[tuple[str, int], ...] = ()
+    peak_buffers: tuple[PeakBuffer, ...] = ()
+    host_peak_bytes: int | None = None
 
     @property
     def flops_per_device(self) -> float:
@@ -119,6 +135,8 @@ class Report:
         d["mesh"] = dict(self.mesh)
         d["rules"] = [[k, list(v) if isinstance(v, tuple) else v] for k, v in self.rules]
         d["flops_per_device"] = self.flops_per_device
+        d["peak_terms"] = dict(self.peak_terms)
+        d["peak_residuals"] = dict(self.peak_residuals)
         return d
 
     def with_baseline(self, baseline: Report | int) -> Report:
@@ -201,9 +219,40 @@ class Report:
                       str(r.count), str(r.layers), format_bytes(r.device_bytes), r.memory_kind)
         return t
 
+    def peak_table(self) -> Table:
+        """A rich table of the peak by term (share of ``peak_bytes``) and the
+        largest buffers live at the peak."""
+        from rich.table import Table
+
+        t = Table(title=f"the peak ({format_bytes(self.peak_bytes)} per device) by term")
+        for col, just in (("term", "left"), ("bytes per device", "right"), ("share", "right")):
+            t.add_column(col, justify=just)
+        for term, n in self.peak_terms:
+            t.add_row(term, format_bytes(n), f"{n / self.peak_bytes:.1%}")
+            if term == "residuals":
+                for name, m in self.peak_residuals:
+                    t.add_row(f"  {name}", format_bytes(m), f"{m / self.peak_bytes:.1%}", style="dim")
+        if self.host_peak_bytes:
+            t.add_row("host memory (not in the peak)", format_bytes(self.host_peak_bytes), "", style="dim")
+        return t
+
+    def buffer_table(self) -> Table:
+        """A rich table of the largest buffers live at the peak."""
+        from rich.table import Table
+
+        t = Table(title="largest buffers live at the peak")
+        for col in ("bytes", "shape", "term", "name", "made by", "source"):
+            t.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
+        for b in self.peak_buffers:
+            t.add_row(format_bytes(b.size_bytes), b.shape, b.term, b.name,
+                      "/".join(b.op_name.split("/")[-2:]), b.source)
+        return t
+
     def __rich__(self) -> Group:
         from rich.console import Group
 
         parts: list[Any] = [self.summary_table(), self.residual_table()]
+        if self.peak_terms:
+            parts += [self.peak_table(), self.buffer_table()]
         parts += [f"[yellow]note:[/] {n}" for n in self.notes]
         return Group(*parts)

@@ -36,6 +36,7 @@ from remat._analysis import Traced, analyze, compile_traced, measure, trace, tra
 from remat._errors import RematError
 from remat._format import format_bytes, format_flops
 from remat._jaxpr import checkpoint_names
+from remat._memory import TERMS
 from remat._mesh import (
     LOGICAL_RULES,
     Rules,
@@ -417,8 +418,9 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         def collect(i: int, t: Traced, f: Future, same_as: str | None) -> None:
             if not base_report:
                 base_report.append(s.finish(measure(base, *base_compile.result())))
-            compiled, seconds = f.result()
-            r = s.finish(measure(t, compiled, 0.0 if same_as else seconds)).with_baseline(base_report[0])
+            compiled, seconds, dump = f.result()
+            r = s.finish(measure(t, compiled, 0.0 if same_as else seconds, dump))
+            r = r.with_baseline(base_report[0])
             if same_as:
                 r = dataclasses.replace(r, notes=(*r.notes, f"the same XLA program as {same_as!r}: "
                                                   "its compile was reused"))
@@ -446,8 +448,9 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
 def plot_sweep(result: SweepResult, path: str | None = None) -> Any:
     """Peak memory per device (GiB) against FLOPs (TFLOP), one numbered point
     per cost (policies that cost the same share it; the key beside the axes
-    lists them), the Pareto frontier drawn as a step line. Uses matplotlib's
-    Agg backend.
+    lists them), the Pareto frontier drawn as a step line; beside it, where
+    the reports have the peak by term (``Report.peak_terms``), the terms of
+    each numbered point's peak as stacked bars. Uses matplotlib's Agg backend.
 
     Args:
       result: from :func:`sweep`.
@@ -459,9 +462,12 @@ def plot_sweep(result: SweepResult, path: str | None = None) -> Any:
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     from matplotlib.lines import Line2D
 
-    fig = Figure(figsize=(11, 6), layout="constrained")
-    ax = fig.add_subplot()
     groups = result.groups()
+    with_terms = all(result.reports[g[0]].peak_terms for g in groups)
+    fig = Figure(figsize=(16 if with_terms else 11, 6), layout="constrained")
+    ax = fig.add_subplot(1, 2 if with_terms else 1, 1)
+    if with_terms:
+        _plot_terms(fig.add_subplot(1, 2, 2), [result.reports[g[0]] for g in groups])
     front = set(result.frontier)
     on_front = [bool(front & set(g)) for g in groups]
     gib = [result.reports[g[0]].peak_bytes / 2**30 for g in groups]
@@ -489,3 +495,20 @@ def plot_sweep(result: SweepResult, path: str | None = None) -> Any:
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def _plot_terms(ax: Any, reports: Sequence[Report]) -> None:
+    """The peak by term of each report as one stacked bar (GiB), numbered as the points."""
+    x = np.arange(1, len(reports) + 1)
+    bottom = np.zeros(len(reports))
+    for term in TERMS:
+        gib = np.array([dict(r.peak_terms).get(term, 0) / 2**30 for r in reports])
+        if gib.any():
+            ax.bar(x, gib, bottom=bottom, label=term)
+            bottom += gib
+    ax.set_xticks(x)
+    ax.set_xlabel("policy (numbered as in the key)")
+    ax.set_ylabel("peak memory per device (GiB)")
+    ax.set_title("the peak by term")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")

@@ -21,7 +21,8 @@ from remat import cli
 PUBLIC = {
     "remat": [
         "CorpusError", "MissingCheckpointNameError", "NeverKeptError", "NeverKeptWarning",
-        "OffloadUnsupportedError", "Policy", "PolicySpecError", "RematError", "Report", "ResidualRow",
+        "OffloadUnsupportedError", "PeakBuffer", "Policy", "PolicySpecError", "RematError", "Report",
+        "ResidualRow",
         "ScanCarryOffloadError", "SweepResult", "TrainStepSetup", "UnknownPolicyError",
         "UnsupportedJaxModeError", "analyze", "checkpoint", "checkpoint_names", "inspect_policy", "models",
         "plot_sweep", "policies", "remat", "scan_layers", "step", "sweep", "testing", "train",
@@ -91,7 +92,8 @@ def test_the_cli_prints_one_line_for_bad_input_and_lets_a_bug_raise(capsys, monk
 LAYERS = [
     ("remat.policies", "remat._errors"),
     ("remat._compat", "remat._jaxpr", "remat._residuals", "remat._apply", "remat._scan", "remat._flops",
-     "remat._format", "remat._memory", "remat._report", "remat._analysis", "remat._mesh", "remat.testing"),
+     "remat._format", "remat._buffers", "remat._memory", "remat._report", "remat._analysis", "remat._mesh",
+     "remat.testing"),
     ("remat.models", "remat.step"),
     ("remat._sweep", "remat._data", "remat.train", "remat.cli", "remat"),
 ]
