@@ -165,6 +165,14 @@ def chunked_lm_loss(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array
     Equal to ``remat.step.lm_loss(x @ w, targets)`` up to float rounding (the
     matmuls run in ``dtype`` as the whole head's do; ``d w`` is summed over
     pieces in float32).
+
+    Measured compile-only at batch 8 under ``full`` (8 chunks against 1):
+    ``gpt2-small`` x 1024 on one device, peak 6.24 -> 4.39 GiB, the loss-head
+    term at the peak 3.07 GiB -> 12 MiB, FLOPs +0.02 %. On ``llama3-8b`` x 2048
+    the loss-head term falls 15.91 GiB -> 128 MiB but the peak does not
+    (149.34 -> 149.58 GiB: it moves to the layers' backward pass), and on an
+    ``fsdp=8`` mesh it rises (20.75 -> 23.92 GiB): each piece's matmuls need
+    the whole gathered head weight, more than the per-device logits saved.
     """
     b, t, d = x_BxTxD.shape
     n = t - 1

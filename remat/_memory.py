@@ -95,19 +95,18 @@ def _dims(shape: str) -> tuple[int, ...]:
 
 
 def _term(v: LiveValue, residual: str | None, weights: set[tuple[int, ...]]) -> str:
-    backward = "transpose(" in v.op_name
-    head = re.search(rf"\b{vocab.LOSS_HEAD_SCOPE}\b", v.op_name) is not None
     if v.parameter:
         return ("optimizer state" if "opt_state" in v.op_name else
                 "parameters" if "params" in v.op_name else "batch")
+    made_by = v.op_name if v.op_name.startswith("jit(") else ""  # JAX's name stack, not XLA's own names
     if _dims(v.shape) in weights:
-        gradient = (backward or not v.op_name) and not v.op_name.endswith(_COPY_OPS)
+        gradient = ("transpose(" in made_by or not made_by) and not made_by.endswith(_COPY_OPS)
         return "gradients" if gradient else "workspace"
-    if head:
+    if re.search(rf"\b{vocab.LOSS_HEAD_SCOPE}\b", made_by):
         return "loss head"
     if residual is not None:
         return "stacked layer inputs" if residual == "layer input" else "residuals"
-    return "workspace" if v.op_name else "unattributed"
+    return "workspace" if made_by else "unattributed"
 
 
 def peak_terms(dump: PeakDump, rows: Sequence[ResidualRow],
@@ -120,7 +119,8 @@ def peak_terms(dump: PeakDump, rows: Sequence[ResidualRow],
     - **gradients**: a weight's shape (``weight_shapes``: the global shapes of
       the float arguments; the per-device shapes of the parameters; their
       transposes), made in the backward pass or with no metadata (a
-      zero-initialised accumulator). A weight-shaped buffer made in the
+      zero-initialised accumulator). Metadata here is JAX's: an ``op_name``
+      under ``jit(...)``, not a name XLA gave an op it made. A weight-shaped buffer made in the
       forward pass (a cast, transpose or all-gather of a weight; the chunked
       loss head's gradient of its weight, computed in its forward pass) or by
       a copy op is workspace.
@@ -133,11 +133,11 @@ def peak_terms(dump: PeakDump, rows: Sequence[ResidualRow],
       bfloat16 value as float32, e.g. on CPU), each row claiming as many
       buffers as it has values; the scan carry's row (``"layer input"``) is
       the stacked layer inputs.
-    - **workspace**: any other buffer made by an op with metadata.
+    - **workspace**: any other buffer made by an op with JAX's metadata.
     - **fragmentation**: bytes of the temporary allocation that no value
       occupies at the peak (the holes XLA's heap packing leaves), from the
       allocation's size in the dump (:attr:`remat._buffers.PeakDump.fragmentation_bytes`).
-    - **unattributed**: buffers with no metadata to go by.
+    - **unattributed**: buffers with no JAX metadata to go by.
 
     Buffers the heap places over each other (XLA reusing a buffer in place)
     count once: see :class:`remat._buffers.PeakDump`.
