@@ -164,13 +164,15 @@ def batch_factor(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> int:
     return math.prod(mesh.shape[a] for a in names)
 
 
-def check_batch(batch: int, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> None:
-    """Raise :class:`RematError` when the global ``batch`` does not split evenly
-    over the devices the batch is sharded on."""
-    factor = batch_factor(mesh, rules)
-    if batch % factor:
-        raise RematError(f"global batch {batch} does not split over the {factor} devices the batch is "
-                         f"sharded on (mesh {dict(mesh.shape)}): use a multiple of {factor}")
+def check_batch(batch: int, mesh: Mesh | None, rules: Rules = LOGICAL_RULES, microbatches: int = 1) -> None:
+    """Raise :class:`RematError` when the global ``batch`` does not split
+    evenly into ``microbatches``, each over the devices the batch is sharded on."""
+    factor = batch_factor(mesh, rules) if mesh is not None else 1
+    if batch % (factor * microbatches):
+        on = f"{factor} devices the batch is sharded on (mesh {dict(mesh.shape)})" if mesh is not None else ""
+        what = " and ".join(x for x in (f"{microbatches} micro-batches" if microbatches > 1 else "", on) if x)
+        raise RematError(f"global batch {batch} does not split over the {what}: use a multiple of "
+                         f"{factor * microbatches}")
 
 
 def mesh_context(mesh: Mesh | None, rules: Rules = LOGICAL_RULES) -> contextlib.ExitStack:

@@ -305,12 +305,26 @@ def residual_rows(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> tuple[ResidualRow, 
         step calling ``jax.grad``), from ``jax.make_jaxpr`` or
         ``jax.jit(f).trace(...).jaxpr``.
 
+    A step whose whole forward and backward pass runs in a ``scan`` body
+    (gradient accumulation over micro-batches) keeps its residuals within
+    each iteration: they are those of the body, for one micro-batch.
+
     Returns:
       One :class:`ResidualRow` per (name or source op, per-layer shape, dtype,
       memory kind, layers), largest first; empty when nothing is differentiated.
     """
+    rows = _rows(open_jaxpr(jaxpr))
+    if rows:
+        return rows
+    scans = [s.eqn for s in walk(open_jaxpr(jaxpr), into=lambda e: call_body(e) is not None)
+             if s.eqn.primitive.name == "scan"]
+    return tuple(sorted((r for e in scans for r in residual_rows(e.params["jaxpr"])),
+                        key=lambda r: (-r.size_bytes, r.name)))
+
+
+def _rows(jaxpr: jcore.Jaxpr) -> tuple[ResidualRow, ...]:
     tracer = _Tracer()
-    g = tracer.graph(open_jaxpr(jaxpr))
+    g = tracer.graph(jaxpr)
     seen: set[Any] = set()
     groups: dict[tuple, list[int]] = {}
     for key in g.backward_inputs:

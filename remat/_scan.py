@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -88,6 +89,8 @@ def plan(num_layers: int, policy: PolicyArg = "full", groups: Groups = None) -> 
     """
     if not isinstance(num_layers, int) or num_layers < 1:
         raise RematError(f"num_layers must be a positive int, got {num_layers!r}")
+    if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
+        policy = parse_segments(policy)
     if policy is None or isinstance(policy, (str, Policy)):
         parts = [(num_layers, get(policy))]  # get(None) raises, naming the valid forms
     else:
@@ -116,6 +119,40 @@ def plan(num_layers: int, policy: PolicyArg = "full", groups: Groups = None) -> 
                     f"segment), or 'sqrt'; valid: {valid}")
             segments.append(Segment(n, p, groups))
     return tuple(segments)
+
+
+SEGMENT_SEPARATOR = ";"
+"""Separates the segments of a policy string: ``"8x minimal; 24x full"``."""
+
+
+def parse_segments(text: str) -> list[tuple[int, str]]:
+    """``"COUNTx SPEC; COUNTx SPEC; ..."`` -> ``[(COUNT, SPEC), ...]``: the
+    first ``COUNT`` layers under one policy, the next under another (what
+    ``remat tune`` writes, and ``--policy`` and ``TrainConfig.policy`` take).
+
+    >>> parse_segments("8x minimal; 24x full")
+    [(8, 'minimal'), (24, 'full')]
+
+    Raises:
+      RematError: a part that is not ``COUNTx SPEC``, naming it.
+    """
+    out = []
+    for part in text.split(SEGMENT_SEPARATOR):
+        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\S.*?)\s*", part)
+        if not m:
+            raise RematError(f"policy segment {part.strip()!r} in {text!r}: write COUNTx SPEC, "
+                             f"e.g. '8x minimal; 24x full'")
+        out.append((int(m[1]), m[2]))
+    return out
+
+
+def policy_names(policy: PolicyArg) -> frozenset[str]:
+    """Every checkpoint name a policy (or its segments) saves or offloads."""
+    if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
+        policy = parse_segments(policy)
+    if policy is None or isinstance(policy, (str, Policy)):
+        return get(policy).names
+    return frozenset().union(*(get(p).names for _, p in policy))
 
 
 def parse_groups(text: str) -> str | tuple[int, int]:
@@ -240,6 +277,8 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
       TypeError: at call time, an argument that is neither static nor
         broadcast, or an unhashable static value.
     """
+    if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
+        policy = parse_segments(policy)
     segments = plan(num_layers, policy, groups)
     seg_labels = ({get(policy): label(policy)} if isinstance(policy, (str, Policy))
                   else {get(p): label(p) for _, p in policy})

@@ -48,6 +48,7 @@ from remat._mesh import (
     sharded_abstract,
 )
 from remat._report import Report
+from remat._scan import policy_names
 from remat.policies import Policy
 from remat.step import init_train_state, make_optimizer, make_train_step
 
@@ -78,6 +79,8 @@ class TrainStepSetup:
       rules: the logical-axis rules under the mesh (:data:`remat._mesh.LOGICAL_RULES`).
       out_shardings: the step's output shardings under a mesh: the state as
         its input, the metrics replicated.
+      microbatches: gradient accumulation over this many micro-batches
+        (:func:`remat.step.make_train_step`).
     """
 
     config: models.ModelConfig
@@ -90,6 +93,7 @@ class TrainStepSetup:
     mesh: Mesh | None = None
     rules: Rules = LOGICAL_RULES
     out_shardings: Any = None
+    microbatches: int = 1
 
     def step_args(self) -> tuple[Any, jax.ShapeDtypeStruct, Any]:
         """``(state, tokens, rng)`` for ``make_train_step(model)``."""
@@ -98,6 +102,10 @@ class TrainStepSetup:
     def model(self, policy: str | Policy) -> models.Transformer:
         """The model under ``policy``."""
         return models.Transformer(self.config, policy=policy, groups=self.groups)
+
+    def step(self, policy: str | Policy) -> Any:
+        """The train step under ``policy`` as ``remat train`` runs it (:func:`remat.step.make_train_step`)."""
+        return make_train_step(self.model(policy), microbatches=self.microbatches)
 
     def context(self) -> contextlib.AbstractContextManager[Any]:
         """Where the step is traced: under the mesh and the logical-axis rules
@@ -132,7 +140,8 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
                      dtype: str | None = None, groups: Any = None,
                      optimizer: optax.GradientTransformation | None = None,
                      mesh: Mesh | Mapping[str, int] | None = None,
-                     rules: Rules | None = None, loss_chunks: int | None = None) -> TrainStepSetup:
+                     rules: Rules | None = None, loss_chunks: int | None = None,
+                     microbatches: int = 1) -> TrainStepSetup:
     """Build the abstract train-step inputs for a model (nothing allocated).
 
     Args:
@@ -151,11 +160,13 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
       rules: logical-axis rules (default :data:`remat._mesh.LOGICAL_RULES`).
       loss_chunks: compute the loss head in this many chunks
         (``ModelConfig.loss_chunks``); None keeps the config's.
+      microbatches: accumulate gradients over this many micro-batches of
+        ``batch / microbatches`` sequences (:func:`remat.step.make_train_step`).
 
     Raises:
       RematError: unknown preset (the message lists them), ``batch < 1``,
         ``seq`` outside ``1..max_seq_len``, a mesh that does not match the
-        device count, or a batch the mesh cannot split evenly.
+        device count, or a batch the micro-batches and the mesh cannot split evenly.
     """
     config = models.get_config(model) if isinstance(model, str) else model
     if dtype is not None:
@@ -174,21 +185,23 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
     tx = optimizer if optimizer is not None else make_optimizer()
     init = lambda t, k: init_train_state(init_model, tx, t, k)
     if mesh is None:
-        return TrainStepSetup(config, batch, seq, groups, jax.eval_shape(init, tokens, rng), tokens, rng)
+        check_batch(batch, None, microbatches=microbatches)
+        return TrainStepSetup(config, batch, seq, groups, jax.eval_shape(init, tokens, rng), tokens, rng,
+                              microbatches=microbatches)
     mesh, rules = make_mesh(mesh), tuple(rules if rules is not None else LOGICAL_RULES)
-    check_batch(batch, mesh, rules)
+    check_batch(batch, mesh, rules, microbatches)
     state, state_shardings = sharded_abstract(init, tokens, rng, mesh=mesh, rules=rules)
     whole = replicated(mesh)
     tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype, sharding=batch_sharding(mesh, rules))
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: rng).dtype, sharding=whole)
     return TrainStepSetup(config, batch, seq, groups, state, tokens, key, mesh, rules,
-                          (state_shardings, whole))
+                          (state_shardings, whole), microbatches)
 
 
 def trace_policy(s: TrainStepSetup, policy: str | Policy, label: str) -> Traced:
     """Trace and lower ``s``'s train step under ``policy`` (in ``s.context()``)."""
     with s.context():
-        return trace(make_train_step(s.model(policy)), s.step_args(), {}, label, donate_argnums=0,
+        return trace(s.step(policy), s.step_args(), {}, label, donate_argnums=0,
                      out_shardings=s.out_shardings)
 
 
@@ -196,7 +209,7 @@ def _baseline(s: TrainStepSetup) -> Traced:
     """The train step with no ``jax.checkpoint`` at all (not even the groups'
     of a grouped ``"none"``): the baseline of every overhead."""
     with s.context():
-        return trace_without_remat(make_train_step(s.model("full")), s.step_args(), {}, donate_argnums=0,
+        return trace_without_remat(s.step("full"), s.step_args(), {}, donate_argnums=0,
                                    out_shardings=s.out_shardings)
 
 
@@ -210,7 +223,7 @@ def never_kept(policy: str | Policy, report: Report) -> Report:
     while its group is recomputed is transient and not in the residual rows
     (the check at first trace, on one layer, covers that case)."""
     kept = {r.name for r in report.residuals if r.source == "checkpoint_name"}
-    never = sorted((registry.get(policy).names & set(report.checkpoint_names)) - kept)
+    never = sorted((policy_names(policy) & set(report.checkpoint_names)) - kept)
     if not never:
         return report
     it = "it" if len(never) == 1 else "them"
@@ -232,7 +245,7 @@ def inspect_policy(s: TrainStepSetup, policy: str | Policy, *,
     """
     label = policy if isinstance(policy, str) else str(policy)
     with s.context():
-        report = s.finish(analyze(make_train_step(s.model(policy)), *s.step_args(), label=label,
+        report = s.finish(analyze(s.step(policy), *s.step_args(), label=label,
                                   donate_argnums=0, compiler_options=compiler_options,
                                   out_shardings=s.out_shardings))
     return report if s.groups else never_kept(policy, report)
@@ -352,7 +365,8 @@ class SweepResult:
 def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[str | Policy] | None = None,
           *, batch: int = 1, seq: int | None = None, dtype: str | None = None, groups: Any = None,
           mesh: Mesh | Mapping[str, int] | None = None, rules: Rules | None = None,
-          loss_chunks: int | None = None, workers: int = 2, compiler_options: dict[str, Any] | None = None,
+          loss_chunks: int | None = None, microbatches: int = 1, workers: int = 2,
+          compiler_options: dict[str, Any] | None = None,
           on_report: Callable[[Report, int, int], None] | None = None) -> SweepResult:
     """Measure a model's train step under many policies (compile-only).
 
@@ -366,7 +380,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         (then ``batch``/``seq``/``dtype``/``groups`` are ignored).
       policies: preset names, spec strings or Policies; default
         :func:`default_policies` of the model.
-      batch, seq, dtype, groups, mesh, rules, loss_chunks: see :func:`train_step_setup`.
+      batch, seq, dtype, groups, mesh, rules, loss_chunks, microbatches: see :func:`train_step_setup`.
       workers: compile threads (>= 1).
       compiler_options: see :func:`remat.analyze`.
       on_report: called as ``on_report(report, done, total)`` with each finished
@@ -386,7 +400,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         raise RematError(f"workers={workers} must be >= 1")
     s = model if isinstance(model, TrainStepSetup) else train_step_setup(
         model, batch=batch, seq=seq, dtype=dtype, groups=groups, mesh=mesh, rules=rules,
-        loss_chunks=loss_chunks)
+        loss_chunks=loss_chunks, microbatches=microbatches)
     name = model if isinstance(model, str) else "custom config"
     if policies is not None:  # bad input fails before any trace or compile
         labels = [p if isinstance(p, str) else str(p) for p in policies]

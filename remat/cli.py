@@ -100,6 +100,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of init, data order and dropout")
     p.add_argument("--out", help="run folder (default runs/MODEL)")
     p.add_argument("--loss-chunks", type=int, help="compute the logits and loss in this many chunks")
+    p.add_argument("--microbatches", type=int, help="accumulate gradients over K micro-batches a step")
     _add_mesh_options(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
@@ -145,6 +146,8 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groups", help="nested layer groups: 'sqrt' or 'G,K' with G*K = layers")
     p.add_argument("--loss-chunks", type=int, help="compute the logits and loss in this many chunks over the "
                                                     "tokens (default 1: at once)")
+    p.add_argument("--microbatches", type=int, default=1,
+                   help="accumulate gradients over this many micro-batches of batch/microbatches (default 1)")
     _add_mesh_options(p)
 
 
@@ -169,7 +172,8 @@ def _step_kwargs(args: argparse.Namespace) -> dict:
 
     return {"batch": args.batch, "seq": args.seq, "dtype": args.dtype,
             "groups": parse_groups(args.groups) if args.groups else None,
-            "mesh": parse_mesh(args.mesh) if args.mesh else None, "loss_chunks": args.loss_chunks}
+            "mesh": parse_mesh(args.mesh) if args.mesh else None, "loss_chunks": args.loss_chunks,
+            "microbatches": args.microbatches}
 
 
 def _print_wide(renderable: object, width: int = 150) -> None:

@@ -49,32 +49,66 @@ def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-def make_train_step(model: nn.Module, *, deterministic: bool = True) -> StepFn:
+def make_train_step(model: nn.Module, *, deterministic: bool = True, microbatches: int = 1) -> StepFn:
     """A (not yet jitted) train step ``step(state, tokens, rng) -> (state, metrics)``.
+
+    With ``microbatches=k > 1`` the batch is split into ``k`` micro-batches of
+    ``B / k`` sequences (sequence ``i`` in micro-batch ``i % k``, so each
+    device keeps its own rows under batch sharding) whose gradients a
+    ``lax.scan`` sums in float32 before one update: gradient accumulation,
+    the same loss and gradients as the whole batch (up to float rounding) at
+    about ``1/k`` of the activation memory, for the same FLOPs (as
+    ``optax.MultiSteps`` over ``k`` calls, in one step).
 
     Args:
       model: a linen module ``tokens[B, T] -> logits[B, T, V]`` whose
         ``__call__`` takes ``deterministic=`` (dropout off when True); a
         :class:`remat.models.Transformer` whose ``config.loss_chunks > 1``
         computes the loss itself (``targets=``), in chunks.
-      deterministic: False switches dropout on; ``rng`` then seeds it.
+      deterministic: False switches dropout on; ``rng`` then seeds it (folded
+        with the micro-batch index).
+      microbatches: ``k >= 1``, dividing the batch ``B``.
 
     Returns:
       ``step``: ``state`` is a ``flax.training.train_state.TrainState``,
       ``tokens`` ``int32[B, T]``, ``rng`` a PRNG key; metrics are float32
       scalars ``loss`` (nats/token) and ``grad_norm``.
-    """
 
+    Raises:
+      RematError: ``microbatches < 1``, or (when traced) a batch it does not divide.
+    """
+    if not isinstance(microbatches, int) or microbatches < 1:
+        raise RematError(f"microbatches={microbatches!r} must be a positive integer")
     chunked = getattr(getattr(model, "config", None), "loss_chunks", 1) > 1
 
-    def step(state: TrainState, tokens: jax.Array, rng: jax.Array):
+    def loss_and_grads(params: Any, tokens: jax.Array, rng: jax.Array) -> tuple[jax.Array, Any]:
         def loss_fn(params: Any) -> jax.Array:
             variables, rngs = {"params": params}, {"dropout": rng}
             if chunked:  # the model's loss head computes the logits in chunks
                 return model.apply(variables, tokens, deterministic=deterministic, rngs=rngs, targets=tokens)
             return lm_loss(model.apply(variables, tokens, deterministic=deterministic, rngs=rngs), tokens)
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        return jax.value_and_grad(loss_fn)(params)
+
+    def accumulated(params: Any, tokens: jax.Array, rng: jax.Array) -> tuple[jax.Array, Any]:
+        b, t = tokens.shape
+        if b % microbatches:
+            raise RematError(f"microbatches={microbatches} must divide the batch B={b}")
+        split = tokens.reshape(b // microbatches, microbatches, t).swapaxes(0, 1)
+
+        def one(carry: tuple[jax.Array, Any], xs: tuple[jax.Array, jax.Array]):
+            loss, grads = loss_and_grads(params, xs[0], jax.random.fold_in(rng, xs[1]))
+            total, acc = carry
+            return (total + loss, jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (total, acc), _ = jax.lax.scan(one, (jnp.float32(0.0), zeros), (split, jnp.arange(microbatches)))
+        grads = jax.tree.map(lambda a, p: (a / microbatches).astype(p.dtype), acc, params)
+        return total / microbatches, grads
+
+    def step(state: TrainState, tokens: jax.Array, rng: jax.Array):
+        fn = loss_and_grads if microbatches == 1 else accumulated
+        loss, grads = fn(state.params, tokens, rng)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return state.apply_gradients(grads=grads), metrics
 

@@ -113,6 +113,9 @@ class TrainConfig(OptimizerConfig):
         any mesh.
       loss_chunks: the loss head's chunks (``ModelConfig.loss_chunks``); the
         losses do not change, only the step's memory.
+      microbatches: accumulate gradients over this many micro-batches of
+        ``batch / microbatches`` sequences per step (same loss and update, less
+        activation memory; :func:`remat.step.make_train_step`).
       seed: seeds parameter init, data order and the dropout key.
 
     Raises:
@@ -133,10 +136,11 @@ class TrainConfig(OptimizerConfig):
     seed: int = 0
     mesh: str | None = None
     loss_chunks: int = 1
+    microbatches: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("batch", "eval_every", "eval_windows", "ckpt_every"):
+        for name in ("batch", "eval_every", "eval_windows", "ckpt_every", "microbatches"):
             if getattr(self, name) < 1:
                 raise RematError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.seq < 2:
@@ -408,9 +412,10 @@ class _Placement:
         init = lambda tokens, key: nn.meta.unbox(boxed(tokens, key))
         key = jax.random.PRNGKey(cfg.seed)
         if cfg.mesh is None:
+            check_batch(cfg.batch, None, microbatches=cfg.microbatches)
             return cls(None, example, init, jax.eval_shape(init, example, key), None)
         mesh = make_mesh(parse_mesh(cfg.mesh))
-        check_batch(cfg.batch, mesh)
+        check_batch(cfg.batch, mesh, microbatches=cfg.microbatches)
         abstract, shardings = sharded_abstract(boxed, example, key, mesh=mesh)
         batch = batch_sharding(mesh)
         return cls(mesh, jax.device_put(example, batch), init, abstract, shardings, batch, replicated(mesh))
@@ -474,7 +479,7 @@ def _compile(cfg: TrainConfig, model: nn.Module, deterministic: bool, state: Tra
     """The compiled train step (PRNG split and learning rate inside), its
     :class:`Report` from the same compile, and ``evaluate(params)`` (mean
     validation loss, nats/byte)."""
-    step_fn = make_train_step(model, deterministic=deterministic)
+    step_fn = make_train_step(model, deterministic=deterministic, microbatches=cfg.microbatches)
     schedule = make_lr_schedule(cfg)
 
     def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array):

@@ -381,3 +381,40 @@ def test_chunked_loss_head_keeps_no_logits_for_the_backward_pass():
     assert r8.flops < r1.flops * 1.15  # at most one more forward of the head
     with pytest.raises(remat.RematError, match="ModelConfig.loss_chunks=0 must be a positive integer"):
         M.get_config("tiny", loss_chunks=0)
+
+
+# -- segments written as a string, gradient accumulation ---------------------------------
+def test_policy_segments_as_a_string():
+    """``"1x minimal; 3x full"`` is the segments ``[(1, "minimal"), (3, "full")]``:
+    the same numbers as no remat; a malformed part is named."""
+    from remat._scan import parse_segments
+
+    assert parse_segments("1x minimal; 3x save:mlpwi_0,mlpwi_1 + dots") == [
+        (1, "minimal"), (3, "save:mlpwi_0,mlpwi_1 + dots")]
+    cfg = small("llama")
+    got = loss_and_grads(cfg, "1x minimal; 3x full")
+    rtol, atol = TOLERANCES["float32"]
+    chex.assert_trees_all_close(got, loss_and_grads(cfg, "none"), rtol=rtol, atol=atol)
+    with pytest.raises(remat.RematError, match=r"policy segment 'minimal' in '1x full; minimal': write "
+                                               r"COUNTx SPEC, e\.g\. '8x minimal; 24x full'"):
+        parse_segments("1x full; minimal")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_microbatches_give_the_whole_batch_update(family):
+    """Gradient accumulation over 2 micro-batches: the same loss, gradient norm
+    and updated parameters as the whole batch of 4; a batch it does not divide is an error."""
+    from remat.step import init_train_state, make_optimizer, make_train_step
+
+    cfg = small(family)
+    model = M.Transformer(cfg, policy="minimal")
+    tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, (4, 32)), jnp.int32)
+    state = init_train_state(model, make_optimizer(), tokens, jax.random.key(0))
+    whole = jit(make_train_step(model))(state, tokens, jax.random.key(1))
+    split = jit(make_train_step(model, microbatches=2))(state, tokens, jax.random.key(1))
+    chex.assert_trees_all_close((split[0].params, split[1]), (whole[0].params, whole[1]),
+                                rtol=1e-5, atol=1e-6)
+    with pytest.raises(remat.RematError, match="microbatches=3 must divide the batch B=4"):
+        jax.eval_shape(make_train_step(model, microbatches=3), state, tokens, jax.random.key(1))
+    with pytest.raises(remat.RematError, match="microbatches=0 must be a positive integer"):
+        make_train_step(model, microbatches=0)
