@@ -4,6 +4,7 @@
 needs only JAX; ``remat.checkpoint``, ``remat.remat`` and ``remat.scan_layers``
 apply policies to functions and Flax modules; ``remat.analyze``,
 ``remat.inspect_policy`` and ``remat.sweep`` measure them compile-only;
+``remat.tune`` picks the least-recompute configuration that fits a budget;
 ``remat.models`` are scan-over-layers transformers, ``remat.step`` their
 train step, ``remat.train`` trains one on real text, and ``remat.testing``
 checks your own model.
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from remat._residuals import ResidualRow
     from remat._scan import scan_layers
     from remat._sweep import SweepResult, TrainStepSetup, inspect_policy, plot_sweep, sweep, train_step_setup
+    from remat._tune import TuneConfig, TuneResult, tune
     from remat.policies import Policy, PolicySpecError, UnknownPolicyError, UnsupportedJaxModeError
 
 _EXPORTS = {
@@ -55,6 +57,8 @@ _EXPORTS = {
     "ScanCarryOffloadError": "remat._apply",
     "SweepResult": "remat._sweep",
     "TrainStepSetup": "remat._sweep",
+    "TuneConfig": "remat._tune",
+    "TuneResult": "remat._tune",
     "UnknownPolicyError": "remat.policies",
     "UnsupportedJaxModeError": "remat.policies",
     "analyze": "remat._analysis",
@@ -66,6 +70,7 @@ _EXPORTS = {
     "scan_layers": "remat._scan",
     "sweep": "remat._sweep",
     "train_step_setup": "remat._sweep",
+    "tune": "remat._tune",
     "without_remat": "remat._apply",
 }
 _SUBMODULES = ("models", "policies", "step", "testing", "train")
@@ -85,6 +90,8 @@ __all__ = [
     "ScanCarryOffloadError",
     "SweepResult",
     "TrainStepSetup",
+    "TuneConfig",
+    "TuneResult",
     "UnknownPolicyError",
     "UnsupportedJaxModeError",
     "analyze",
@@ -101,6 +108,7 @@ __all__ = [
     "testing",
     "train",
     "train_step_setup",
+    "tune",
     "without_remat",
 ]
 __version__ = "0.1.0"

@@ -10,17 +10,17 @@ __all__ = ["format_bytes", "format_flops", "parse_bytes"]
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
 def parse_bytes(text: str) -> int:
-    """A size with its unit, e.g. ``"40GiB"``, ``"1.5 GB"``, ``"512MiB"``, ``"100B"``, in bytes.
+    """A size with its unit, e.g. ``"40GiB"``, ``"1.5 GB"``, ``"512MiB"``, ``"4e10B"``, in bytes.
 
     Units: B, kB/MB/GB/TB (powers of 1000) and KiB/MiB/GiB/TiB (powers of
     1024), case-insensitive. A bare number is rejected: say the unit.
 
-    >>> parse_bytes("40GiB"), parse_bytes("1.5 GB")
-    (42949672960, 1500000000)
+    >>> parse_bytes("40GiB"), parse_bytes("1.5 GB"), parse_bytes("4e10B")
+    (42949672960, 1500000000, 40000000000)
 
     Raises:
       ValueError: no number, no unit or an unknown unit (the message lists the valid units).

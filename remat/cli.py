@@ -255,6 +255,56 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune", help="the least-recompute configuration that fits a memory budget per device",
+        description="Search save/offload/recompute per checkpoint name, dots rules, policy segments, nested "
+                    "groups, the chunked loss head and micro-batches for the configuration with the least "
+                    "recompute FLOPs whose train step fits --budget per device: a cost model from a few "
+                    "compiles, solved exactly, the pick confirmed by compiling. Prints the flags that "
+                    "reproduce it.")
+    p.add_argument("--model", required=True, help="model preset (see remat.models.names())")
+    p.add_argument("--batch", default="1", help="global sequences per step, or 'auto': the largest that fits")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
+    p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
+    p.add_argument("--budget", required=True, help="memory per device, with its unit: 80GiB, 512MiB, 4e10B")
+    p.add_argument("--allow-offload", action="store_true", help="let checkpoint names be offloaded to host")
+    p.add_argument("--groups", default="sqrt",
+                   help="the nested grouping the search may use: 'sqrt', 'G,K' or 'none' (default sqrt)")
+    p.add_argument("--max-microbatches", type=int, default=8, help="the most micro-batches (default 8)")
+    p.add_argument("--max-compiles", type=int, help="the cap on compiles (default 15; 30 with --batch auto)")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH ('-': stdout only)")
+    _add_mesh_options(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from remat._mesh import parse_mesh
+        from remat._tune import tune
+
+        batch = "auto" if args.batch == "auto" else _positive_int("--batch", args.batch)
+        with Console(stderr=True).status(f"tuning the {args.model} train step for {args.budget} ..."):
+            result = tune(args.model, args.budget, batch=batch, seq=args.seq, dtype=args.dtype,
+                          mesh=parse_mesh(args.mesh) if args.mesh else None, allow_offload=args.allow_offload,
+                          groups=None if args.groups == "none" else args.groups,
+                          max_microbatches=args.max_microbatches, max_compiles=args.max_compiles)
+        if args.json == "-":
+            print(json.dumps(result.to_dict(), indent=2))
+            return 0
+        _print_wide(result, width=160)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result.to_dict(), f, indent=2)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _positive_int(flag: str, text: str) -> int:
+    """``text`` as a positive int, or a RematError naming ``flag`` and the valid forms."""
+    if not text.isdigit() or int(text) < 1:
+        raise RematError(f"{flag} {text!r}: a positive integer or 'auto'")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``remat`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -264,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_inspect(sub)
     _add_sweep(sub)
+    _add_tune(sub)
     return parser
 
 

@@ -23,10 +23,10 @@ PUBLIC = {
         "CorpusError", "MissingCheckpointNameError", "NeverKeptError", "NeverKeptWarning",
         "OffloadUnsupportedError", "PeakBuffer", "Policy", "PolicySpecError", "RematError", "Report",
         "ResidualRow",
-        "ScanCarryOffloadError", "SweepResult", "TrainStepSetup", "UnknownPolicyError",
-        "UnsupportedJaxModeError", "analyze", "checkpoint", "checkpoint_names", "inspect_policy", "models",
-        "plot_sweep", "policies", "remat", "scan_layers", "step", "sweep", "testing", "train",
-        "train_step_setup", "without_remat",
+        "ScanCarryOffloadError", "SweepResult", "TrainStepSetup", "TuneConfig", "TuneResult",
+        "UnknownPolicyError", "UnsupportedJaxModeError", "analyze", "checkpoint", "checkpoint_names",
+        "inspect_policy", "models", "plot_sweep", "policies", "remat", "scan_layers", "step", "sweep",
+        "testing", "train", "train_step_setup", "tune", "without_remat",
     ],
     "remat.policies": [
         "DotsRule", "Policy", "PolicySpecError", "UnknownPolicyError", "UnsupportedJaxModeError", "describe",
@@ -95,7 +95,7 @@ LAYERS = [
      "remat._format", "remat._buffers", "remat._memory", "remat._report", "remat._analysis", "remat._mesh",
      "remat.testing"),
     ("remat.models", "remat.step"),
-    ("remat._sweep", "remat._data", "remat.train", "remat.cli", "remat"),
+    ("remat._sweep", "remat._tune", "remat._data", "remat.train", "remat.cli", "remat"),
 ]
 """Dependencies run one way: policies -> core (apply, scan, analysis) -> models
 (and their train step) -> tools (sweep, train, CLI, the lazy facade)."""

@@ -1,0 +1,644 @@
+"""``remat tune``: the configuration with the least recomputation whose train
+step fits a memory budget per device, and the largest batch that fits.
+
+The search space (one :class:`TuneConfig`): for each checkpoint name the
+model emits, save it, recompute it, or (``allow_offload``) offload it to host;
+a dots rule (``dots``, ``dots:no_batch``); two policy segments over the layer
+stack (one more name saved on the first ``m`` layers only); nested groups;
+the chunked loss head; gradient accumulation over micro-batches.
+
+How (compile few, solve exactly, confirm):
+
+1. Compile ``none``: if it fits, it is the answer (no recomputation at all).
+2. Compile ``full``, also with an 8-chunk loss head where the loss head is a
+   large term of its peak, and keep the lower. If even ``full`` does not fit,
+   escalate: nested groups, then 2, 4, ... micro-batches (no more FLOPs, but
+   smaller matmuls, which FLOPs do not show, so only when nothing fits
+   without them), the first that fits; nothing fits is an error naming the
+   smallest peak reached, by what, and its dominant term with its levers.
+3. A cost model from traces (no compile): each name's residual bytes per
+   device (all layers) and the recompute FLOPs saving it avoids
+   (``flops(full) - flops(save:NAME)``); names that are never residuals are
+   dropped. One compile of "save every name" calibrates the peak, linear in
+   the bytes saved between the two compiled anchors:
+   ``peak(S) = peak(full) + (peak(all) - peak(full)) * bytes(S) / bytes(all)``.
+4. Solve exactly: every save/offload/recompute assignment and dots rule is
+   evaluated on the model (3^n x 3 for n names, a few hundred thousand at
+   most), the least recompute that the model says fits wins; then one more
+   name on the first ``m`` layers where the headroom allows (segments).
+5. Confirm by compiling; where the compiler disagrees, shrink the model's
+   budget by the error and solve again (repair), within the compile cap.
+
+Every compile is of the step ``remat train`` runs
+(:meth:`remat.TrainStepSetup.step`: same dtypes, optimizer, mesh and compile
+options) and is counted; ``max_compiles`` caps them. On a backend that does
+not account host memory (XLA:CPU), an offloading configuration's device peak
+is the compiled peak minus its host residual bytes, labelled an estimate.
+
+``batch="auto"``: the largest global batch (a multiple of the batch-sharding
+factor) whose most memory-frugal configuration (``full``, nested groups,
+8 loss chunks, the most micro-batches) fits: doubling from the smallest until
+one does not fit, then bisecting. Peak memory is not always monotone in the
+batch (XLA's choices change with shapes), so the answer is checked: the next
+multiple above it was compiled and did not fit; a larger batch that would fit
+after one that does not is not searched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import shlex
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from rich.console import Group
+from rich.table import Table
+
+from remat import models
+from remat._analysis import compile_traced, measure, trace_without_remat
+from remat._apply import NeverKeptError
+from remat._errors import RematError
+from remat._flops import count_flops
+from remat._format import format_bytes, format_flops
+from remat._memory import advice
+from remat._mesh import LOGICAL_RULES, Rules, batch_factor, make_mesh
+from remat._report import Report
+from remat._residuals import residual_rows
+from remat._sweep import TrainStepSetup, default_policies, trace_policy, train_step_setup
+from remat.policies import get as get_policy
+
+__all__ = ["Candidate", "TuneConfig", "TuneResult", "tune"]
+
+LOSS_CHUNKS = 8
+"""The chunked loss head's chunks the search tries."""
+
+DEFAULT_MAX_COMPILES = 15
+"""Compiles one ``tune`` call may make unless told otherwise."""
+
+_DOTS = ("", "dots:no_batch", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """One point of the search space: what ``remat train`` takes.
+
+    Attributes:
+      policy: a policy spec, or segments ``"8x SPEC; 24x SPEC"``.
+      groups: ``None``, ``"sqrt"`` or ``"G,K"`` (nested checkpointing).
+      loss_chunks: the loss head's chunks (1: the whole logits).
+      microbatches: gradient accumulation over this many micro-batches.
+    """
+
+    policy: str
+    groups: str | None = None
+    loss_chunks: int = 1
+    microbatches: int = 1
+
+    def flags(self) -> str:
+        """The command-line flags that reproduce it (for ``remat train``,
+        ``inspect`` and ``sweep``), e.g. ``--policy minimal --loss-chunks 8``."""
+        out = ["--policy", shlex.quote(self.policy)]
+        if self.groups:
+            out += ["--groups", self.groups]
+        if self.loss_chunks != 1:
+            out += ["--loss-chunks", str(self.loss_chunks)]
+        if self.microbatches != 1:
+            out += ["--microbatches", str(self.microbatches)]
+        return " ".join(out)
+
+    @classmethod
+    def from_flags(cls, text: str) -> TuneConfig:
+        """The inverse of :meth:`flags` (``argparse`` over ``shlex.split``)."""
+        p = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+        p.add_argument("--policy", required=True)
+        p.add_argument("--groups")
+        p.add_argument("--loss-chunks", type=int, default=1)
+        p.add_argument("--microbatches", type=int, default=1)
+        a = p.parse_args(shlex.split(text))
+        return cls(a.policy, a.groups, a.loss_chunks, a.microbatches)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A compiled configuration.
+
+    Attributes:
+      config: what was compiled.
+      role: why: ``"none"``, ``"full"``, ``"frugal"`` (an escalation),
+        ``"calibration"``, ``"pick"``, ``"repair"``, ``"segments"``,
+        ``"preset"``, ``"batch"`` (``batch="auto"``).
+      batch: the global batch it was compiled at.
+      peak_bytes: the compiled peak per device (``memory_analysis()``).
+      device_peak_bytes: the peak per device that the budget is checked
+        against: ``peak_bytes``, less the host residual bytes where the
+        backend does not account host memory (then ``estimate``).
+      flops: the step's FLOPs (global, every layer).
+      recompute_flops: ``flops`` minus the step's with no ``jax.checkpoint``.
+      fits: ``device_peak_bytes <= budget``.
+      estimate: ``device_peak_bytes`` is an estimate (see above).
+    """
+
+    config: TuneConfig
+    role: str
+    batch: int
+    peak_bytes: int
+    device_peak_bytes: int
+    flops: int
+    recompute_flops: int
+    fits: bool
+    estimate: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+    """What :func:`tune` found.
+
+    Attributes:
+      model, batch, seq: the step (``batch`` the chosen one for ``"auto"``).
+      budget_bytes: the budget per device.
+      pick: the configuration; ``pick.flags()`` reproduces it.
+      report: its :class:`remat.Report`.
+      headroom_bytes: ``budget_bytes`` minus the pick's device peak.
+      candidates: every configuration compiled, in order.
+      compiles: how many compiles the call made (<= its cap).
+      preset: the best registered preset that fits at the pick's chunks,
+        micro-batches and groups (least recompute), or None if none fits.
+      dropped_names: checkpoint names the model emits that are never
+        residuals (saving them keeps nothing), left out of the search.
+      wall_seconds: the whole call.
+      batches: for ``batch="auto"``, ``(batch, candidate)`` for every batch
+        tried with the most frugal configuration.
+    """
+
+    model: str
+    batch: int
+    seq: int
+    budget_bytes: int
+    pick: TuneConfig
+    report: Report
+    headroom_bytes: int
+    candidates: tuple[Candidate, ...]
+    compiles: int
+    preset: Candidate | None
+    dropped_names: tuple[str, ...]
+    wall_seconds: float
+    batches: tuple[Candidate, ...] = ()
+
+    @property
+    def chosen(self) -> Candidate:
+        """The pick's compiled candidate."""
+        return next(c for c in reversed(self.candidates) if c.config == self.pick and c.batch == self.batch)
+
+    @property
+    def recompute_saved_flops(self) -> int | None:
+        """Recompute FLOPs the pick saves against :attr:`preset` (None without one)."""
+        return None if self.preset is None else self.preset.recompute_flops - self.chosen.recompute_flops
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the pick as flags and fields, every candidate, the report."""
+        cand = lambda c: {**dataclasses.asdict(c), "flags": c.config.flags()}
+        return {"model": self.model, "batch": self.batch, "seq": self.seq, "budget_bytes": self.budget_bytes,
+                "pick": {**dataclasses.asdict(self.pick), "flags": self.pick.flags()},
+                "headroom_bytes": self.headroom_bytes, "compiles": self.compiles,
+                "preset": None if self.preset is None else cand(self.preset),
+                "recompute_saved_flops": self.recompute_saved_flops,
+                "dropped_names": list(self.dropped_names), "wall_seconds": self.wall_seconds,
+                "candidates": [cand(c) for c in self.candidates], "batches": [cand(c) for c in self.batches],
+                "report": self.report.to_dict()}
+
+    def __rich__(self) -> Group:
+        c = self.chosen
+        head = Table(title=f"remat tune: {self.model}, batch {self.batch} x seq {self.seq}, budget "
+                           f"{format_bytes(self.budget_bytes)} per device ({self.compiles} compiles, "
+                           f"{self.wall_seconds:.1f} s)", show_header=False)
+        head.add_column("what", style="bold")
+        head.add_column("value")
+        est = " (estimate: host memory not accounted)" if c.estimate else ""
+        rows = [("pick", self.pick.flags()),
+                ("peak per device", format_bytes(c.device_peak_bytes) + est),
+                ("headroom", format_bytes(self.headroom_bytes)),
+                ("recompute", f"{format_flops(c.recompute_flops)} ({c.recompute_flops / max(c.flops, 1):.1%} "
+                              "of the step)")]
+        if self.preset is not None:
+            rows.append(("best preset that fits", f"{self.preset.config.flags()}: peak "
+                         f"{format_bytes(self.preset.device_peak_bytes)}, recompute "
+                         f"{format_flops(self.preset.recompute_flops)}; the pick saves "
+                         f"{format_flops(self.recompute_saved_flops)}"))
+        else:
+            rows.append(("best preset that fits", "none fits"))
+        if self.dropped_names:
+            rows.append(("never residuals (left out)", ", ".join(self.dropped_names)))
+        for k, v in rows:
+            head.add_row(k, v)
+        t = Table(title="every configuration compiled")
+        for col in ("role", "batch", "flags", "peak per device", "recompute", "fits"):
+            t.add_column(col, justify="right" if col in ("batch", "peak per device", "recompute") else "left",
+                         overflow="fold")
+        for x in (*self.batches, *self.candidates):
+            t.add_row(x.role, str(x.batch), x.config.flags(),
+                      format_bytes(x.device_peak_bytes) + ("*" if x.estimate else ""),
+                      format_flops(x.recompute_flops), "yes" if x.fits else "no")
+        return Group(head, t)
+
+
+class Oracle(Protocol):
+    """What the search asks of a model: cheap traces and counted compiles."""
+
+    names: tuple[str, ...]
+    """The checkpoint names the step emits."""
+
+    def traced(self, config: TuneConfig, batch: int) -> tuple[dict[str, int], int]:
+        """Device residual bytes per checkpoint name, and the step's FLOPs (no compile)."""
+
+    def compiled(self, config: TuneConfig, batch: int, role: str) -> Candidate:
+        """Compile and measure (one counted compile)."""
+
+    def report(self, config: TuneConfig, batch: int) -> Report:
+        """The report of a configuration compiled before."""
+
+
+class _CapReached(Exception):
+    pass
+
+
+def _spec(saved: Sequence[str], offloaded: Sequence[str] = (), dots: str = "") -> str:
+    terms = [f"save:{','.join(saved)}"] if saved else []
+    terms += [f"offload:{','.join(offloaded)}"] if offloaded else []
+    terms += [dots] if dots else []
+    return " + ".join(terms) or "full"
+
+
+@dataclasses.dataclass
+class _Item:
+    name: str
+    bytes: int
+    flops: int
+
+
+class _Search:
+    """The search over one model and batch against one oracle (see the module doc)."""
+
+    def __init__(self, oracle: Oracle, budget: int, *, layers: int, allow_offload: bool, groups: str | None,
+                 max_microbatches: int, batch: int, factor: int, chunks: bool):
+        self.o, self.budget, self.layers = oracle, budget, layers
+        self.allow_offload, self.groups, self.max_mb = allow_offload, groups, max_microbatches
+        self.batch, self.factor, self.chunks = batch, factor, chunks
+        self.seen: list[Candidate] = []
+
+    def compile(self, config: TuneConfig, role: str, batch: int | None = None) -> Candidate:
+        c = self.o.compiled(config, self.batch if batch is None else batch, role)
+        self.seen.append(c)
+        return c
+
+    def base(self) -> Candidate:
+        """The least frugal configuration whose ``full`` fits; raises if none does."""
+        full = self.compile(TuneConfig("full"), "full")
+        best = full
+        if (self.chunks and full.fits is False) or (self.chunks and self._head_share(full) >= 0.05):
+            chunked = self.compile(TuneConfig("full", loss_chunks=LOSS_CHUNKS), "full")
+            best = min(full, chunked, key=lambda c: c.device_peak_bytes)
+        if best.fits:
+            return best
+        ladder = [(g, k) for k in _powers(self.max_mb) for g in (None, self.groups) if (g, k) != (None, 1)
+                  and (self.batch % (self.factor * k) == 0)]
+        for g, k in dict.fromkeys(ladder):
+            c = self.compile(dataclasses.replace(best.config, groups=g, microbatches=k), "frugal")
+            if c.fits:
+                return c
+        smallest = min(self.seen, key=lambda c: c.device_peak_bytes)
+        report = self.o.report(smallest.config, self.batch)
+        levers = advice(dict(report.peak_terms), report.peak_bytes, report.devices) or [
+            "the activations dominate: a smaller batch, or more devices (FSDP)"]
+        terms = dict(report.peak_terms)
+        top = max(terms, key=terms.__getitem__) if terms else "-"
+        raise RematError(
+            f"nothing fits the budget of {format_bytes(self.budget)} per device: the smallest peak reached "
+            f"is {format_bytes(smallest.device_peak_bytes)}, by {smallest.config.flags()}; its largest term "
+            f"is {top} ({format_bytes(terms.get(top, 0))}). {' '.join(levers)}")
+
+    def _head_share(self, c: Candidate) -> float:
+        terms = dict(self.o.report(c.config, self.batch).peak_terms)
+        return terms.get("loss head", 0) / max(c.peak_bytes, 1)
+
+    def items(self, base: TuneConfig) -> tuple[list[_Item], list[str], int]:
+        """Each name's device bytes and FLOP saving over ``full``, from traces;
+        the names dropped (never residuals); ``flops(full)``."""
+        base = dataclasses.replace(base, groups=None)  # a group's residuals are transient: not in the rows
+        _, full_flops = self.o.traced(base, self.batch)
+        items, dropped = [], []
+        for n in self.o.names:
+            try:
+                by_name, flops = self.o.traced(dataclasses.replace(base, policy=f"save:{n}"), self.batch)
+            except NeverKeptError:
+                by_name, flops = {}, full_flops
+            if by_name.get(n, 0) <= 0:
+                dropped.append(n)
+            else:
+                items.append(_Item(n, by_name[n], max(0, full_flops - flops)))
+        for rule in _DOTS[1:]:
+            by_name, flops = self.o.traced(dataclasses.replace(base, policy=rule), self.batch)
+            items.append(_Item(rule, sum(by_name.values()), max(0, full_flops - flops)))
+        return items, dropped, full_flops
+
+    def solve(self, items: list[_Item], peak_full: int, peak_all: int, bytes_all: int,
+              budget: int) -> tuple[str, float] | None:
+        """The spec with the least modelled recompute whose modelled peak fits ``budget``."""
+        names = [i for i in items if i.name not in _DOTS]
+        dots = {i.name: i for i in items if i.name in _DOTS}
+        choices = ("save", "offload", "recompute") if self.allow_offload else ("save", "recompute")
+        best: tuple[float, int, str] | None = None
+        for rule in _DOTS:
+            for assign in itertools.product(choices, repeat=len(names)):
+                saved = [n for n, a in zip(names, assign, strict=True) if a == "save"]
+                off = [n for n, a in zip(names, assign, strict=True) if a == "offload"]
+                dev = sum(n.bytes for n in saved) + (dots[rule].bytes if rule else 0)
+                if _predict(peak_full, peak_all, bytes_all, dev) > budget:
+                    continue
+                gain = sum(n.flops for n in (*saved, *off)) + (dots[rule].flops if rule else 0)
+                key = (-gain, dev, _spec([n.name for n in saved], [n.name for n in off], rule))
+                if best is None or key < best:
+                    best = key
+        return None if best is None else (best[2], -best[0])
+
+    def segments(self, spec: str, items: list[_Item], peak_full: int, peak_all: int, bytes_all: int,
+                 budget: int) -> str | None:
+        """``spec`` plus one more name saved on the first ``m`` layers, the most
+        FLOPs the headroom allows by the model; None when no layer fits."""
+        policy = get_policy(spec)
+        dev = sum(i.bytes for i in items if i.name in policy.save)
+        best = None
+        for i in items:
+            if i.name in _DOTS or i.name in policy.names:
+                continue
+            slope = max(peak_all - peak_full, 1) / max(bytes_all, 1)  # peak bytes per residual byte
+            room = (budget - _predict(peak_full, peak_all, bytes_all, dev)) / slope
+            m = min(self.layers - 1, int(room * self.layers // max(i.bytes, 1)))
+            if m >= 1 and (best is None or i.flops * m > best[0]):
+                more = get_policy(f"{spec} + save:{i.name}" if spec != "full" else f"save:{i.name}")
+                best = (i.flops * m, f"{m}x {more}; {self.layers - m}x {policy}")
+        return None if best is None else best[1]
+
+
+def _predict(peak_full: int, peak_all: int, bytes_all: int, saved: int) -> float:
+    """The modelled peak with ``saved`` residual bytes on device: linear between
+    ``full`` (nothing saved) and every name saved, the two compiled anchors."""
+    return peak_full + (peak_all - peak_full) * saved / max(bytes_all, 1)
+
+
+def _powers(limit: int) -> list[int]:
+    return [2 ** i for i in range(int(math.log2(max(limit, 1))) + 1)]
+
+
+def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offload: bool = False,
+           groups: str | None = "sqrt", max_microbatches: int = 8, factor: int = 1,
+           chunks: bool = True) -> tuple[TuneConfig, list[Candidate], Candidate | None, list[str]]:
+    """The search of :func:`tune` against any :class:`Oracle` (a fake one in
+    tests): ``(pick, candidates, best preset, dropped names)``.
+
+    Raises:
+      RematError: nothing fits (see :func:`tune`).
+    """
+    s = _Search(oracle, budget, layers=layers, allow_offload=allow_offload, groups=groups,
+                max_microbatches=max_microbatches, batch=batch, factor=factor, chunks=chunks)
+    try:
+        none = s.compile(TuneConfig("none"), "none")
+        if none.fits:
+            return none.config, s.seen, none, []
+        base = s.base()
+        items, dropped, _ = s.items(base.config)
+        preset = None
+        if items:
+            all_names = [i.name for i in items if i.name not in _DOTS]
+            every = s.compile(dataclasses.replace(base.config, policy=_spec(all_names)), "calibration")
+            bytes_all = sum(i.bytes for i in items if i.name not in _DOTS)
+            model = (base.device_peak_bytes, every.device_peak_bytes, bytes_all)
+            best, target, role = None, budget, "pick"
+            for _ in range(4):  # pick, then repair (the model under-estimated) or improve (over-estimated)
+                solved = s.solve(items, *model, target)
+                if solved is None:
+                    break
+                config = dataclasses.replace(base.config, policy=str(get_policy(solved[0])))
+                done = next((c for c in s.seen if c.config == config and c.batch == batch), None)
+                if done is not None and role != "pick":
+                    break  # the model's answer did not change
+                c = done or s.compile(config, role)
+                saved = sum(i.bytes for i in items if i.name in get_policy(config.policy).save)
+                predicted = _predict(*model, saved)
+                if c.fits:
+                    best = c if best is None or c.recompute_flops < best.recompute_flops else best
+                    if predicted - c.device_peak_bytes <= 0.01 * budget:
+                        break
+                    target, role = predicted + (budget - c.device_peak_bytes), "improve"
+                else:
+                    over = max(c.device_peak_bytes - predicted, c.device_peak_bytes - budget, 1)
+                    target, role = target - over, "repair"
+            if best is not None:
+                seg = s.segments(best.config.policy, items, *model, budget)
+                if seg is not None:
+                    s.compile(dataclasses.replace(best.config, policy=seg), "segments")
+            preset = _best_preset(s, base.config, model)
+    except _CapReached:
+        preset = None
+    fits = [c for c in s.seen if c.fits and c.batch == batch]
+    if not fits:
+        raise RematError(f"the compile cap was reached before anything fit the budget of "
+                         f"{format_bytes(budget)}: raise max_compiles")
+    pick = min(fits, key=lambda c: (c.recompute_flops, c.config.microbatches, c.config.groups is not None,
+                                    c.config.loss_chunks, c.device_peak_bytes))
+    return pick.config, s.seen, preset, dropped
+
+
+def _best_preset(s: _Search, base: TuneConfig, model: tuple[int, int, int]) -> Candidate | None:
+    """The registered preset with the least recompute (FLOPs from traces) that
+    fits at ``base``'s chunks, micro-batches and groups, by the model then by
+    compiling, in order of recompute."""
+    by_flops = []
+    for name in [*default_policies(s.o.names), "full"]:
+        p = get_policy(name)
+        if (p.offload or p.offload_dots) and not s.allow_offload:
+            continue
+        config = dataclasses.replace(base, policy=name)
+        by_name, flops = s.o.traced(config, s.batch)
+        predicted = _predict(*model, sum(by_name.values()))
+        by_flops.append((flops, predicted, config))
+    for _, predicted, config in sorted(by_flops, key=lambda x: x[0]):
+        if predicted > s.budget * 1.05:
+            continue
+        done = next((c for c in s.seen if c.config == config and c.batch == s.batch), None)
+        c = done or s.compile(config, "preset")
+        if c.fits:
+            return dataclasses.replace(c, role="preset")
+    return None
+
+
+class _CompileOracle:
+    """The real oracle: traces and compiles the train step of a model preset."""
+
+    def __init__(self, model: str | models.ModelConfig, seq: int | None, dtype: str | None,
+                 mesh: Any, rules: Rules | None, budget: int, max_compiles: int,
+                 compiler_options: dict[str, Any] | None):
+        self.model, self.seq, self.dtype, self.mesh, self.rules = model, seq, dtype, mesh, rules
+        self.budget, self.max_compiles, self.options = budget, max_compiles, compiler_options
+        self.compiles = 0
+        self._setups: dict[tuple, TrainStepSetup] = {}
+        self._traced: dict[tuple, Any] = {}
+        self._reports: dict[tuple, Report] = {}
+        self._by_program: dict[str, Report] = {}
+        self._baseline: dict[tuple, int] = {}
+        self.names: tuple[str, ...] = ()
+
+    def setup(self, config: TuneConfig, batch: int) -> TrainStepSetup:
+        from remat._scan import parse_groups
+
+        key = (batch, config.groups, config.loss_chunks, config.microbatches)
+        if key not in self._setups:
+            self._setups[key] = train_step_setup(
+                self.model, batch=batch, seq=self.seq, dtype=self.dtype,
+                groups=parse_groups(config.groups) if config.groups else None, mesh=self.mesh,
+                rules=self.rules, loss_chunks=config.loss_chunks, microbatches=config.microbatches)
+        return self._setups[key]
+
+    def _trace(self, config: TuneConfig, batch: int) -> Any:
+        key = (config, batch)
+        if key not in self._traced:
+            self._traced[key] = trace_policy(self.setup(config, batch), config.policy, config.policy)
+        return self._traced[key]
+
+    def baseline_flops(self, config: TuneConfig, batch: int) -> int:
+        s = self.setup(config, batch)
+        key = (batch, config.groups, config.loss_chunks, config.microbatches)
+        if key not in self._baseline:
+            with s.context():
+                b = trace_without_remat(s.step("full"), s.step_args(), {}, donate_argnums=0,
+                                        out_shardings=s.out_shardings)
+            self._baseline[key] = count_flops(b.traced.jaxpr.jaxpr)[0]
+        return self._baseline[key]
+
+    def traced(self, config: TuneConfig, batch: int) -> tuple[dict[str, int], int]:
+        t = self._trace(config, batch)
+        by_name: dict[str, int] = {}
+        for r in residual_rows(t.traced.jaxpr.jaxpr):
+            if r.memory_kind == "device":
+                by_name[r.name] = by_name.get(r.name, 0) + r.device_bytes
+        return by_name, count_flops(t.traced.jaxpr.jaxpr)[0]
+
+    def compiled(self, config: TuneConfig, batch: int, role: str) -> Candidate:
+        t = self._trace(config, batch)
+        report = self._by_program.get(t.program)
+        if report is None:
+            if self.compiles >= self.max_compiles:
+                raise _CapReached
+            self.compiles += 1
+            s = self.setup(config, batch)
+            report = self._by_program[t.program] = s.finish(measure(t, *compile_traced(t, self.options)))
+        self._reports[(config, batch)] = report
+        if not self.names:
+            self.names = report.checkpoint_names
+        host = report.host_residual_bytes if report.host_residual_bytes and not report.host_temp_bytes else 0
+        device = report.peak_bytes - host
+        return Candidate(config, role, batch, report.peak_bytes, device, report.flops,
+                         report.flops - self.baseline_flops(config, batch), device <= self.budget, bool(host))
+
+    def report(self, config: TuneConfig, batch: int) -> Report:
+        return self._reports[(config, batch)]
+
+
+def tune(model: str | models.ModelConfig, budget: int | str, *, batch: int | str = 1, seq: int | None = None,
+         dtype: str | None = None, mesh: Mapping[str, int] | None = None, rules: Rules | None = None,
+         allow_offload: bool = False, groups: str | None = "sqrt", max_microbatches: int = 8,
+         max_compiles: int | None = None, compiler_options: dict[str, Any] | None = None,
+         on_candidate: Callable[[Candidate], None] | None = None) -> TuneResult:
+    """The configuration with the least recompute FLOPs whose train step fits
+    ``budget`` bytes per device (see the module doc for how it searches).
+
+    Args:
+      model: a preset name or a ``ModelConfig``.
+      budget: bytes per device (int) or a size with its unit (``"40GiB"``, ``"4e10B"``).
+      batch: global sequences per step, or ``"auto"``: the largest batch that fits.
+      seq, dtype, mesh, rules: as :func:`remat.train_step_setup`.
+      allow_offload: let names be offloaded to host memory.
+      groups: the nested grouping the search may use (``"sqrt"`` or ``"G,K"``), or None.
+      max_microbatches: the most micro-batches the search may use.
+      max_compiles: the cap on compiles (the result says how many it made);
+        None: :data:`DEFAULT_MAX_COMPILES`, twice that with ``batch="auto"``.
+      compiler_options: as :func:`remat.analyze`.
+      on_candidate: called with each configuration as it is compiled.
+
+    Returns:
+      A :class:`TuneResult`.
+
+    Raises:
+      RematError: a bad budget or batch, nothing fits (the message names the
+        smallest peak reached, by which configuration, its dominant term and
+        the levers that shrink it), or the compile cap reached before
+        anything fit.
+    """
+    from remat._format import parse_bytes
+
+    t0 = time.perf_counter()
+    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+    if budget_bytes <= 0:
+        raise RematError(f"budget={budget!r} must be a positive size")
+    config = models.get_config(model) if isinstance(model, str) else model
+    if max_compiles is None:
+        max_compiles = DEFAULT_MAX_COMPILES * (2 if batch == "auto" else 1)
+    oracle = _CompileOracle(model, seq, dtype, mesh, rules, budget_bytes, max_compiles, compiler_options)
+    if on_candidate is not None:
+        inner = oracle.compiled
+        oracle.compiled = lambda c, b, r: _tap(inner(c, b, r), on_candidate)  # type: ignore[method-assign]
+    factor = batch_factor(make_mesh(mesh), tuple(rules or LOGICAL_RULES)) if mesh else 1
+    batches: list[Candidate] = []
+    if batch == "auto":
+        batch, batches = _largest_batch(oracle, budget_bytes, factor, groups, max_microbatches)
+    elif not isinstance(batch, int) or batch < 1:
+        raise RematError(f"batch={batch!r} must be a positive integer or 'auto'")
+    pick, seen, preset, dropped = search(
+        oracle, budget_bytes, batch=batch, layers=config.num_layers, allow_offload=allow_offload,
+        groups=groups, max_microbatches=max_microbatches, factor=factor)
+    report = oracle.report(pick, batch)
+    chosen = next(c for c in reversed(seen) if c.config == pick and c.batch == batch)
+    return TuneResult(
+        model=model if isinstance(model, str) else "custom config", batch=batch,
+        seq=oracle.setup(pick, batch).seq, budget_bytes=budget_bytes, pick=pick, report=report,
+        headroom_bytes=budget_bytes - chosen.device_peak_bytes, candidates=tuple(seen),
+        compiles=oracle.compiles, preset=preset, dropped_names=tuple(dropped),
+        wall_seconds=time.perf_counter() - t0, batches=tuple(batches))
+
+
+def _tap(c: Candidate, f: Callable[[Candidate], None]) -> Candidate:
+    f(c)
+    return c
+
+
+def _frugal(batch: int, factor: int, groups: str | None, max_microbatches: int) -> TuneConfig:
+    k = max(m for m in _powers(max_microbatches) if batch % (factor * m) == 0)
+    return TuneConfig("full", groups=groups, loss_chunks=LOSS_CHUNKS, microbatches=k)
+
+
+def _largest_batch(oracle: _CompileOracle, budget: int, factor: int, groups: str | None,
+                   max_microbatches: int) -> tuple[int, list[Candidate]]:
+    """The largest multiple of ``factor`` whose most frugal configuration fits
+    (doubling, then bisecting; see the module doc), and every batch tried."""
+    tried: dict[int, Candidate] = {}
+
+    def fits(b: int) -> bool:
+        if b not in tried:
+            tried[b] = oracle.compiled(_frugal(b, factor, groups, max_microbatches), b, "batch")
+        return tried[b].fits
+
+    lo, hi = 0, factor
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    if lo == 0:
+        c = tried[factor]
+        raise RematError(f"no batch fits the budget of {format_bytes(budget)} per device: the smallest, "
+                         f"{factor}, peaks at {format_bytes(c.device_peak_bytes)} with {c.config.flags()}")
+    while hi - lo > factor:
+        mid = (lo + hi) // 2 // factor * factor
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    fits(lo + factor)  # the next batch up was compiled and does not fit
+    return lo, [tried[b] for b in sorted(tried)]
