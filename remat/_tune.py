@@ -19,15 +19,17 @@ How (compile few, solve exactly, confirm):
 3. A cost model from traces (no compile): each name's residual bytes per
    device (all layers) and the recompute FLOPs saving it avoids
    (``flops(full) - flops(save:NAME)``); names that are never residuals are
-   dropped. One compile of "save every name" calibrates the peak, linear in
-   the bytes saved between the two compiled anchors:
-   ``peak(S) = peak(full) + (peak(all) - peak(full)) * bytes(S) / bytes(all)``.
+   dropped. The peak is modelled as piecewise linear in the residual bytes
+   saved, through compiled anchors: ``full`` (nothing saved), one compile of
+   "save every name", and every configuration compiled after.
 4. Solve exactly: every save/offload/recompute assignment and dots rule is
    evaluated on the model (3^n x 3 for n names, a few hundred thousand at
    most), the least recompute that the model says fits wins; then one more
    name on the first ``m`` layers where the headroom allows (segments).
-5. Confirm by compiling; where the compiler disagrees, shrink the model's
-   budget by the error and solve again (repair), within the compile cap.
+5. Confirm by compiling; the compiled peak becomes an anchor and the model
+   is solved again (a repair when the pick did not fit, an improvement when
+   it left headroom), until its answer is one already compiled (at most 4
+   rounds), within the compile cap.
 
 Every compile is of the step ``remat train`` runs
 (:meth:`remat.TrainStepSetup.step`: same dtypes, optimizer, mesh and compile
@@ -49,12 +51,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import math
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 from rich.console import Group
 from rich.table import Table
 
@@ -303,8 +305,8 @@ class _Search:
             best = min(full, chunked, key=lambda c: c.device_peak_bytes)
         if best.fits:
             return best
-        ladder = [(g, k) for k in _powers(self.max_mb) for g in (None, self.groups) if (g, k) != (None, 1)
-                  and (self.batch % (self.factor * k) == 0)]
+        counts = _microbatches(self.batch, self.factor, self.max_mb)
+        ladder = [(g, k) for k in counts for g in (None, self.groups) if (g, k) != (None, 1)]
         for g, k in dict.fromkeys(ladder):
             c = self.compile(dataclasses.replace(best.config, groups=g, microbatches=k), "frugal")
             if c.fits:
@@ -344,28 +346,34 @@ class _Search:
             items.append(_Item(rule, sum(by_name.values()), max(0, full_flops - flops)))
         return items, dropped, full_flops
 
-    def solve(self, items: list[_Item], peak_full: int, peak_all: int, bytes_all: int,
-              budget: int) -> tuple[str, float] | None:
-        """The spec with the least modelled recompute whose modelled peak fits ``budget``."""
+    def solve(self, items: list[_Item], model: _PeakModel, budget: int) -> str | None:
+        """The spec with the least modelled recompute whose modelled peak fits
+        ``budget``: every assignment of the names (and dots rule), evaluated at once."""
         names = [i for i in items if i.name not in _DOTS]
         dots = {i.name: i for i in items if i.name in _DOTS}
-        choices = ("save", "offload", "recompute") if self.allow_offload else ("save", "recompute")
-        best: tuple[float, int, str] | None = None
+        choices = 3 if self.allow_offload else 2  # 0 recompute, 1 save, 2 offload
+        grid = np.array(list(itertools.product(range(choices), repeat=len(names))), dtype=np.int8)
+        grid = grid.reshape(-1, len(names))
+        nbytes = np.array([n.bytes for n in names], dtype=np.float64)
+        flops = np.array([n.flops for n in names], dtype=np.float64)
+        best: tuple[float, float, str] | None = None
         for rule in _DOTS:
-            for assign in itertools.product(choices, repeat=len(names)):
-                saved = [n for n, a in zip(names, assign, strict=True) if a == "save"]
-                off = [n for n, a in zip(names, assign, strict=True) if a == "offload"]
-                dev = sum(n.bytes for n in saved) + (dots[rule].bytes if rule else 0)
-                if _predict(peak_full, peak_all, bytes_all, dev) > budget:
-                    continue
-                gain = sum(n.flops for n in (*saved, *off)) + (dots[rule].flops if rule else 0)
-                key = (-gain, dev, _spec([n.name for n in saved], [n.name for n in off], rule))
-                if best is None or key < best:
-                    best = key
-        return None if best is None else (best[2], -best[0])
+            extra_bytes, extra_flops = (dots[rule].bytes, dots[rule].flops) if rule else (0, 0)
+            dev = (grid == 1) @ nbytes + extra_bytes
+            gain = (grid > 0) @ flops + extra_flops
+            ok = model.predict(dev) <= budget
+            if not ok.any():
+                continue
+            k = int(np.lexsort((dev[ok], -gain[ok]))[0])
+            row = grid[ok][k]
+            key = (-float(gain[ok][k]), float(dev[ok][k]), _spec(
+                [n.name for n, a in zip(names, row, strict=True) if a == 1],
+                [n.name for n, a in zip(names, row, strict=True) if a == 2], rule))
+            if best is None or key < best:
+                best = key
+        return None if best is None else best[2]
 
-    def segments(self, spec: str, items: list[_Item], peak_full: int, peak_all: int, bytes_all: int,
-                 budget: int) -> str | None:
+    def segments(self, spec: str, items: list[_Item], model: _PeakModel, budget: int) -> str | None:
         """``spec`` plus one more name saved on the first ``m`` layers, the most
         FLOPs the headroom allows by the model; None when no layer fits."""
         policy = get_policy(spec)
@@ -374,23 +382,40 @@ class _Search:
         for i in items:
             if i.name in _DOTS or i.name in policy.names:
                 continue
-            slope = max(peak_all - peak_full, 1) / max(bytes_all, 1)  # peak bytes per residual byte
-            room = (budget - _predict(peak_full, peak_all, bytes_all, dev)) / slope
-            m = min(self.layers - 1, int(room * self.layers // max(i.bytes, 1)))
-            if m >= 1 and (best is None or i.flops * m > best[0]):
+            per_layer = i.bytes / self.layers
+            room = [m for m in range(1, self.layers) if model.predict(dev + per_layer * m) <= budget]
+            m = max(room, default=0)
+            if m and (best is None or i.flops * m > best[0]):
                 more = get_policy(f"{spec} + save:{i.name}" if spec != "full" else f"save:{i.name}")
                 best = (i.flops * m, f"{m}x {more}; {self.layers - m}x {policy}")
         return None if best is None else best[1]
 
 
-def _predict(peak_full: int, peak_all: int, bytes_all: int, saved: int) -> float:
-    """The modelled peak with ``saved`` residual bytes on device: linear between
-    ``full`` (nothing saved) and every name saved, the two compiled anchors."""
-    return peak_full + (peak_all - peak_full) * saved / max(bytes_all, 1)
+class _PeakModel:
+    """The device peak as a function of the residual bytes saved: piecewise
+    linear through the compiled anchors (``full`` at 0, every name saved, and
+    each configuration compiled since), extended by the outer segments' slopes."""
+
+    def __init__(self) -> None:
+        self.anchors: dict[float, float] = {}
+
+    def add(self, saved: float, peak: float) -> None:
+        self.anchors[float(saved)] = float(peak)
+
+    def predict(self, saved: Any) -> Any:
+        x = np.array(sorted(self.anchors))
+        y = np.array([self.anchors[k] for k in x])
+        v = np.asarray(saved, dtype=np.float64)
+        if len(x) == 1:
+            return y[0] + np.maximum(v - x[0], 0)
+        lo = y[0] + (v - x[0]) * (y[1] - y[0]) / (x[1] - x[0])
+        hi = y[-1] + (v - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2])
+        return np.where(v < x[0], lo, np.where(v > x[-1], hi, np.interp(v, x, y)))
 
 
-def _powers(limit: int) -> list[int]:
-    return [2 ** i for i in range(int(math.log2(max(limit, 1))) + 1)]
+def _microbatches(batch: int, factor: int, limit: int) -> list[int]:
+    """The micro-batch counts up to ``limit`` that split ``batch`` evenly, each over ``factor`` devices."""
+    return [k for k in range(1, limit + 1) if batch % (factor * k) == 0]
 
 
 def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offload: bool = False,
@@ -414,30 +439,25 @@ def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offloa
         if items:
             all_names = [i.name for i in items if i.name not in _DOTS]
             every = s.compile(dataclasses.replace(base.config, policy=_spec(all_names)), "calibration")
-            bytes_all = sum(i.bytes for i in items if i.name not in _DOTS)
-            model = (base.device_peak_bytes, every.device_peak_bytes, bytes_all)
-            best, target, role = None, budget, "pick"
-            for _ in range(4):  # pick, then repair (the model under-estimated) or improve (over-estimated)
-                solved = s.solve(items, *model, target)
+            model = _PeakModel()
+            model.add(0, base.device_peak_bytes)
+            model.add(sum(i.bytes for i in items if i.name not in _DOTS), every.device_peak_bytes)
+            best, role = None, "pick"
+            for _ in range(4):  # pick, then repair (over budget) or improve (headroom): each adds an anchor
+                solved = s.solve(items, model, budget)
                 if solved is None:
                     break
-                config = dataclasses.replace(base.config, policy=str(get_policy(solved[0])))
-                done = next((c for c in s.seen if c.config == config and c.batch == batch), None)
-                if done is not None and role != "pick":
+                config = dataclasses.replace(base.config, policy=str(get_policy(solved)))
+                if any(c.config == config and c.batch == batch for c in s.seen):
                     break  # the model's answer did not change
-                c = done or s.compile(config, role)
-                saved = sum(i.bytes for i in items if i.name in get_policy(config.policy).save)
-                predicted = _predict(*model, saved)
-                if c.fits:
-                    best = c if best is None or c.recompute_flops < best.recompute_flops else best
-                    if predicted - c.device_peak_bytes <= 0.01 * budget:
-                        break
-                    target, role = predicted + (budget - c.device_peak_bytes), "improve"
-                else:
-                    over = max(c.device_peak_bytes - predicted, c.device_peak_bytes - budget, 1)
-                    target, role = target - over, "repair"
+                c = s.compile(config, role)
+                model.add(sum(i.bytes for i in items if i.name in get_policy(config.policy).save),
+                          c.device_peak_bytes)
+                if c.fits and (best is None or c.recompute_flops < best.recompute_flops):
+                    best = c
+                role = "improve" if c.fits else "repair"
             if best is not None:
-                seg = s.segments(best.config.policy, items, *model, budget)
+                seg = s.segments(best.config.policy, items, model, budget)
                 if seg is not None:
                     s.compile(dataclasses.replace(best.config, policy=seg), "segments")
             preset = _best_preset(s, base.config, model)
@@ -452,18 +472,19 @@ def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offloa
     return pick.config, s.seen, preset, dropped
 
 
-def _best_preset(s: _Search, base: TuneConfig, model: tuple[int, int, int]) -> Candidate | None:
+def _best_preset(s: _Search, base: TuneConfig, model: _PeakModel) -> Candidate | None:
     """The registered preset with the least recompute (FLOPs from traces) that
     fits at ``base``'s chunks, micro-batches and groups, by the model then by
     compiling, in order of recompute."""
     by_flops = []
+    floor, _ = s.o.traced(dataclasses.replace(base, policy="full"), s.batch)
     for name in [*default_policies(s.o.names), "full"]:
         p = get_policy(name)
         if (p.offload or p.offload_dots) and not s.allow_offload:
             continue
         config = dataclasses.replace(base, policy=name)
         by_name, flops = s.o.traced(config, s.batch)
-        predicted = _predict(*model, sum(by_name.values()))
+        predicted = float(model.predict(sum(max(0, v - floor.get(k, 0)) for k, v in by_name.items())))
         by_flops.append((flops, predicted, config))
     for _, predicted, config in sorted(by_flops, key=lambda x: x[0]):
         if predicted > s.budget * 1.05:
@@ -615,7 +636,7 @@ def _tap(c: Candidate, f: Callable[[Candidate], None]) -> Candidate:
 
 
 def _frugal(batch: int, factor: int, groups: str | None, max_microbatches: int) -> TuneConfig:
-    k = max(m for m in _powers(max_microbatches) if batch % (factor * m) == 0)
+    k = max(_microbatches(batch, factor, max_microbatches))
     return TuneConfig("full", groups=groups, loss_chunks=LOSS_CHUNKS, microbatches=k)
 
 

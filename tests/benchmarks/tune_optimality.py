@@ -1,0 +1,87 @@
+"""Benchmark (not a test): ``remat.tune`` against the optimum found by
+compiling every save/recompute combination of the checkpoint names that can
+be residuals, on ``tiny`` (batch 4 x 128) of both families, at budgets 25 %,
+50 % and 75 % of the way from the ``full`` peak to the ``none`` peak.
+
+Prints, per budget: the tuned recompute over the optimum's (target <= 1.02),
+whether the pick fits, and the tuned recompute against the best registered
+preset that fits (target: strictly less at >= 2 of the 3 budgets). Identical
+lowered programs share one compile. Expect tens of minutes on 2 cores::
+
+    python tests/benchmarks/tune_optimality.py
+"""
+
+import itertools
+import time
+
+from remat import models
+from remat._analysis import compile_traced, measure
+from remat._apply import NeverKeptError
+from remat._flops import count_flops
+from remat._jaxpr import checkpoint_names
+from remat._sweep import TrainStepSetup, _baseline, default_policies, trace_policy, train_step_setup
+from remat._tune import tune
+from remat.policies import get
+
+BATCH, SEQ = 4, 128
+
+
+class Costs:
+    """``(peak bytes, recompute FLOPs)`` of a spec, one compile per distinct program."""
+
+    def __init__(self, s: TrainStepSetup):
+        self.s = s
+        self.base_flops = count_flops(_baseline(s).traced.jaxpr.jaxpr)[0]
+        self.programs: dict[str, tuple[int, int]] = {}
+
+    def __call__(self, spec: str) -> tuple[int, int]:
+        t = trace_policy(self.s, spec, spec)
+        if t.program not in self.programs:
+            r = measure(t, *compile_traced(t, None))
+            self.programs[t.program] = (r.peak_bytes, r.flops - self.base_flops)
+        return self.programs[t.program]
+
+
+def run(family: str) -> None:
+    t0 = time.perf_counter()
+    config = models.get_config("tiny", family=family)
+    s = train_step_setup(config, batch=BATCH, seq=SEQ)
+    cost = Costs(s)
+    peak_full, peak_none = cost("full")[0], cost("none")[0]
+    emitted = sorted(checkpoint_names(trace_policy(s, "none", "none").traced.jaxpr.jaxpr))
+    names, dropped = [], []
+    for n in emitted:
+        try:
+            trace_policy(s, f"save:{n}", n)
+            names.append(n)
+        except NeverKeptError:  # the backward pass never reads it: never a residual
+            dropped.append(n)
+    combos = {}
+    for k in range(len(names) + 1):
+        for subset in itertools.combinations(names, k):
+            spec = f"save:{','.join(subset)}" if subset else "full"
+            combos[spec] = cost(spec)
+    presets = {p: cost(p) for p in default_policies(emitted) if not (get(p).offload or get(p).offload_dots)}
+    print(f"\n{family}: {len(combos)} combinations of {len(names)} names ({', '.join(names)}; never "
+          f"residuals: {', '.join(dropped) or '-'}), {len(cost.programs)} distinct programs, "
+          f"{time.perf_counter() - t0:.0f} s")
+    wins = 0
+    for frac in (0.25, 0.5, 0.75):
+        budget = int(peak_full + frac * (peak_none - peak_full))
+        optimum = min(r for p, r in combos.values() if p <= budget)
+        preset = min((r, name) for name, (p, r) in presets.items() if p <= budget)
+        t1 = time.perf_counter()
+        result = tune(config, budget, batch=BATCH, seq=SEQ)
+        c = result.chosen
+        wins += c.recompute_flops < preset[0]
+        print(f"  budget {frac:.0%} ({budget / 2**20:.2f} MiB): tuned/optimum recompute "
+              f"{c.recompute_flops / max(optimum, 1):.3f} ({c.recompute_flops:.4g} / {optimum:.4g} FLOPs), "
+              f"fits {c.device_peak_bytes <= budget}, best preset {preset[1]} {preset[0]:.4g}, "
+              f"tuned/preset {c.recompute_flops / max(preset[0], 1):.3f}, {result.compiles} compiles, "
+              f"{time.perf_counter() - t1:.1f} s; pick {result.pick.flags()}")
+    print(f"  strictly less recompute than the best fitting preset at {wins} of 3 budgets")
+
+
+if __name__ == "__main__":
+    for family in ("llama", "gpt2"):
+        run(family)
