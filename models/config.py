@@ -26,12 +26,16 @@ Family = Literal["gpt2", "llama"]
 """``"gpt2"``: LayerNorm, learned positions, GELU MLP, multi-head attention,
 biases. ``"llama"``: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, no
 biases."""
+MlpActivation = Literal["silu", "gelu_tanh"]
+"""The llama family's gated MLP activation: ``"silu"`` (SwiGLU: Llama, Mistral,
+Qwen) or ``"gelu_tanh"`` (GeGLU with the tanh approximation: Gemma)."""
 AttentionImpl = Literal["xla", "dot_product_attention"]
 """``"xla"``: einsum attention that tags ``attn_scores`` and ``attn_probs``;
 ``"dot_product_attention"``: ``jax.nn.dot_product_attention`` (cuDNN flash
 attention on GPU), which tags only its output ``context``."""
 
 FAMILIES: tuple[str, ...] = ("gpt2", "llama")
+MLP_ACTIVATIONS: tuple[str, ...] = ("silu", "gelu_tanh")
 ATTENTION_IMPLS: tuple[str, ...] = ("xla", "dot_product_attention")
 _DTYPE_ALIASES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -103,6 +107,16 @@ class ModelConfig:
       init_std: standard deviation of the normal initialiser of embeddings and
         kernels; the two residual projections (``out_proj``, ``mlpwo``) use
         ``init_std / sqrt(2 L)`` as GPT-2 does.
+      qkv_bias: llama family: biases on the query, key and value projections
+        (Qwen2; Hugging Face ``attention_bias`` sets this and ``out_bias``).
+      out_bias: llama family: a bias on the attention's out projection.
+      mlp_bias: llama family: biases on the MLP's projections (``mlp_bias``).
+      qk_norm: llama family: RMSNorm over ``head_dim`` on the queries and keys
+        before RoPE, one ``[H]`` scale each per layer (Qwen3).
+      mlp_activation: llama family: see :data:`MlpActivation`.
+      embed_scale: multiply the token embeddings by ``sqrt(D)`` (Gemma).
+      name: where the configuration came from (a preset, a ``config.json``'s
+        ``model_type``), for reports; no effect on the model.
 
     Raises:
       ValueError: naming the field and the bad value: an unknown family,
@@ -132,10 +146,25 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     loss_chunks: int = 1
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    mlp_activation: MlpActivation = "silu"
+    embed_scale: bool = False
+    name: str = ""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise RematError(f"ModelConfig.family={self.family!r}; valid: {', '.join(FAMILIES)}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise RematError(
+                f"ModelConfig.mlp_activation={self.mlp_activation!r}; valid: {', '.join(MLP_ACTIVATIONS)}")
+        llama_only = ("qkv_bias", "out_bias", "mlp_bias", "qk_norm")
+        llama_set = any(getattr(self, f) for f in llama_only) or self.mlp_activation != "silu"
+        if self.family == "gpt2" and llama_set:
+            raise RematError(f"ModelConfig: {', '.join((*llama_only, 'mlp_activation'))} are llama-family "
+                             "options (the gpt2 family always has biases, no q/k norm and a GELU MLP)")
         if self.attention not in ATTENTION_IMPLS:
             raise RematError(
                 f"ModelConfig.attention={self.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}")
@@ -184,16 +213,19 @@ class ModelConfig:
         """The number of parameters (scalars), by formula; equals the count of
         the leaves of ``Transformer(config).init`` (tested).
 
-        Per layer: attention ``D N H + 2 D K H + N H D`` (+ biases ``N H + 2 K H
-        + D`` for gpt2), MLP ``2 D F`` (gpt2, + biases ``F + D``) or ``3 D F``
-        (llama), norms ``2 D`` (RMSNorm) or ``4 D`` (LayerNorm). Outside:
+        Per layer: attention ``D N H + 2 D K H + N H D`` (+ biases ``N H + 2 K H``
+        and ``D``: gpt2, ``qkv_bias``, ``out_bias``; + ``2 H`` with ``qk_norm``),
+        MLP ``2 D F`` (gpt2, + biases ``F + D``) or ``3 D F`` (llama, + ``2 F +
+        D`` with ``mlp_bias``), norms ``2 D`` (RMSNorm) or ``4 D`` (LayerNorm). Outside:
         token embedding ``V D``, gpt2's position table ``T_max D``, final norm,
         untied head ``D V``.
         """
         d, n, k, h, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
         gpt2 = self.family == "gpt2"
-        attn = d * n * h + 2 * d * k * h + n * h * d + (n * h + 2 * k * h + d if gpt2 else 0)
-        mlp = 2 * d * f + f + d if gpt2 else 3 * d * f
+        attn = d * n * h + 2 * d * k * h + n * h * d
+        attn += (n * h + 2 * k * h if gpt2 or self.qkv_bias else 0) + (d if gpt2 or self.out_bias else 0)
+        attn += 2 * h if self.qk_norm else 0
+        mlp = 2 * d * f + f + d if gpt2 else 3 * d * f + (2 * f + d if self.mlp_bias else 0)
         norm = 2 * d if gpt2 else d
         per_layer = attn + mlp + 2 * norm
         outside = self.vocab_size * d + norm + (self.max_seq_len * d if gpt2 else 0)
@@ -256,24 +288,33 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
       ('gpt2', 4)
 
     Args:
-      name: one of :func:`names`.
+      name: one of :func:`names`, or the path of a Hugging Face
+        ``config.json`` (:func:`remat.models.from_hf_config`).
       **overrides: :class:`ModelConfig` fields to replace; the result is
         validated again.
 
     Raises:
       ValueError: an unknown preset (with close matches and the valid names),
-        an unknown field, or an override that fails validation.
+        an unknown field, an override that fails validation, or the errors of
+        :func:`remat.models.from_hf_config`.
     """
-    if name not in _PRESETS:
+    if name.endswith(".json"):
+        from remat.models.hf import from_hf_config
+
+        base = from_hf_config(name)
+    elif name not in _PRESETS:
         close = difflib.get_close_matches(name, names(), n=3, cutoff=0.6)
         hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise RematError(f"unknown model preset {name!r}{hint}; valid names: {', '.join(names())}")
+        raise RematError(f"unknown model preset {name!r}{hint}; valid names: {', '.join(names())}, "
+                         "or the path of a Hugging Face config.json")
+    else:
+        base = _PRESETS[name]
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise RematError(f"unknown ModelConfig field(s) {', '.join(map(repr, unknown))}; "
                          f"valid: {', '.join(sorted(fields))}")
-    return dataclasses.replace(_PRESETS[name], **overrides)
+    return dataclasses.replace(base, **overrides)
 
 
 def residual_init_std(config: ModelConfig) -> float:

@@ -28,6 +28,8 @@ MaxText places it (``MaxText/layers/attentions.py``, ``linears.py``,
 
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -74,6 +76,12 @@ def norm(config: ModelConfig, name: str) -> nn.Module:
                       scale_init=scale_init, name=name)
 
 
+def head_norm(config: ModelConfig, name: str) -> nn.Module:
+    """RMSNorm over ``head_dim`` (scale ``[H]``), for Qwen3's q/k norm."""
+    return nn.RMSNorm(epsilon=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("head_dim",)), name=name)
+
+
 def rope(x_BxTxMxH: jax.Array, theta: float) -> jax.Array:
     """Rotary position embedding (Su et al. 2021, "RoFormer"), Llama's
     half-split convention (Hugging Face ``rotate_half``): feature ``i`` pairs
@@ -114,7 +122,7 @@ def attention_implementation(config: ModelConfig) -> str:
 
 class Projection(nn.Module):
     """A linear map of the trailing axes, ``[..., *in] -> [..., *features]``,
-    kernel ``[*in, *features]`` (+ bias ``[*features]`` for gpt2), computed with
+    kernel ``[*in, *features]`` (+ bias ``[*features]`` for gpt2 or with ``bias``), computed with
     ``lax.dot_general`` in ``config.dtype`` (parameters kept in
     ``config.param_dtype``).
 
@@ -128,6 +136,7 @@ class Projection(nn.Module):
       in_axes: logical names of the contracted trailing input axes.
       out_axes: logical names of ``features``.
       residual: use the residual-projection init std (GPT-2).
+      bias: add a bias (always in the gpt2 family).
     """
 
     config: ModelConfig
@@ -135,6 +144,7 @@ class Projection(nn.Module):
     in_axes: tuple[str, ...]
     out_axes: tuple[str, ...]
     residual: bool = False
+    bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -144,7 +154,7 @@ class Projection(nn.Module):
         kernel = self.param("kernel", init, (*x.shape[-n_in:], *self.features), cfg.param_dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (contract, ((), ())))
-        if cfg.family == "gpt2":
+        if self.bias or cfg.family == "gpt2":
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes),
                               self.features, cfg.param_dtype)
             y = y + bias.astype(cfg.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
@@ -173,11 +183,15 @@ class Attention(nn.Module):
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
         def proj(features: tuple[int, int], heads_axis: str, name: str) -> nn.Module:
-            return Projection(cfg, features, ("embed",), (heads_axis, "head_dim"), name=name)
+            return Projection(cfg, features, ("embed",), (heads_axis, "head_dim"), bias=cfg.qkv_bias,
+                              name=name)
 
         q_BxTxNxH = tag(proj((n, h), "heads", "query")(x_BxTxD), vocab.QUERY_PROJ, BTNH)
         k_BxSxKxH = tag(proj((k, h), "kv_heads", "key")(x_BxTxD), vocab.KEY_PROJ, BTKH)
         v_BxSxKxH = tag(proj((k, h), "kv_heads", "value")(x_BxTxD), vocab.VALUE_PROJ, BTKH)
+        if cfg.qk_norm:  # Qwen3: RMSNorm per head on queries and keys, before RoPE
+            q_BxTxNxH = head_norm(cfg, "query_norm")(q_BxTxNxH)
+            k_BxSxKxH = head_norm(cfg, "key_norm")(k_BxSxKxH)
         if cfg.family == "llama":
             q_BxTxNxH = rope(q_BxTxNxH, cfg.rope_theta)
             k_BxSxKxH = rope(k_BxSxKxH, cfg.rope_theta)
@@ -191,7 +205,7 @@ class Attention(nn.Module):
         ctx_BxTxNxH = tag(ctx_BxTxNxH, vocab.CONTEXT, BTNH)
 
         out_BxTxD = Projection(cfg, (cfg.d_model,), ("heads", "head_dim"), ("embed",), residual=True,
-                               name="out")(ctx_BxTxNxH)
+                               bias=cfg.out_bias, name="out")(ctx_BxTxNxH)
         return tag(out_BxTxD, vocab.OUT_PROJ, BTD)
 
     def _einsum_attention(self, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
@@ -232,7 +246,8 @@ class Mlp(nn.Module):
         cfg = self.config
 
         def dense(features: int, axes: tuple[str, str], name: str, residual: bool = False) -> nn.Module:
-            return Projection(cfg, (features,), axes[:1], axes[1:], residual=residual, name=name)
+            return Projection(cfg, (features,), axes[:1], axes[1:], residual=residual, bias=cfg.mlp_bias,
+                              name=name)
 
         if cfg.family == "gpt2":
             h_BxTxF = tag(dense(cfg.mlp_dim, ("embed", "mlp"), "wi")(x_BxTxD), vocab.MLPWI, BTF)
@@ -240,6 +255,7 @@ class Mlp(nn.Module):
         else:
             gate_BxTxF = tag(dense(cfg.mlp_dim, ("embed", "mlp"), "wi_0")(x_BxTxD), vocab.MLPWI_0, BTF)
             up_BxTxF = tag(dense(cfg.mlp_dim, ("embed", "mlp"), "wi_1")(x_BxTxD), vocab.MLPWI_1, BTF)
-            h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+            act = nn.silu if cfg.mlp_activation == "silu" else partial(nn.gelu, approximate=True)
+            h_BxTxF = act(gate_BxTxF) * up_BxTxF
         out_BxTxD = dense(cfg.d_model, ("mlp", "embed"), "wo", residual=True)(h_BxTxF)
         return tag(out_BxTxD, vocab.MLPWO, BTD)

@@ -104,6 +104,8 @@ class Transformer(nn.Module):
             cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             embedding_init=kernel_init(cfg, ("vocab", "embed")), name="embed")
         x_BxTxD = embed(tokens_BxT)
+        if cfg.embed_scale:  # Gemma: embeddings times sqrt(D), the factor in the compute dtype
+            x_BxTxD = x_BxTxD * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
         if cfg.family == "gpt2":
             pos_TmaxxD = self.param("pos_embed", kernel_init(cfg, (None, "embed")),
                                     (cfg.max_seq_len, cfg.d_model), cfg.param_dtype)

@@ -62,7 +62,7 @@ from rich.table import Table
 
 from remat import models
 from remat._analysis import compile_traced, measure, trace_without_remat
-from remat._apply import NeverKeptError
+from remat._apply import NeverKeptError, OffloadUnsupportedError, check_offload
 from remat._errors import RematError
 from remat._flops import count_flops
 from remat._format import format_bytes, format_flops
@@ -593,6 +593,7 @@ def tune(model: str | models.ModelConfig, budget: int | str, *, batch: int | str
       A :class:`TuneResult`.
 
     Raises:
+      OffloadUnsupportedError: ``allow_offload`` on a backend without ``pinned_host`` memory.
       RematError: a bad budget or batch, nothing fits (the message names the
         smallest peak reached, by which configuration, its dominant term and
         the levers that shrink it), or the compile cap reached before
@@ -604,6 +605,11 @@ def tune(model: str | models.ModelConfig, budget: int | str, *, batch: int | str
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     if budget_bytes <= 0:
         raise RematError(f"budget={budget!r} must be a positive size")
+    if allow_offload:
+        try:
+            check_offload(get_policy("minimal_offloaded"))
+        except OffloadUnsupportedError as e:
+            raise OffloadUnsupportedError(f"allow_offload: {e}. Tune without offloading.") from e
     config = models.get_config(model) if isinstance(model, str) else model
     if max_compiles is None:
         max_compiles = DEFAULT_MAX_COMPILES * (2 if batch == "auto" else 1)

@@ -3,6 +3,8 @@
 One run lives in one folder ``DIR``:
 
 - ``run.json``: the :class:`TrainConfig` (``--resume`` reads it back);
+- ``model_config.json``: a copy of the Hugging Face ``config.json`` given as
+  ``--model``, which ``--resume`` uses (the original file may be gone);
 - ``data/``: the corpus as memory-mapped byte files (:func:`remat._data.build_corpus`);
 - ``checkpoints/<step>/``: orbax checkpoints (parameters, optimizer state, PRNG key,
   data position, elapsed seconds) every ``ckpt_every`` steps, at the end, and on Ctrl-C;
@@ -71,7 +73,7 @@ from remat._mesh import (
 )
 from remat._report import Report
 from remat._scan import plan
-from remat.models import Transformer, get_config
+from remat.models import Transformer, from_hf_config, get_config
 from remat.step import (
     OptimizerConfig,
     init_train_state,
@@ -94,7 +96,8 @@ class TrainConfig(OptimizerConfig):
     2-core CPU.
 
     Attributes:
-      model: a preset name of :func:`remat.models.get_config` (e.g. ``"tiny"``).
+      model: a preset name of :func:`remat.models.get_config` (e.g. ``"tiny"``), or the path of a
+        Hugging Face ``config.json`` (copied into the run folder, so ``--resume`` needs no file).
       policy: remat policy name or spec (``remat policies`` lists them).
       groups: ``None``, ``"sqrt"`` or ``(G, K)`` with ``G * K`` = layers: nested
         checkpointing of groups of layers (:func:`remat.scan_layers`).
@@ -200,8 +203,25 @@ class TrainResult:
                 f"{self.report.peak_source}) · {self.out}")
 
 
-def build_model(cfg: TrainConfig) -> tuple[nn.Module, bool]:
-    """The :class:`remat.models.Transformer` of ``cfg.model`` under ``cfg.policy``/``cfg.groups``.
+MODEL_CONFIG = "model_config.json"
+"""The run folder's copy of a Hugging Face ``config.json`` given as ``--model``."""
+
+
+def _model_source(cfg: TrainConfig, out: Path, resume: bool) -> str:
+    """``cfg.model``; for a ``config.json``, the run folder's copy of it
+    (written on a fresh start, read on resume, so resuming needs no file)."""
+    if not cfg.model.endswith(".json"):
+        return cfg.model
+    stored = out / MODEL_CONFIG
+    if not (resume and stored.exists()):
+        from_hf_config(cfg.model)  # a missing or unsupported file fails here, naming it
+        stored.write_text(json.dumps(json.loads(Path(cfg.model).read_text()), indent=1))
+    return str(stored)
+
+
+def build_model(cfg: TrainConfig, source: str | None = None) -> tuple[nn.Module, bool]:
+    """The :class:`remat.models.Transformer` of ``cfg.model`` (or of ``source``,
+    the run folder's copy of its ``config.json``) under ``cfg.policy``/``cfg.groups``.
 
     Returns:
       ``(model, deterministic)``: ``deterministic`` is False when the preset has dropout.
@@ -211,7 +231,7 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, bool]:
         (:func:`remat._scan.plan`), or ``seq`` longer than the model's ``max_seq_len``.
     """
     overrides = {} if jax.default_backend() == "cpu" else {"dtype": "bfloat16"}
-    mcfg = get_config(cfg.model, loss_chunks=cfg.loss_chunks, **overrides)
+    mcfg = get_config(source or cfg.model, loss_chunks=cfg.loss_chunks, **overrides)
     if cfg.seq > mcfg.max_seq_len:
         raise RematError(f"seq={cfg.seq} exceeds max_seq_len={mcfg.max_seq_len} of model {cfg.model!r}")
     plan(mcfg.num_layers, cfg.policy, cfg.groups)  # bad policy/groups fail here, before any work
@@ -349,7 +369,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model: nn.
         with _Interrupt() as interrupt:
             latest = _check_out(mngr, out, resume)
             if model is None:
-                model, deterministic = build_model(cfg)
+                model, deterministic = build_model(cfg, _model_source(cfg, out, resume))
             corpus = build_corpus(cfg.data, out / "data", val_fraction=cfg.val_fraction,
                                   suffixes=cfg.data_ext)
             console.print(corpus.summary(), highlight=False)

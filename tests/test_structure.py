@@ -34,7 +34,7 @@ PUBLIC = {
     ],
     "remat.models": [
         "PUBLISHED_PARAMS", "Attention", "Block", "Mlp", "ModelConfig", "Transformer",
-        "attention_implementation", "get_config", "names", "param_count", "rope",
+        "attention_implementation", "from_hf_config", "get_config", "names", "param_count", "rope",
     ],
     "remat.testing": [
         "TOLERANCES", "NoMemoryAnalysisError", "assert_memory_ordered", "assert_policy_parity",
@@ -138,6 +138,7 @@ def test_dependencies_run_one_way():
 
 
 DOCTESTED = ["remat.policies.registry", "remat.policies.vocab", "remat._scan", "remat.models.config",
+             "remat.models.hf",
              "remat._format", "remat.testing"]
 
 

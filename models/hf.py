@@ -1,0 +1,138 @@
+"""Your own model from its Hugging Face ``config.json``.
+
+:func:`from_hf_config` maps the decoder families people train onto
+:class:`remat.models.ModelConfig`, with the checkpoint names of
+:mod:`remat.policies.vocab`, so every preset policy applies:
+
+================  ===========================================================
+``model_type``    what it becomes
+================  ===========================================================
+``llama``         Llama 2, 3, 3.1, 3.2: RMSNorm, RoPE, SwiGLU, GQA
+``mistral``       as llama (the sliding window is accepted and ignored)
+``qwen2``         as llama, with biases on the q/k/v projections
+``qwen3``         as llama, with RMSNorm on q and k per head (``head_dim`` given)
+``gemma``         as llama, GeGLU (tanh) MLP, embeddings scaled by sqrt(D), tied
+``gpt2``          LayerNorm, learned positions, GELU MLP, biases (own keys)
+================  ===========================================================
+
+A key missing from the file takes the default of that architecture's
+configuration class in Hugging Face ``transformers`` (``LlamaConfig``,
+``MistralConfig``, ``Qwen2Config``, ``Qwen3Config``, ``GemmaConfig``,
+``GPT2Config``): :data:`HF_DEFAULTS`. Keys that change shapes and are not
+modelled (mixture of experts, low-rank attention) are errors naming them;
+keys that change numerics but no shape or memory figure (RoPE scaling,
+sliding windows, dropout in inference configs) are accepted and listed in
+:data:`IGNORED`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from remat._errors import RematError
+from remat.models.config import ModelConfig
+
+__all__ = ["HF_DEFAULTS", "IGNORED", "SUPPORTED", "from_hf_config"]
+
+_LLAMA = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+          "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
+          "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+          "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False}
+
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": _LLAMA,
+    "mistral": {**_LLAMA, "intermediate_size": 14336, "num_key_value_heads": 8,
+                "max_position_embeddings": 4096 * 32},
+    "qwen2": {**_LLAMA, "vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
+              "max_position_embeddings": 32768},
+    "qwen3": {**_LLAMA, "vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
+              "head_dim": 128, "max_position_embeddings": 32768},
+    "gemma": {**_LLAMA, "vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576,
+              "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16,
+              "head_dim": 256, "hidden_act": "gelu_pytorch_tanh", "max_position_embeddings": 8192,
+              "tie_word_embeddings": True},
+    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+             "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+             "tie_word_embeddings": True},
+}
+"""The defaults of ``transformers``' configuration classes for the keys read."""
+
+SUPPORTED: tuple[str, ...] = tuple(HF_DEFAULTS)
+"""The ``model_type`` values :func:`from_hf_config` reads."""
+
+IGNORED: tuple[str, ...] = ("rope_scaling", "sliding_window", "use_sliding_window", "max_window_layers",
+                            "attention_dropout", "pretraining_tp", "layer_types")
+"""Keys that change numerics but no shape, parameter or memory figure: accepted, not modelled."""
+
+_UNMODELLED = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size",
+               "q_lora_rank", "kv_lora_rank", "num_experts_per_tok")
+"""Keys that change shapes (mixture of experts, low-rank attention) and are not modelled."""
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                "gelu": "gelu_tanh"}
+
+
+def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> ModelConfig:
+    """A :class:`ModelConfig` from a Hugging Face ``config.json`` (its path, or
+    the parsed dict). Compute dtype bf16, parameters f32, no dropout, as the
+    presets; ``overrides`` replace any field (e.g. ``dtype="f32"``).
+
+    Example:
+      >>> cfg = from_hf_config({"model_type": "mistral"})  # every key at MistralConfig's default
+      >>> cfg.num_params
+      7241732096
+
+    Raises:
+      RematError: an unsupported ``model_type`` (naming it and the supported
+        ones), a key that changes shapes and is not modelled, an activation
+        the family does not have, or a file that cannot be read.
+    """
+    if isinstance(source, Mapping):
+        raw, where = dict(source), "the config"
+    else:
+        try:
+            with open(source) as f:
+                raw = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise RematError(f"cannot read the Hugging Face config {os.fspath(source)!r}: {e}") from e
+        where = os.fspath(source)
+    kind = raw.get("model_type")
+    if kind not in HF_DEFAULTS:
+        raise RematError(f"model_type={kind!r} in {where} is not supported; supported: "
+                         f"{', '.join(SUPPORTED)}")
+    unmodelled = [k for k in _UNMODELLED if raw.get(k)]
+    if unmodelled:
+        raise RematError(f"{where} sets {', '.join(unmodelled)}, which change shapes and are not modelled "
+                         f"(supported: dense decoders of model_type {', '.join(SUPPORTED)})")
+    c = {**HF_DEFAULTS[kind], **{k: v for k, v in raw.items() if v is not None or k == "n_inner"}}
+    if kind == "gpt2":
+        act_key = "activation_function"
+    else:
+        act_key = "hidden_activation" if raw.get("hidden_activation") else "hidden_act"
+    act = _ACTIVATIONS.get(c.get(act_key) or c.get("hidden_act"))
+    want = "gelu_tanh" if kind in ("gemma", "gpt2") else "silu"
+    if act != want:
+        raise RematError(f"{act_key}={c.get(act_key)!r} in {where}: the {kind} family here has a "
+                         f"{'GELU' if want == 'gelu_tanh' else 'SiLU'} MLP; valid: "
+                         f"{', '.join(k for k, v in _ACTIVATIONS.items() if v == want)}")
+    if kind == "gpt2":
+        d = c["n_embd"]
+        fields = dict(family="gpt2", vocab_size=c["vocab_size"], num_layers=c["n_layer"], d_model=d,
+                      num_heads=c["n_head"], num_kv_heads=c["n_head"], head_dim=d // c["n_head"],
+                      mlp_dim=c["n_inner"] or 4 * d, max_seq_len=c["n_positions"],
+                      tie_embeddings=c["tie_word_embeddings"], norm_eps=c["layer_norm_epsilon"])
+    else:
+        d, n = c["hidden_size"], c["num_attention_heads"]
+        bias = bool(c["attention_bias"])
+        fields = dict(family="llama", vocab_size=c["vocab_size"], num_layers=c["num_hidden_layers"],
+                      d_model=d, num_heads=n, num_kv_heads=c["num_key_value_heads"] or n,
+                      head_dim=c["head_dim"] or d // n,
+                      mlp_dim=c["intermediate_size"], max_seq_len=c["max_position_embeddings"],
+                      tie_embeddings=c["tie_word_embeddings"], rope_theta=float(c["rope_theta"]),
+                      norm_eps=c["rms_norm_eps"], qkv_bias=bias or kind == "qwen2", out_bias=bias,
+                      mlp_bias=bool(c["mlp_bias"]), qk_norm=kind == "qwen3", mlp_activation=act,
+                      embed_scale=kind == "gemma")
+    return ModelConfig(**{**fields, "dropout_rate": 0.0, "dtype": "bf16", "name": kind, **overrides})

@@ -1,0 +1,114 @@
+"""Your own model from its Hugging Face ``config.json``: exact parameter
+counts, the architectures' defaults, errors by message, compile-only inspect
+of every family and gradient parity on a tiny config of each, ``--model
+path`` on the command line and in a resumable training run."""
+
+import json
+import pathlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import remat
+from remat import cli
+from remat import models as M
+from remat.models.hf import from_hf_config
+from remat.step import lm_loss
+from remat.testing import TOLERANCES
+
+CONFIGS = pathlib.Path(__file__).parent.parent / "notebooks" / "configs"
+"""Copies of public ``config.json`` files (numbers from the model repositories)."""
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("Llama-2-7b-hf", 6_738_415_616), ("Mistral-7B-v0.1", 7_241_732_096), ("Llama-3.1-8B", 8_030_261_248),
+    ("Qwen2.5-7B", 7_615_616_512), ("gpt2", 124_439_808),
+    # model cards give rounded counts only: Qwen3-8B "8.2B", gemma-7b "8.54B"
+    ("Qwen3-8B", 8_190_735_360), ("gemma-7b", 8_537_680_896)])
+def test_parameter_count_is_the_published_one(name, params):
+    cfg = M.get_config(str(CONFIGS / f"{name}.json"))
+    assert cfg.num_params == params
+    if name in ("Qwen3-8B", "gemma-7b"):  # the formula against the initialised model, for the new blocks
+        assert M.param_count(cfg) == params
+
+
+def test_missing_keys_take_the_architectures_defaults():
+    """``tie_word_embeddings`` defaults to false for llama, mistral and qwen2,
+    true for gemma and gpt2; Qwen2's q/k/v biases follow from its model_type;
+    Llama's ``num_key_value_heads`` defaults to the heads, Mistral's to 8."""
+    tied = {k: from_hf_config({"model_type": k}).tie_embeddings for k in M.hf.SUPPORTED}
+    assert tied == {"llama": False, "mistral": False, "qwen2": False, "qwen3": False, "gemma": True,
+                    "gpt2": True}
+    assert from_hf_config({"model_type": "qwen2"}).qkv_bias
+    assert not from_hf_config({"model_type": "qwen3"}).qkv_bias
+    assert from_hf_config({"model_type": "qwen3"}).qk_norm
+    assert from_hf_config({"model_type": "llama", "num_attention_heads": 16}).num_kv_heads == 16
+    assert from_hf_config({"model_type": "mistral"}).num_kv_heads == 8
+    gemma = from_hf_config({"model_type": "gemma"})
+    assert (gemma.head_dim, gemma.mlp_activation, gemma.embed_scale) == (256, "gelu_tanh", True)
+    assert from_hf_config({"model_type": "gpt2", "n_embd": 64, "n_head": 4}).mlp_dim == 256  # n_inner null
+
+
+def test_bad_configs_are_errors_that_name_them(tmp_path):
+    with pytest.raises(remat.RematError, match=r"model_type='mixtral' in the config is not supported; "
+                                               r"supported: llama, mistral, qwen2, qwen3, gemma, gpt2"):
+        from_hf_config({"model_type": "mixtral"})
+    with pytest.raises(remat.RematError, match=r"the config sets num_local_experts, which change shapes and "
+                                               r"are not modelled"):
+        from_hf_config({"model_type": "mistral", "num_local_experts": 8})
+    with pytest.raises(remat.RematError, match=r"hidden_act='relu' in the config: the llama family here has "
+                                               r"a SiLU MLP; valid: silu, swish"):
+        from_hf_config({"model_type": "llama", "hidden_act": "relu"})
+    with pytest.raises(remat.RematError, match=r"cannot read the Hugging Face config '.*nope\.json'"):
+        M.get_config(str(tmp_path / "nope.json"))
+
+
+def _tiny(kind: str) -> dict:
+    if kind == "gpt2":
+        return {"model_type": "gpt2", "vocab_size": 64, "n_positions": 32, "n_embd": 32, "n_layer": 2,
+                "n_head": 4}
+    return {"model_type": kind, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+            "max_position_embeddings": 32, "mlp_bias": kind == "llama", "attention_bias": kind == "mistral"}
+
+
+@pytest.mark.parametrize("kind", M.hf.SUPPORTED)
+def test_every_family_inspects_and_keeps_its_gradients(kind, tmp_path):
+    """Compile-only ``remat inspect --model config.json`` emits the vocabulary's
+    names; gradients under ``minimal`` and ``full`` equal no remat's (f32)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(_tiny(kind)))
+    r = remat.inspect_policy(remat.train_step_setup(str(path), batch=2, seq=16, dtype="f32"), "minimal")
+    assert {"query_proj", "out_proj", "mlpwo"} <= set(r.checkpoint_names) and r.peak_bytes > 0
+    cfg = M.get_config(str(path), dtype="f32")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
+    params = jax.jit(M.Transformer(cfg).init)(jax.random.key(0), tokens)
+
+    def grads(policy):
+        model = M.Transformer(cfg, policy=policy)
+        return jax.jit(jax.value_and_grad(lambda p: lm_loss(model.apply(p, tokens), tokens)))(params)
+
+    rtol, atol = TOLERANCES["float32"]
+    want = grads("none")
+    for policy in ("minimal", "full"):
+        chex.assert_trees_all_close(grads(policy), want, rtol=rtol, atol=atol)
+
+
+def test_train_keeps_the_config_so_resume_needs_no_file(tmp_path):
+    """``remat train --model config.json`` copies the file into the run
+    folder; with the original gone, ``--resume`` builds the model from the copy."""
+    path = tmp_path / "my.json"
+    path.write_text(json.dumps({**_tiny("qwen3"), "vocab_size": 256}))
+    out = tmp_path / "run"
+    corpus = pathlib.Path(remat.__file__).parent / "_format.py"  # a small text file
+    args = ["train", "--model", str(path), "--batch", "2", "--seq", "16", "--data", str(corpus),
+            "--steps", "2", "--eval-every", "2", "--ckpt-every", "2", "--eval-windows", "2",
+            "--out", str(out)]
+    assert cli.main(args) == 0
+    assert json.loads((out / "model_config.json").read_text())["model_type"] == "qwen3"
+    path.unlink()
+    assert cli.main([*args, "--resume"]) == 0
+    assert json.loads((out / "run.json").read_text())["model"] == str(path)
