@@ -9,12 +9,13 @@ saveable tensor tagged with the checkpoint-name vocabulary
   :func:`remat.scan_layers` under a remat policy; :class:`Block`, one layer.
 - :func:`param_count`: parameters counted through ``jax.eval_shape``.
 - :func:`from_hf_config`: your own model from its Hugging Face ``config.json``
-  (llama, mistral, qwen2, qwen3, gemma, gpt2); :func:`get_config` and every
-  ``--model`` also take the file's path.
+  (llama, mistral, qwen2, qwen3, gemma, gpt2), :func:`from_maxtext_config`
+  from a MaxText model YAML; :func:`get_config` and every ``--model`` also
+  take the file's path.
 """
 
 from remat.models.config import PUBLISHED_PARAMS, ModelConfig, get_config, names
-from remat.models.hf import from_hf_config
+from remat.models.hf import from_hf_config, from_maxtext_config
 from remat.models.layers import Attention, Mlp, attention_implementation, rope
 from remat.models.transformer import Block, Transformer, param_count
 
@@ -27,6 +28,7 @@ __all__ = [
     "Transformer",
     "attention_implementation",
     "from_hf_config",
+    "from_maxtext_config",
     "get_config",
     "names",
     "param_count",

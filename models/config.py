@@ -288,8 +288,9 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
       ('gpt2', 4)
 
     Args:
-      name: one of :func:`names`, or the path of a Hugging Face
-        ``config.json`` (:func:`remat.models.from_hf_config`).
+      name: one of :func:`names`, the path of a Hugging Face ``config.json``
+        (:func:`remat.models.from_hf_config`) or of a MaxText model YAML
+        (:func:`remat.models.from_maxtext_config`).
       **overrides: :class:`ModelConfig` fields to replace; the result is
         validated again.
 
@@ -302,11 +303,15 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
         from remat.models.hf import from_hf_config
 
         base = from_hf_config(name)
+    elif name.endswith((".yml", ".yaml")):
+        from remat.models.hf import from_maxtext_config
+
+        base = from_maxtext_config(name)
     elif name not in _PRESETS:
         close = difflib.get_close_matches(name, names(), n=3, cutoff=0.6)
         hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
         raise RematError(f"unknown model preset {name!r}{hint}; valid names: {', '.join(names())}, "
-                         "or the path of a Hugging Face config.json")
+                         "or the path of a Hugging Face config.json or a MaxText model .yml")
     else:
         base = _PRESETS[name]
     fields = {f.name for f in dataclasses.fields(ModelConfig)}

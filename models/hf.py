@@ -1,4 +1,4 @@
-"""Your own model from its Hugging Face ``config.json``.
+"""Your own model from its Hugging Face ``config.json`` or MaxText model YAML.
 
 :func:`from_hf_config` maps the decoder families people train onto
 :class:`remat.models.ModelConfig`, with the checkpoint names of
@@ -35,7 +35,8 @@ from typing import Any
 from remat._errors import RematError
 from remat.models.config import ModelConfig
 
-__all__ = ["HF_DEFAULTS", "IGNORED", "SUPPORTED", "from_hf_config"]
+__all__ = ["HF_DEFAULTS", "IGNORED", "MAXTEXT_BLOCKS", "MAXTEXT_DEFAULTS", "SUPPORTED", "from_hf_config",
+           "from_maxtext_config", "maxtext_run_defaults"]
 
 _LLAMA = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
           "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
@@ -136,3 +137,81 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
                       mlp_bias=bool(c["mlp_bias"]), qk_norm=kind == "qwen3", mlp_activation=act,
                       embed_scale=kind == "gemma")
     return ModelConfig(**{**fields, "dropout_rate": 0.0, "dtype": "bf16", "name": kind, **overrides})
+
+
+MAXTEXT_DEFAULTS: dict[str, Any] = {
+    "base_emb_dim": 2048, "base_num_query_heads": 16, "base_num_kv_heads": 16, "base_mlp_dim": 7168,
+    "base_num_decoder_layers": 16, "head_dim": 128, "mlp_activations": ["silu", "linear"],
+    "vocab_size": 32000,
+    "decoder_block": "llama2", "normalization_layer_epsilon": 1e-5, "logits_via_embedding": False,
+    "max_target_length": 2048, "rope_max_timescale": 10000, "use_qk_norm": False}
+"""MaxText's defaults (``MaxText/configs/base.yml``) for the keys read."""
+
+MAXTEXT_BLOCKS: dict[str, str] = {"llama2": "llama", "mistral": "mistral", "gemma": "gemma", "qwen3": "qwen3"}
+"""MaxText ``decoder_block`` values read, and the family each becomes."""
+
+
+def _maxtext_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A MaxText YAML's keys; a run YAML that names ``model_name`` is merged
+    over ``models/<model_name>.yml`` beside it (MaxText's ``configs/`` layout)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise RematError(f"cannot read the MaxText config {os.fspath(path)!r}: {e}") from e
+    if "base_emb_dim" not in raw and raw.get("model_name"):
+        model = os.path.join(os.path.dirname(os.fspath(path)), "models", f"{raw['model_name']}.yml")
+        raw = {**_maxtext_yaml(model), **raw}
+    return raw
+
+
+def from_maxtext_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
+    """A :class:`ModelConfig` from a MaxText model YAML
+    (``MaxText/configs/models/*.yml``: ``base_emb_dim``, ``base_num_query_heads``,
+    ``base_num_kv_heads``, ``base_mlp_dim``, ``base_num_decoder_layers``,
+    ``head_dim``, ``vocab_size``, ``decoder_block``, ``mlp_activations``,
+    ``logits_via_embedding``, ``normalization_layer_epsilon``,
+    ``rope_max_timescale``, ``use_qk_norm``, ``max_target_length``), or a
+    run YAML naming one with ``model_name``; missing keys take
+    :data:`MAXTEXT_DEFAULTS`. Compute dtype bf16, parameters f32, no dropout.
+
+    Raises:
+      RematError: a ``decoder_block`` not in :data:`MAXTEXT_BLOCKS` (mixture
+        of experts among them), MLP activations the block does not have, or
+        a file that cannot be read.
+    """
+    where = os.fspath(path)
+    c = {**MAXTEXT_DEFAULTS, **_maxtext_yaml(path)}
+    block = c["decoder_block"]
+    if block not in MAXTEXT_BLOCKS or c.get("num_experts", 1) > 1:
+        raise RematError(f"decoder_block={block!r} (num_experts={c.get('num_experts', 1)}) in {where} is not "
+                         f"supported; supported: dense {', '.join(MAXTEXT_BLOCKS)}")
+    kind = MAXTEXT_BLOCKS[block]
+    want = ["gelu", "linear"] if kind == "gemma" else ["silu", "linear"]
+    if list(c["mlp_activations"]) != want:
+        raise RematError(f"mlp_activations={c['mlp_activations']!r} in {where}: the {block} block here is "
+                         f"{want!r}")
+    fields = dict(family="llama", vocab_size=c["vocab_size"], num_layers=c["base_num_decoder_layers"],
+                  d_model=c["base_emb_dim"], num_heads=c["base_num_query_heads"],
+                  num_kv_heads=c["base_num_kv_heads"], head_dim=c["head_dim"], mlp_dim=c["base_mlp_dim"],
+                  max_seq_len=c["max_target_length"], tie_embeddings=bool(c["logits_via_embedding"]),
+                  rope_theta=float(c["rope_max_timescale"]), norm_eps=float(c["normalization_layer_epsilon"]),
+                  qk_norm=bool(c["use_qk_norm"]) or kind == "qwen3",
+                  mlp_activation="gelu_tanh" if kind == "gemma" else "silu", embed_scale=kind == "gemma")
+    return ModelConfig(**{**fields, "dropout_rate": 0.0, "dtype": "bf16", "name": f"maxtext {block}",
+                          **overrides})
+
+
+def maxtext_run_defaults(path: str | os.PathLike) -> dict[str, Any]:
+    """What a MaxText YAML (or the model YAML it names) sets for the run:
+    ``{"policy": remat_policy, "per_device_batch_size": ...}``, only the keys
+    it sets (MaxText's ``remat_policy`` values are presets here)."""
+    raw = _maxtext_yaml(path)
+    out = {}
+    if "remat_policy" in raw:
+        out["policy"] = str(raw["remat_policy"])
+    if "per_device_batch_size" in raw:
+        out["per_device_batch_size"] = float(raw["per_device_batch_size"])
+    return out

@@ -76,7 +76,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                     "with AdamW + warmup/cosine + clipping, orbax checkpoints, exact --resume, "
                     "metrics.jsonl and loss.png in --out. Options left out take the defaults of "
                     "remat.train.TrainConfig, or with --resume the run's saved values.")
-    p.add_argument("--model", help="model preset")
+    p.add_argument("--model", help="model preset, or the path of a Hugging Face config.json (kept in --out)")
     p.add_argument("--policy", help="remat policy name or spec")
     p.add_argument("--groups", help="nested layer groups: 'sqrt' or 'G,K' with G*K = layers")
     p.add_argument("--steps", type=int, help="optimizer steps")
@@ -137,10 +137,33 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = ("model preset (remat.models.names()), or the path of a Hugging Face config.json or a MaxText "
+              "model .yml")
+
+
+def _run_defaults(args: argparse.Namespace) -> None:
+    """Fill ``--policy`` and ``--batch`` left out from a MaxText YAML's
+    ``remat_policy`` and ``per_device_batch_size`` (times the device count), else batch 1."""
+    d: dict = {}
+    if args.model.endswith((".yml", ".yaml")):
+        from remat.models.hf import maxtext_run_defaults
+
+        d = maxtext_run_defaults(args.model)
+    if getattr(args, "policy", "") is None:
+        if "policy" not in d:
+            raise RematError("--policy is required (or a MaxText YAML as --model that sets remat_policy)")
+        args.policy = d["policy"]
+    if args.batch is None:
+        import jax
+
+        args.batch = max(1, int(d["per_device_batch_size"] * jax.device_count())) if d else 1
+
+
 def _add_step_options(p: argparse.ArgumentParser) -> None:
     """The train-step shape options that ``inspect`` and ``sweep`` share."""
-    p.add_argument("--model", required=True, help="model preset (see remat.models.names())")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--batch", type=int, help="sequences per step (default: a MaxText YAML's "
+                                           "per_device_batch_size x devices, else 1)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
     p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
     p.add_argument("--groups", help="nested layer groups: 'sqrt' or 'G,K' with G*K = layers")
@@ -191,12 +214,14 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
                     "keeps by name x layers (device or host), FLOPs with every layer counted and the "
                     "recompute overhead against policy 'none'.")
     _add_step_options(p)
-    p.add_argument("--policy", required=True, help="remat policy name or spec (see `remat policies`)")
+    p.add_argument("--policy", help="remat policy name or spec (see `remat policies`; default: a MaxText "
+                                    "YAML's remat_policy)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-': stdout only)")
 
     def run(args: argparse.Namespace) -> int:
         from remat._sweep import inspect_policy, train_step_setup
 
+        _run_defaults(args)
         with Console().status(f"compiling the {args.model} train step under {args.policy!r} ..."):
             report = inspect_policy(train_step_setup(args.model, **_step_kwargs(args)), args.policy)
         if args.json == "-":
@@ -229,6 +254,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
         from remat._sweep import plot_sweep, sweep
 
+        _run_defaults(args)
         specs = None if args.policies is None else [x.strip() for x in args.policies.split(",")]
         if specs is not None and not all(specs):
             raise RematError(f"--policies {args.policies!r} has an empty entry")
@@ -263,8 +289,9 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                     "recompute FLOPs whose train step fits --budget per device: a cost model from a few "
                     "compiles, solved exactly, the pick confirmed by compiling. Prints the flags that "
                     "reproduce it.")
-    p.add_argument("--model", required=True, help="model preset (see remat.models.names())")
-    p.add_argument("--batch", default="1", help="global sequences per step, or 'auto': the largest that fits")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--batch", help="global sequences per step, or 'auto': the largest that fits (default: a "
+                                   "MaxText YAML's per_device_batch_size x devices, else 1)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
     p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
     p.add_argument("--budget", required=True, help="memory per device, with its unit: 80GiB, 512MiB, 4e10B")
@@ -280,7 +307,10 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         from remat._mesh import parse_mesh
         from remat._tune import tune
 
-        batch = "auto" if args.batch == "auto" else _positive_int("--batch", args.batch)
+        if args.batch != "auto":
+            args.batch = None if args.batch is None else _positive_int("--batch", args.batch)
+            _run_defaults(args)
+        batch = args.batch
         with Console(stderr=True).status(f"tuning the {args.model} train step for {args.budget} ..."):
             result = tune(args.model, args.budget, batch=batch, seq=args.seq, dtype=args.dtype,
                           mesh=parse_mesh(args.mesh) if args.mesh else None, allow_offload=args.allow_offload,

@@ -112,3 +112,47 @@ def test_train_keeps_the_config_so_resume_needs_no_file(tmp_path):
     path.unlink()
     assert cli.main([*args, "--resume"]) == 0
     assert json.loads((out / "run.json").read_text())["model"] == str(path)
+
+
+# -- MaxText model YAMLs -------------------------------------------------------------------
+LLAMA31_8B_YML = """\
+base_emb_dim: 4096
+base_num_query_heads: 32
+base_num_kv_heads: 8
+base_num_decoder_layers: 32
+base_mlp_dim: 14336
+head_dim: 128
+mlp_activations: ["silu","linear"]
+vocab_size: 128256
+enable_dropout: False
+logits_via_embedding: False
+normalization_layer_epsilon: 1.0e-5
+rope_max_timescale: 500_000
+decoder_block: "llama2"
+"""
+"""MaxText's ``configs/models/llama3.1-8b.yml``."""
+
+
+def test_maxtext_model_yaml_and_a_run_yaml_that_names_it(tmp_path, capsys):
+    """The model YAML gives Llama 3.1 8B's exact count; a run YAML naming it
+    (``model_name``) sets the sequence bound, and its ``remat_policy`` and
+    ``per_device_batch_size`` become the defaults of ``remat inspect``."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "llama3.1-8b.yml").write_text(LLAMA31_8B_YML)
+    cfg = M.from_maxtext_config(tmp_path / "models" / "llama3.1-8b.yml")
+    assert (cfg.num_params, cfg.rope_theta, cfg.tie_embeddings) == (8_030_261_248, 500_000.0, False)
+    (tmp_path / "models" / "small.yml").write_text(
+        "base_emb_dim: 64\nbase_num_query_heads: 4\nbase_num_kv_heads: 2\nbase_num_decoder_layers: 2\n"
+        "base_mlp_dim: 128\nhead_dim: 16\nvocab_size: 512\ndecoder_block: qwen3\n")
+    run = tmp_path / "run.yml"
+    run.write_text("model_name: small\nremat_policy: save_qkv_proj\nper_device_batch_size: 3\n"
+                   "max_target_length: 64\n")
+    assert M.get_config(str(run)).qk_norm and M.get_config(str(run)).max_seq_len == 64
+    assert cli.main(["inspect", "--model", str(run), "--seq", "32", "--json", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["label"] == "save_qkv_proj" and report["batch_bytes"] == 3 * 32 * 4  # int32 tokens [3, 32]
+    msg = r"decoder_block='mixtral' \(num_experts=8\) in .*bad\.yml is not supported; supported: dense llama2"
+    with pytest.raises(remat.RematError, match=msg):
+        bad = tmp_path / "bad.yml"
+        bad.write_text("decoder_block: mixtral\nnum_experts: 8\n")
+        M.get_config(str(bad))

@@ -34,7 +34,8 @@ PUBLIC = {
     ],
     "remat.models": [
         "PUBLISHED_PARAMS", "Attention", "Block", "Mlp", "ModelConfig", "Transformer",
-        "attention_implementation", "from_hf_config", "get_config", "names", "param_count", "rope",
+        "attention_implementation", "from_hf_config", "from_maxtext_config",
+        "get_config", "names", "param_count", "rope",
     ],
     "remat.testing": [
         "TOLERANCES", "NoMemoryAnalysisError", "assert_memory_ordered", "assert_policy_parity",
