@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -206,6 +207,19 @@ def _print_wide(renderable: object, width: int = 150) -> None:
     (console if console.is_terminal else Console(width=width)).print(renderable)
 
 
+def _emit(value: Any, json_path: str | None, width: int = 150) -> int:
+    """Print ``value`` (a rich renderable with ``to_dict()``), or only its JSON
+    for ``json_path="-"``; also write the JSON to ``json_path``. Returns 0."""
+    if json_path == "-":
+        print(json.dumps(value.to_dict(), indent=2))
+        return 0
+    _print_wide(value, width=width)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(value.to_dict(), f, indent=2)
+    return 0
+
+
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect", help="measure one policy on a model's train step (compile-only)",
@@ -224,14 +238,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         _run_defaults(args)
         with Console().status(f"compiling the {args.model} train step under {args.policy!r} ..."):
             report = inspect_policy(train_step_setup(args.model, **_step_kwargs(args)), args.policy)
-        if args.json == "-":
-            print(json.dumps(report.to_dict(), indent=2))
-            return 0
-        _print_wide(report)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report.to_dict(), f, indent=2)
-        return 0
+        return _emit(report, args.json)
 
     p.set_defaults(func=run)
 
@@ -316,14 +323,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                           mesh=parse_mesh(args.mesh) if args.mesh else None, allow_offload=args.allow_offload,
                           groups=None if args.groups == "none" else args.groups,
                           max_microbatches=args.max_microbatches, max_compiles=args.max_compiles)
-        if args.json == "-":
-            print(json.dumps(result.to_dict(), indent=2))
-            return 0
-        _print_wide(result, width=160)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result.to_dict(), f, indent=2)
-        return 0
+        return _emit(result, args.json, width=160)
 
     p.set_defaults(func=run)
 
