@@ -106,7 +106,8 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
                          f"{', '.join(SUPPORTED)}")
     unmodelled = [k for k in _UNMODELLED if raw.get(k)]
     if unmodelled:
-        raise RematError(f"{where} sets {', '.join(unmodelled)}, which change shapes and are not modelled "
+        verb = "changes shapes and is" if len(unmodelled) == 1 else "change shapes and are"
+        raise RematError(f"{where} sets {', '.join(unmodelled)}, which {verb} not modelled "
                          f"(supported: dense decoders of model_type {', '.join(SUPPORTED)})")
     c = {**HF_DEFAULTS[kind], **{k: v for k, v in raw.items() if v is not None or k == "n_inner"}}
     if kind == "gpt2":
@@ -127,6 +128,9 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
                       tie_embeddings=c["tie_word_embeddings"], norm_eps=c["layer_norm_epsilon"])
     else:
         d, n = c["hidden_size"], c["num_attention_heads"]
+        if not c["head_dim"] and d % n:
+            raise RematError(f"hidden_size={d} in {where} is not a multiple of num_attention_heads={n}, and "
+                             "head_dim is not given")
         bias = bool(c["attention_bias"])
         fields = dict(family="llama", vocab_size=c["vocab_size"], num_layers=c["num_hidden_layers"],
                       d_model=d, num_heads=n, num_kv_heads=c["num_key_value_heads"] or n,

@@ -99,7 +99,8 @@ def _term(v: LiveValue, residual: str | None, weights: set[tuple[int, ...]]) -> 
         return ("optimizer state" if "opt_state" in v.op_name else
                 "parameters" if "params" in v.op_name else "batch")
     made_by = v.op_name if v.op_name.startswith("jit(") else ""  # JAX's name stack, not XLA's own names
-    if _dims(v.shape) in weights:
+    recomputed = "rematted_computation" in made_by  # a forward value recomputed in the backward pass
+    if _dims(v.shape) in weights and not recomputed:
         gradient = ("transpose(" in made_by or not made_by) and not made_by.endswith(_COPY_OPS)
         return "gradients" if gradient else "workspace"
     if re.search(rf"\b{vocab.LOSS_HEAD_SCOPE}\b", made_by):
@@ -119,7 +120,8 @@ def peak_terms(dump: PeakDump, rows: Sequence[ResidualRow],
     - **gradients**: a weight's shape (``weight_shapes``: the global shapes of
       the float arguments; the per-device shapes of the parameters; their
       transposes), made in the backward pass or with no metadata (a
-      zero-initialised accumulator). Metadata here is JAX's: an ``op_name``
+      zero-initialised accumulator), and not a forward value recomputed there
+      (``rematted_computation`` on its name stack). Metadata here is JAX's: an ``op_name``
       under ``jit(...)``, not a name XLA gave an op it made. A weight-shaped buffer made in the
       forward pass (a cast, transpose or all-gather of a weight; the chunked
       loss head's gradient of its weight, computed in its forward pass) or by
@@ -212,6 +214,6 @@ def advice(terms: dict[str, int], peak: int, devices: int) -> list[str]:
                   "loss head and workspace scale with it)")
     if activations:
         levers.append(f"offload the residuals to host (offload:NAME): up to {format_bytes(activations)}")
-    return [f"the largest term at the peak is {top} ({format_bytes(candidates[top])} of "
-            f"{format_bytes(peak)}), not the activations ({format_bytes(activations)}): a remat policy "
-            "cannot shrink it. Levers: " + "; ".join(levers)]
+    return [f"the largest term at the peak (fragmentation aside) is {top} "
+            f"({format_bytes(candidates[top])} of {format_bytes(peak)}), not the activations "
+            f"({format_bytes(activations)}): a remat policy cannot shrink it. Levers: " + "; ".join(levers)]

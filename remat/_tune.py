@@ -38,8 +38,9 @@ not account host memory (XLA:CPU), an offloading configuration's device peak
 is the compiled peak minus its host residual bytes, labelled an estimate.
 
 ``batch="auto"``: the largest global batch (a multiple of the batch-sharding
-factor) whose most memory-frugal configuration (``full``, nested groups,
-8 loss chunks, the most micro-batches) fits: doubling from the smallest until
+factor) whose most memory-frugal configuration (``full``, 8 loss chunks,
+the most micro-batches, with nested groups too where it does not fit
+without: they are not always more frugal) fits: doubling from the smallest until
 one does not fit, then bisecting. Peak memory is not always monotone in the
 batch (XLA's choices change with shapes), so the answer is checked: the next
 multiple above it was compiled and did not fit; a larger batch that would fit
@@ -172,8 +173,10 @@ class TuneResult:
       dropped_names: checkpoint names the model emits that are never
         residuals (saving them keeps nothing), left out of the search.
       wall_seconds: the whole call.
-      batches: for ``batch="auto"``, ``(batch, candidate)`` for every batch
-        tried with the most frugal configuration.
+      batches: for ``batch="auto"``, the most frugal configuration compiled
+        at every batch tried.
+      capped: the compile cap stopped the search: a better pick, or the best
+        preset, may not have been compiled.
     """
 
     model: str
@@ -189,6 +192,7 @@ class TuneResult:
     dropped_names: tuple[str, ...]
     wall_seconds: float
     batches: tuple[Candidate, ...] = ()
+    capped: bool = False
 
     @property
     def chosen(self) -> Candidate:
@@ -209,6 +213,7 @@ class TuneResult:
                 "preset": None if self.preset is None else cand(self.preset),
                 "recompute_saved_flops": self.recompute_saved_flops,
                 "dropped_names": list(self.dropped_names), "wall_seconds": self.wall_seconds,
+                "capped": self.capped,
                 "candidates": [cand(c) for c in self.candidates], "batches": [cand(c) for c in self.batches],
                 "report": self.report.to_dict()}
 
@@ -231,12 +236,18 @@ class TuneResult:
                          f"{format_flops(self.preset.recompute_flops)}; the pick saves "
                          f"{format_flops(self.recompute_saved_flops)}"))
         else:
-            rows.append(("best preset that fits", "none fits"))
+            rows.append(("best preset that fits", "none compiled within the compile cap" if self.capped
+                         else "none fits"))
+        if self.capped:
+            rows.append(("compile cap", f"reached ({self.compiles} compiles): raise --max-compiles to search "
+                                        "further"))
         if self.dropped_names:
             rows.append(("never residuals (left out)", ", ".join(self.dropped_names)))
         for k, v in rows:
             head.add_row(k, v)
-        t = Table(title="every configuration compiled")
+        t = Table(title="every configuration compiled",
+                  caption="* estimate: the backend does not account host memory, so the device peak is the "
+                          "compiled peak minus the offloaded residuals")
         for col in ("role", "batch", "flags", "peak per device", "recompute", "fits"):
             t.add_column(col, justify="right" if col in ("batch", "peak per device", "recompute") else "left",
                          overflow="fold")
@@ -290,6 +301,7 @@ class _Search:
         self.allow_offload, self.groups, self.max_mb = allow_offload, groups, max_microbatches
         self.batch, self.factor, self.chunks = batch, factor, chunks
         self.seen: list[Candidate] = []
+        self.capped = False
 
     def compile(self, config: TuneConfig, role: str, batch: int | None = None) -> Candidate:
         c = self.o.compiled(config, self.batch if batch is None else batch, role)
@@ -313,14 +325,12 @@ class _Search:
                 return c
         smallest = min(self.seen, key=lambda c: c.device_peak_bytes)
         report = self.o.report(smallest.config, self.batch)
-        levers = advice(dict(report.peak_terms), report.peak_bytes, report.devices) or [
-            "the activations dominate: a smaller batch, or more devices (FSDP)"]
-        terms = dict(report.peak_terms)
-        top = max(terms, key=terms.__getitem__) if terms else "-"
+        why = advice(dict(report.peak_terms), report.peak_bytes, report.devices) or [
+            "The activations (residuals, stacked layer inputs) are its largest term: a smaller batch, or "
+            "more devices (FSDP)"]
         raise RematError(
             f"nothing fits the budget of {format_bytes(self.budget)} per device: the smallest peak reached "
-            f"is {format_bytes(smallest.device_peak_bytes)}, by {smallest.config.flags()}; its largest term "
-            f"is {top} ({format_bytes(terms.get(top, 0))}). {' '.join(levers)}")
+            f"is {format_bytes(smallest.device_peak_bytes)}, by {smallest.config.flags()}: {' '.join(why)}")
 
     def _head_share(self, c: Candidate) -> float:
         terms = dict(self.o.report(c.config, self.batch).peak_terms)
@@ -420,9 +430,9 @@ def _microbatches(batch: int, factor: int, limit: int) -> list[int]:
 
 def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offload: bool = False,
            groups: str | None = "sqrt", max_microbatches: int = 8, factor: int = 1,
-           chunks: bool = True) -> tuple[TuneConfig, list[Candidate], Candidate | None, list[str]]:
+           chunks: bool = True) -> tuple[TuneConfig, list[Candidate], Candidate | None, list[str], bool]:
     """The search of :func:`tune` against any :class:`Oracle` (a fake one in
-    tests): ``(pick, candidates, best preset, dropped names)``.
+    tests): ``(pick, candidates, best preset, dropped names, compile cap reached)``.
 
     Raises:
       RematError: nothing fits (see :func:`tune`).
@@ -432,7 +442,7 @@ def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offloa
     try:
         none = s.compile(TuneConfig("none"), "none")
         if none.fits:
-            return none.config, s.seen, none, []
+            return none.config, s.seen, none, [], False
         base = s.base()
         items, dropped, _ = s.items(base.config)
         preset = None
@@ -462,14 +472,14 @@ def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offloa
                     s.compile(dataclasses.replace(best.config, policy=seg), "segments")
             preset = _best_preset(s, base.config, model)
     except _CapReached:
-        preset = None
+        preset, s.capped = None, True
     fits = [c for c in s.seen if c.fits and c.batch == batch]
     if not fits:
         raise RematError(f"the compile cap was reached before anything fit the budget of "
                          f"{format_bytes(budget)}: raise max_compiles")
     pick = min(fits, key=lambda c: (c.recompute_flops, c.config.microbatches, c.config.groups is not None,
                                     c.config.loss_chunks, c.device_peak_bytes))
-    return pick.config, s.seen, preset, dropped
+    return pick.config, s.seen, preset, dropped, s.capped
 
 
 def _best_preset(s: _Search, base: TuneConfig, model: _PeakModel) -> Candidate | None:
@@ -623,7 +633,7 @@ def tune(model: str | models.ModelConfig, budget: int | str, *, batch: int | str
         batch, batches = _largest_batch(oracle, budget_bytes, factor, groups, max_microbatches)
     elif not isinstance(batch, int) or batch < 1:
         raise RematError(f"batch={batch!r} must be a positive integer or 'auto'")
-    pick, seen, preset, dropped = search(
+    pick, seen, preset, dropped, capped = search(
         oracle, budget_bytes, batch=batch, layers=config.num_layers, allow_offload=allow_offload,
         groups=groups, max_microbatches=max_microbatches, factor=factor)
     report = oracle.report(pick, batch)
@@ -633,7 +643,7 @@ def tune(model: str | models.ModelConfig, budget: int | str, *, batch: int | str
         seq=oracle.setup(pick, batch).seq, budget_bytes=budget_bytes, pick=pick, report=report,
         headroom_bytes=budget_bytes - chosen.device_peak_bytes, candidates=tuple(seen),
         compiles=oracle.compiles, preset=preset, dropped_names=tuple(dropped),
-        wall_seconds=time.perf_counter() - t0, batches=tuple(batches))
+        wall_seconds=time.perf_counter() - t0, batches=tuple(batches), capped=capped)
 
 
 def _tap(c: Candidate, f: Callable[[Candidate], None]) -> Candidate:
@@ -653,8 +663,11 @@ def _largest_batch(oracle: _CompileOracle, budget: int, factor: int, groups: str
     tried: dict[int, Candidate] = {}
 
     def fits(b: int) -> bool:
-        if b not in tried:
-            tried[b] = oracle.compiled(_frugal(b, factor, groups, max_microbatches), b, "batch")
+        if b not in tried:  # nested groups are not always more frugal: without them first
+            for g in dict.fromkeys((None, groups)):
+                tried[b] = oracle.compiled(_frugal(b, factor, g, max_microbatches), b, "batch")
+                if tried[b].fits:
+                    break
         return tried[b].fits
 
     lo, hi = 0, factor

@@ -56,12 +56,15 @@ def test_bad_configs_are_errors_that_name_them(tmp_path):
     with pytest.raises(remat.RematError, match=r"model_type='mixtral' in the config is not supported; "
                                                r"supported: llama, mistral, qwen2, qwen3, gemma, gpt2"):
         from_hf_config({"model_type": "mixtral"})
-    with pytest.raises(remat.RematError, match=r"the config sets num_local_experts, which change shapes and "
-                                               r"are not modelled"):
+    with pytest.raises(remat.RematError, match=r"the config sets num_local_experts, which changes shapes and "
+                                               r"is not modelled"):
         from_hf_config({"model_type": "mistral", "num_local_experts": 8})
     with pytest.raises(remat.RematError, match=r"hidden_act='relu' in the config: the llama family here has "
                                                r"a SiLU MLP; valid: silu, swish"):
         from_hf_config({"model_type": "llama", "hidden_act": "relu"})
+    with pytest.raises(remat.RematError, match=r"hidden_size=64 in the config is not a multiple of "
+                                               r"num_attention_heads=3, and head_dim is not given"):
+        from_hf_config({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 3})
     with pytest.raises(remat.RematError, match=r"cannot read the Hugging Face config '.*nope\.json'"):
         M.get_config(str(tmp_path / "nope.json"))
 

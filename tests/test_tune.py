@@ -66,7 +66,7 @@ class FakeOracle:
 
 def run(budget, **kw):
     o = FakeOracle(budget, **{k: v for k, v in kw.items() if k in ("extra", "activations", "cap")})
-    pick, seen, preset, dropped = search(o, budget, batch=4, layers=4, chunks=False,
+    pick, seen, preset, dropped, _ = search(o, budget, batch=4, layers=4, chunks=False,
                                          **{k: v for k, v in kw.items() if k in ("allow_offload", "groups")})
     return o, pick, seen, preset, dropped
 
@@ -110,8 +110,8 @@ def test_nothing_fits_names_the_smallest_peak_its_term_and_levers():
     msg = str(e.value)
     # 100 MiB of state + 50 MiB of activations / 4 micro-batches - 5 MiB for groups
     assert msg.startswith("nothing fits the budget of 100.00 MiB per device: the smallest peak reached is "
-                          "107.50 MiB, by --policy full --groups sqrt --microbatches 4; its largest term is "
-                          "optimizer state (60.00 MiB).")
+                          "107.50 MiB, by --policy full --groups sqrt --microbatches 4: the largest term at "
+                          "the peak (fragmentation aside) is optimizer state (60.00 MiB of 107.50 MiB)")
     assert "shard parameters, optimizer state and gradients" in msg
 
 
@@ -122,11 +122,15 @@ def test_offload_is_its_own_option():
     assert get_policy(pick.policy).offload, pick
 
 
-def test_the_compile_cap_holds():
+def test_the_compile_cap_holds_and_is_reported():
     with pytest.raises(RematError, match="the compile cap was reached before anything fit the budget"):
         o = FakeOracle(160 * MiB, cap=99)
         o.compiled = _capped(o.compiled, 1)
         search(o, 160 * MiB, batch=4, layers=4, chunks=False)
+    o = FakeOracle(160 * MiB)
+    o.compiled = _capped(o.compiled, 2)  # none, then full (which fits): no room for the search
+    pick, _, preset, _, capped = search(o, 160 * MiB, batch=4, layers=4, chunks=False)
+    assert capped and pick == TuneConfig("full") and preset is None
 
 
 def _capped(f, n):
