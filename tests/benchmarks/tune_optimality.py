@@ -8,10 +8,11 @@ whether the pick fits, and the tuned recompute against the best registered
 preset that fits (target: strictly less at >= 2 of the 3 budgets). Identical
 lowered programs share one compile. Expect tens of minutes on 2 cores::
 
-    python tests/benchmarks/tune_optimality.py
+    python tests/benchmarks/tune_optimality.py [llama] [gpt2]
 """
 
 import itertools
+import sys
 import time
 
 from remat import models
@@ -83,5 +84,5 @@ def run(family: str) -> None:
 
 
 if __name__ == "__main__":
-    for family in ("llama", "gpt2"):
+    for family in sys.argv[1:] or ("llama", "gpt2"):
         run(family)
