@@ -29,7 +29,8 @@ How (compile few, solve exactly, confirm):
 5. Confirm by compiling; the compiled peak becomes an anchor and the model
    is solved again (a repair when the pick did not fit, an improvement when
    it left headroom), until its answer is one already compiled (at most 4
-   rounds), within the compile cap.
+   rounds); then the model's next :data:`RUNNERS_UP` answers are compiled
+   too, all within the compile cap.
 
 Every compile is of the step ``remat train`` runs
 (:meth:`remat.TrainStepSetup.step`: same dtypes, optimizer, mesh and compile
@@ -80,7 +81,11 @@ LOSS_CHUNKS = 8
 """The chunked loss head's chunks the search tries."""
 
 DEFAULT_MAX_COMPILES = 15
-"""Compiles one ``tune`` call may make unless told otherwise."""
+"""Compiles one ``tune`` call may make unless told otherwise (40 with ``batch="auto"``)."""
+
+RUNNERS_UP = 3
+"""After the pick, the next best answers of the model that are compiled too
+(the model is approximate: one of them may recompute less and still fit)."""
 
 _DOTS = ("", "dots:no_batch", "dots")
 
@@ -356,9 +361,10 @@ class _Search:
             items.append(_Item(rule, sum(by_name.values()), max(0, full_flops - flops)))
         return items, dropped, full_flops
 
-    def solve(self, items: list[_Item], model: _PeakModel, budget: int) -> str | None:
-        """The spec with the least modelled recompute whose modelled peak fits
-        ``budget``: every assignment of the names (and dots rule), evaluated at once."""
+    def solve(self, items: list[_Item], model: _PeakModel, budget: int, top: int = 1) -> list[str]:
+        """The ``top`` specs with the least modelled recompute whose modelled
+        peak fits ``budget``, best first: every assignment of the names (and
+        dots rule), evaluated at once."""
         names = [i for i in items if i.name not in _DOTS]
         dots = {i.name: i for i in items if i.name in _DOTS}
         choices = 3 if self.allow_offload else 2  # 0 recompute, 1 save, 2 offload
@@ -366,22 +372,18 @@ class _Search:
         grid = grid.reshape(-1, len(names))
         nbytes = np.array([n.bytes for n in names], dtype=np.float64)
         flops = np.array([n.flops for n in names], dtype=np.float64)
-        best: tuple[float, float, str] | None = None
+        found: list[tuple[float, float, str]] = []
         for rule in _DOTS:
             extra_bytes, extra_flops = (dots[rule].bytes, dots[rule].flops) if rule else (0, 0)
             dev = (grid == 1) @ nbytes + extra_bytes
             gain = (grid > 0) @ flops + extra_flops
             ok = model.predict(dev) <= budget
-            if not ok.any():
-                continue
-            k = int(np.lexsort((dev[ok], -gain[ok]))[0])
-            row = grid[ok][k]
-            key = (-float(gain[ok][k]), float(dev[ok][k]), _spec(
-                [n.name for n, a in zip(names, row, strict=True) if a == 1],
-                [n.name for n, a in zip(names, row, strict=True) if a == 2], rule))
-            if best is None or key < best:
-                best = key
-        return None if best is None else best[2]
+            rows, dev, gain = grid[ok], dev[ok], gain[ok]
+            for k in np.lexsort((dev, -gain))[:top]:
+                found.append((-float(gain[k]), float(dev[k]), _spec(
+                    [n.name for n, a in zip(names, rows[k], strict=True) if a == 1],
+                    [n.name for n, a in zip(names, rows[k], strict=True) if a == 2], rule)))
+        return [spec for *_, spec in sorted(found)[:top]]
 
     def segments(self, spec: str, items: list[_Item], model: _PeakModel, budget: int) -> str | None:
         """``spec`` plus one more name saved on the first ``m`` layers, the most
@@ -455,9 +457,9 @@ def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offloa
             best, role = None, "pick"
             for _ in range(4):  # pick, then repair (over budget) or improve (headroom): each adds an anchor
                 solved = s.solve(items, model, budget)
-                if solved is None:
+                if not solved:
                     break
-                config = dataclasses.replace(base.config, policy=str(get_policy(solved)))
+                config = dataclasses.replace(base.config, policy=str(get_policy(solved[0])))
                 if any(c.config == config and c.batch == batch for c in s.seen):
                     break  # the model's answer did not change
                 c = s.compile(config, role)
@@ -466,6 +468,15 @@ def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offloa
                 if c.fits and (best is None or c.recompute_flops < best.recompute_flops):
                     best = c
                 role = "improve" if c.fits else "repair"
+            for spec in s.solve(items, model, budget, top=RUNNERS_UP + 1)[1:]:  # the model is approximate
+                config = dataclasses.replace(base.config, policy=str(get_policy(spec)))
+                if any(c.config == config and c.batch == batch for c in s.seen):
+                    continue
+                c = s.compile(config, "runner-up")
+                model.add(sum(i.bytes for i in items if i.name in get_policy(config.policy).save),
+                          c.device_peak_bytes)
+                if c.fits and (best is None or c.recompute_flops < best.recompute_flops):
+                    best = c
             if best is not None:
                 seg = s.segments(best.config.policy, items, model, budget)
                 if seg is not None:
@@ -595,7 +606,7 @@ def tune(model: str | models.ModelConfig, budget: int | str, *, batch: int | str
       groups: the nested grouping the search may use (``"sqrt"`` or ``"G,K"``), or None.
       max_microbatches: the most micro-batches the search may use.
       max_compiles: the cap on compiles (the result says how many it made);
-        None: :data:`DEFAULT_MAX_COMPILES`, twice that with ``batch="auto"``.
+        None: :data:`DEFAULT_MAX_COMPILES`, 40 with ``batch="auto"``.
       compiler_options: as :func:`remat.analyze`.
       on_candidate: called with each configuration as it is compiled.
 
@@ -622,7 +633,7 @@ def tune(model: str | models.ModelConfig, budget: int | str, *, batch: int | str
             raise OffloadUnsupportedError(f"allow_offload: {e}. Tune without offloading.") from e
     config = models.get_config(model) if isinstance(model, str) else model
     if max_compiles is None:
-        max_compiles = DEFAULT_MAX_COMPILES * (2 if batch == "auto" else 1)
+        max_compiles = 40 if batch == "auto" else DEFAULT_MAX_COMPILES
     oracle = _CompileOracle(model, seq, dtype, mesh, rules, budget_bytes, max_compiles, compiler_options)
     if on_candidate is not None:
         inner = oracle.compiled

@@ -306,7 +306,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--groups", default="sqrt",
                    help="the nested grouping the search may use: 'sqrt', 'G,K' or 'none' (default sqrt)")
     p.add_argument("--max-microbatches", type=int, default=8, help="the most micro-batches (default 8)")
-    p.add_argument("--max-compiles", type=int, help="the cap on compiles (default 15; 30 with --batch auto)")
+    p.add_argument("--max-compiles", type=int, help="the cap on compiles (default 15; 40 with --batch auto)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH ('-': stdout only)")
     _add_mesh_options(p)
 
