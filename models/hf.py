@@ -36,7 +36,7 @@ from remat._errors import RematError
 from remat.models.config import ModelConfig
 
 __all__ = ["HF_DEFAULTS", "IGNORED", "MAXTEXT_BLOCKS", "MAXTEXT_DEFAULTS", "SUPPORTED", "from_hf_config",
-           "from_maxtext_config", "maxtext_run_defaults"]
+           "from_maxtext_config", "ignored_keys", "maxtext_run_defaults"]
 
 _LLAMA = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
           "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
@@ -67,6 +67,13 @@ SUPPORTED: tuple[str, ...] = tuple(HF_DEFAULTS)
 IGNORED: tuple[str, ...] = ("rope_scaling", "sliding_window", "use_sliding_window", "max_window_layers",
                             "attention_dropout", "pretraining_tp", "layer_types")
 """Keys that change numerics but no shape, parameter or memory figure: accepted, not modelled."""
+
+def ignored_keys(path: str | os.PathLike) -> list[str]:
+    """The keys of :data:`IGNORED` that a ``config.json`` sets (not null, not false)."""
+    with open(path) as f:
+        raw = json.load(f)
+    return [k for k in IGNORED if raw.get(k)]
+
 
 _UNMODELLED = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size",
                "q_lora_rank", "kv_lora_rank", "num_experts_per_tok")

@@ -125,6 +125,7 @@ def _train(args: argparse.Namespace) -> int:
     for k in ("data", "data_ext"):
         if k in given:
             given[k] = tuple(given[k])
+    _say_ignored(given.get("model"))
     out = args.out or f"runs/{given.get('model', TrainConfig.model)}"
     cfg = load_config(out, given) if args.resume else TrainConfig(**given)
     console = Console()
@@ -142,9 +143,26 @@ MODEL_HELP = ("model preset (remat.models.names()), or the path of a Hugging Fac
               "model .yml")
 
 
+def _say_ignored(model: str | None) -> None:
+    """For a ``config.json``, say which keys it sets that change numerics only
+    and are not modelled (RoPE scaling, sliding windows)."""
+    if model and model.endswith(".json"):
+        from remat.models.hf import ignored_keys
+
+        try:
+            keys = ignored_keys(model)
+        except (OSError, ValueError):
+            return  # reading it fails later, with the reader's message
+        if keys:
+            console = Console(stderr=True, soft_wrap=True)
+            console.print(f"note: {model} sets {', '.join(keys)}: numerics only (no shape, parameter or "
+                          "memory figure changes), not modelled", highlight=False)
+
+
 def _run_defaults(args: argparse.Namespace) -> None:
     """Fill ``--policy`` and ``--batch`` left out from a MaxText YAML's
     ``remat_policy`` and ``per_device_batch_size`` (times the device count), else batch 1."""
+    _say_ignored(args.model)
     d: dict = {}
     if args.model.endswith((".yml", ".yaml")):
         from remat.models.hf import maxtext_run_defaults

@@ -35,6 +35,14 @@ def test_parameter_count_is_the_published_one(name, params):
         assert M.param_count(cfg) == params
 
 
+def test_keys_that_change_numerics_only_are_said_to_be_ignored(capsys):
+    """Llama 3.1's ``rope_scaling`` is accepted, and the command line says it is not modelled."""
+    path = str(CONFIGS / "Llama-3.1-8B.json")
+    assert M.hf.ignored_keys(path) == ["rope_scaling"]
+    cli._say_ignored(path)
+    assert capsys.readouterr().err.startswith(f"note: {path} sets rope_scaling: numerics only")
+
+
 def test_missing_keys_take_the_architectures_defaults():
     """``tie_word_embeddings`` defaults to false for llama, mistral and qwen2,
     true for gemma and gpt2; Qwen2's q/k/v biases follow from its model_type;
