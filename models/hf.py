@@ -18,7 +18,7 @@
 A key missing from the file takes the default of that architecture's
 configuration class in Hugging Face ``transformers`` (``LlamaConfig``,
 ``MistralConfig``, ``Qwen2Config``, ``Qwen3Config``, ``GemmaConfig``,
-``GPT2Config``): :data:`HF_DEFAULTS`. Keys that change shapes and are not
+``GPT2Config``): :data:`HF_FALLBACKS`. Keys that change shapes and are not
 modelled (mixture of experts, low-rank attention) are errors naming them;
 keys that change numerics but no shape or memory figure (RoPE scaling,
 sliding windows, dropout in inference configs) are accepted and listed in
@@ -35,7 +35,7 @@ from typing import Any
 from remat._errors import RematError
 from remat.models.config import ModelConfig
 
-__all__ = ["HF_DEFAULTS", "IGNORED", "MAXTEXT_BLOCKS", "MAXTEXT_DEFAULTS", "SUPPORTED", "from_hf_config",
+__all__ = ["HF_FALLBACKS", "IGNORED", "MAXTEXT_BLOCKS", "MAXTEXT_FALLBACKS", "SUPPORTED", "from_hf_config",
            "from_maxtext_config", "ignored_keys", "maxtext_run_defaults"]
 
 _LLAMA = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -43,7 +43,7 @@ _LLAMA = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, 
           "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
           "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False}
 
-HF_DEFAULTS: dict[str, dict[str, Any]] = {
+HF_FALLBACKS: dict[str, dict[str, Any]] = {
     "llama": _LLAMA,
     "mistral": {**_LLAMA, "intermediate_size": 14336, "num_key_value_heads": 8,
                 "max_position_embeddings": 4096 * 32},
@@ -61,7 +61,7 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 """The defaults of ``transformers``' configuration classes for the keys read."""
 
-SUPPORTED: tuple[str, ...] = tuple(HF_DEFAULTS)
+SUPPORTED: tuple[str, ...] = tuple(HF_FALLBACKS)
 """The ``model_type`` values :func:`from_hf_config` reads."""
 
 IGNORED: tuple[str, ...] = ("rope_scaling", "sliding_window", "use_sliding_window", "max_window_layers",
@@ -108,7 +108,7 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
             raise RematError(f"cannot read the Hugging Face config {os.fspath(source)!r}: {e}") from e
         where = os.fspath(source)
     kind = raw.get("model_type")
-    if kind not in HF_DEFAULTS:
+    if kind not in HF_FALLBACKS:
         raise RematError(f"model_type={kind!r} in {where} is not supported; supported: "
                          f"{', '.join(SUPPORTED)}")
     unmodelled = [k for k in _UNMODELLED if raw.get(k)]
@@ -116,7 +116,7 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
         verb = "changes shapes and is" if len(unmodelled) == 1 else "change shapes and are"
         raise RematError(f"{where} sets {', '.join(unmodelled)}, which {verb} not modelled "
                          f"(supported: dense decoders of model_type {', '.join(SUPPORTED)})")
-    c = {**HF_DEFAULTS[kind], **{k: v for k, v in raw.items() if v is not None or k == "n_inner"}}
+    c = {**HF_FALLBACKS[kind], **{k: v for k, v in raw.items() if v is not None or k == "n_inner"}}
     if kind == "gpt2":
         act_key = "activation_function"
     else:
@@ -150,7 +150,7 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
     return ModelConfig(**{**fields, "dropout_rate": 0.0, "dtype": "bf16", "name": kind, **overrides})
 
 
-MAXTEXT_DEFAULTS: dict[str, Any] = {
+MAXTEXT_FALLBACKS: dict[str, Any] = {
     "base_emb_dim": 2048, "base_num_query_heads": 16, "base_num_kv_heads": 16, "base_mlp_dim": 7168,
     "base_num_decoder_layers": 16, "head_dim": 128, "mlp_activations": ["silu", "linear"],
     "vocab_size": 32000,
@@ -186,7 +186,7 @@ def from_maxtext_config(path: str | os.PathLike, **overrides: Any) -> ModelConfi
     ``logits_via_embedding``, ``normalization_layer_epsilon``,
     ``rope_max_timescale``, ``use_qk_norm``, ``max_target_length``), or a
     run YAML naming one with ``model_name``; missing keys take
-    :data:`MAXTEXT_DEFAULTS`. Compute dtype bf16, parameters f32, no dropout.
+    :data:`MAXTEXT_FALLBACKS`. Compute dtype bf16, parameters f32, no dropout.
 
     Raises:
       RematError: a ``decoder_block`` not in :data:`MAXTEXT_BLOCKS` (mixture
@@ -194,7 +194,7 @@ def from_maxtext_config(path: str | os.PathLike, **overrides: Any) -> ModelConfi
         a file that cannot be read.
     """
     where = os.fspath(path)
-    c = {**MAXTEXT_DEFAULTS, **_maxtext_yaml(path)}
+    c = {**MAXTEXT_FALLBACKS, **_maxtext_yaml(path)}
     block = c["decoder_block"]
     if block not in MAXTEXT_BLOCKS or c.get("num_experts", 1) > 1:
         raise RematError(f"decoder_block={block!r} (num_experts={c.get('num_experts', 1)}) in {where} is not "

@@ -308,16 +308,20 @@ class _Search:
         self.seen: list[Candidate] = []
         self.capped = False
 
-    def compile(self, config: TuneConfig, role: str, batch: int | None = None) -> Candidate:
-        c = self.o.compiled(config, self.batch if batch is None else batch, role)
+    def compile(self, config: TuneConfig, role: str) -> Candidate:
+        c = self.o.compiled(config, self.batch, role)
         self.seen.append(c)
         return c
+
+    def done(self, config: TuneConfig) -> Candidate | None:
+        """The candidate of ``config`` if it was compiled already."""
+        return next((c for c in self.seen if c.config == config), None)
 
     def base(self) -> Candidate:
         """The least frugal configuration whose ``full`` fits; raises if none does."""
         full = self.compile(TuneConfig("full"), "full")
         best = full
-        if (self.chunks and full.fits is False) or (self.chunks and self._head_share(full) >= 0.05):
+        if self.chunks and (not full.fits or self._head_share(full) >= 0.05):
             chunked = self.compile(TuneConfig("full", loss_chunks=LOSS_CHUNKS), "full")
             best = min(full, chunked, key=lambda c: c.device_peak_bytes)
         if best.fits:
@@ -341,9 +345,9 @@ class _Search:
         terms = dict(self.o.report(c.config, self.batch).peak_terms)
         return terms.get("loss head", 0) / max(c.peak_bytes, 1)
 
-    def items(self, base: TuneConfig) -> tuple[list[_Item], list[str], int]:
-        """Each name's device bytes and FLOP saving over ``full``, from traces;
-        the names dropped (never residuals); ``flops(full)``."""
+    def items(self, base: TuneConfig) -> tuple[list[_Item], list[str]]:
+        """Each name's device bytes and FLOP saving over ``full``, from traces,
+        and the names dropped (never residuals)."""
         base = dataclasses.replace(base, groups=None)  # a group's residuals are transient: not in the rows
         _, full_flops = self.o.traced(base, self.batch)
         items, dropped = [], []
@@ -359,7 +363,7 @@ class _Search:
         for rule in _DOTS[1:]:
             by_name, flops = self.o.traced(dataclasses.replace(base, policy=rule), self.batch)
             items.append(_Item(rule, sum(by_name.values()), max(0, full_flops - flops)))
-        return items, dropped, full_flops
+        return items, dropped
 
     def solve(self, items: list[_Item], model: _PeakModel, budget: int, top: int = 1) -> list[str]:
         """The ``top`` specs with the least modelled recompute whose modelled
@@ -446,7 +450,7 @@ def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offloa
         if none.fits:
             return none.config, s.seen, none, [], False
         base = s.base()
-        items, dropped, _ = s.items(base.config)
+        items, dropped = s.items(base.config)
         preset = None
         if items:
             all_names = [i.name for i in items if i.name not in _DOTS]
@@ -454,29 +458,30 @@ def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offloa
             model = _PeakModel()
             model.add(0, base.device_peak_bytes)
             model.add(sum(i.bytes for i in items if i.name not in _DOTS), every.device_peak_bytes)
-            best, role = None, "pick"
-            for _ in range(4):  # pick, then repair (over budget) or improve (headroom): each adds an anchor
-                solved = s.solve(items, model, budget)
-                if not solved:
-                    break
-                config = dataclasses.replace(base.config, policy=str(get_policy(solved[0])))
-                if any(c.config == config and c.batch == batch for c in s.seen):
-                    break  # the model's answer did not change
+            best: Candidate | None = None
+
+            def confirm(spec: str, role: str) -> Candidate | None:
+                """Compile ``spec`` unless done; it becomes an anchor of the model. None if done before."""
+                nonlocal best
+                config = dataclasses.replace(base.config, policy=str(get_policy(spec)))
+                if s.done(config) is not None:
+                    return None
                 c = s.compile(config, role)
                 model.add(sum(i.bytes for i in items if i.name in get_policy(config.policy).save),
                           c.device_peak_bytes)
                 if c.fits and (best is None or c.recompute_flops < best.recompute_flops):
                     best = c
+                return c
+
+            role = "pick"
+            for _ in range(4):  # pick, then repair (over budget) or improve (headroom): each adds an anchor
+                solved = s.solve(items, model, budget)
+                c = confirm(solved[0], role) if solved else None
+                if c is None:
+                    break  # no answer, or the model's answer did not change
                 role = "improve" if c.fits else "repair"
             for spec in s.solve(items, model, budget, top=RUNNERS_UP + 1)[1:]:  # the model is approximate
-                config = dataclasses.replace(base.config, policy=str(get_policy(spec)))
-                if any(c.config == config and c.batch == batch for c in s.seen):
-                    continue
-                c = s.compile(config, "runner-up")
-                model.add(sum(i.bytes for i in items if i.name in get_policy(config.policy).save),
-                          c.device_peak_bytes)
-                if c.fits and (best is None or c.recompute_flops < best.recompute_flops):
-                    best = c
+                confirm(spec, "runner-up")
             if best is not None:
                 seg = s.segments(best.config.policy, items, model, budget)
                 if seg is not None:
@@ -484,7 +489,7 @@ def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offloa
             preset = _best_preset(s, base.config, model)
     except _CapReached:
         preset, s.capped = None, True
-    fits = [c for c in s.seen if c.fits and c.batch == batch]
+    fits = [c for c in s.seen if c.fits]
     if not fits:
         raise RematError(f"the compile cap was reached before anything fit the budget of "
                          f"{format_bytes(budget)}: raise max_compiles")
@@ -510,8 +515,7 @@ def _best_preset(s: _Search, base: TuneConfig, model: _PeakModel) -> Candidate |
     for _, predicted, config in sorted(by_flops, key=lambda x: x[0]):
         if predicted > s.budget * 1.05:
             continue
-        done = next((c for c in s.seen if c.config == config and c.batch == s.batch), None)
-        c = done or s.compile(config, "preset")
+        c = s.done(config) or s.compile(config, "preset")
         if c.fits:
             return dataclasses.replace(c, role="preset")
     return None
