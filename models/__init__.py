@@ -8,12 +8,15 @@ saveable tensor tagged with the checkpoint-name vocabulary
 - :class:`Transformer`: ``tokens[B, T] -> logits[B, T, V]``, layers scanned by
   :func:`remat.scan_layers` under a remat policy; :class:`Block`, one layer.
 - :func:`param_count`: parameters counted through ``jax.eval_shape``.
+- :mod:`remat.models.nnx`: the same model in Flax NNX, its parameters
+  convertible to and from the linen model's.
 - :func:`from_hf_config`: your own model from its Hugging Face ``config.json``
   (llama, mistral, qwen2, qwen3, gemma, gpt2), :func:`from_maxtext_config`
   from a MaxText model YAML; :func:`get_config` and every ``--model`` also
   take the file's path.
 """
 
+from remat.models import nnx
 from remat.models.config import PUBLISHED_PARAMS, ModelConfig, get_config, names
 from remat.models.hf import from_hf_config, from_maxtext_config
 from remat.models.layers import Attention, Mlp, attention_implementation, rope
@@ -31,6 +34,7 @@ __all__ = [
     "from_maxtext_config",
     "get_config",
     "names",
+    "nnx",
     "param_count",
     "rope",
 ]

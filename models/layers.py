@@ -28,7 +28,9 @@ MaxText places it (``MaxText/layers/attentions.py``, ``linears.py``,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -120,6 +122,21 @@ def attention_implementation(config: ModelConfig) -> str:
     return "xla"
 
 
+def project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, n_in: int, dtype: Any) -> jax.Array:
+    """``[..., *in] @ kernel[*in, *features] (+ bias[*features]) -> [..., *features]``
+    with ``lax.dot_general`` in ``dtype`` (the projection of both model APIs)."""
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+    if bias is not None:
+        y = y + bias.astype(dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+    return y
+
+
+def has_bias(config: ModelConfig, bias: bool) -> bool:
+    """Whether a projection adds a bias: always in the gpt2 family."""
+    return bias or config.family == "gpt2"
+
+
 class Projection(nn.Module):
     """A linear map of the trailing axes, ``[..., *in] -> [..., *features]``,
     kernel ``[*in, *features]`` (+ bias ``[*features]`` for gpt2 or with ``bias``), computed with
@@ -152,13 +169,56 @@ class Projection(nn.Module):
         n_in = len(self.in_axes)
         init = kernel_init(cfg, (*self.in_axes, *self.out_axes), residual=self.residual)
         kernel = self.param("kernel", init, (*x.shape[-n_in:], *self.features), cfg.param_dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (contract, ((), ())))
-        if self.bias or cfg.family == "gpt2":
+        bias = None
+        if has_bias(cfg, self.bias):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes),
                               self.features, cfg.param_dtype)
-            y = y + bias.astype(cfg.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
-        return y
+        return project(x, kernel, bias, n_in, cfg.dtype)
+
+
+Layer = Callable[[jax.Array], jax.Array]
+
+
+def attention(cfg: ModelConfig, x_BxTxD: jax.Array, *, query: Layer, key: Layer, value: Layer, out: Layer,
+              query_norm: Layer | None, key_norm: Layer | None, dropout: Layer) -> jax.Array:
+    """The attention computation of :class:`Attention` (and of its NNX twin),
+    given its layers: the q/k/v projections (``[B, T, D] -> [B, T, N|K, H]``),
+    the output projection, Qwen3's per-head norms (when ``qk_norm``) and the
+    dropout on the probabilities. Tags as :class:`Attention` describes."""
+    q_BxTxNxH = tag(query(x_BxTxD), vocab.QUERY_PROJ, BTNH)
+    k_BxSxKxH = tag(key(x_BxTxD), vocab.KEY_PROJ, BTKH)
+    v_BxSxKxH = tag(value(x_BxTxD), vocab.VALUE_PROJ, BTKH)
+    if cfg.qk_norm:  # Qwen3: RMSNorm per head on queries and keys, before RoPE
+        q_BxTxNxH, k_BxSxKxH = query_norm(q_BxTxNxH), key_norm(k_BxSxKxH)
+    if cfg.family == "llama":
+        q_BxTxNxH = rope(q_BxTxNxH, cfg.rope_theta)
+        k_BxSxKxH = rope(k_BxSxKxH, cfg.rope_theta)
+    if cfg.attention == "xla":
+        ctx_BxTxNxH = _einsum_attention(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, dropout)
+    else:
+        ctx_BxTxNxH = jax.nn.dot_product_attention(
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True, implementation=attention_implementation(cfg))
+    ctx_BxTxNxH = tag(ctx_BxTxNxH, vocab.CONTEXT, BTNH)
+    return tag(out(ctx_BxTxNxH), vocab.OUT_PROJ, BTD)
+
+
+def _einsum_attention(cfg: ModelConfig, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
+                      dropout: Layer) -> jax.Array:
+    b, t, n, h = q_BxTxNxH.shape
+    s, k = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+    g = n // k
+    # Query head n = k * G + g attends with kv head k (Llama's repeat_kv order).
+    q_BxTxKxGxH = (q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype)).reshape(b, t, k, g, h)
+    scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH)
+    scores_BxNxTxS = scores_BxKxGxTxS.reshape(b, n, t, s)
+    causal_TxS = jnp.tril(jnp.ones((t, s), dtype=bool), k=s - t)
+    scores_BxNxTxS = jnp.where(causal_TxS, scores_BxNxTxS, jnp.finfo(scores_BxNxTxS.dtype).min)
+    scores_BxNxTxS = tag(scores_BxNxTxS, vocab.ATTN_SCORES, BNTS)
+    probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS.astype(jnp.float32), axis=-1).astype(cfg.dtype)
+    probs_BxNxTxS = tag(dropout(probs_BxNxTxS), vocab.ATTN_PROBS, BNTS)
+    probs_BxKxGxTxS = probs_BxNxTxS.reshape(b, k, g, t, s)
+    ctx_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH)
+    return ctx_BxTxKxGxH.reshape(b, t, n, h)
 
 
 class Attention(nn.Module):
@@ -186,48 +246,33 @@ class Attention(nn.Module):
             return Projection(cfg, features, ("embed",), (heads_axis, "head_dim"), bias=cfg.qkv_bias,
                               name=name)
 
-        q_BxTxNxH = tag(proj((n, h), "heads", "query")(x_BxTxD), vocab.QUERY_PROJ, BTNH)
-        k_BxSxKxH = tag(proj((k, h), "kv_heads", "key")(x_BxTxD), vocab.KEY_PROJ, BTKH)
-        v_BxSxKxH = tag(proj((k, h), "kv_heads", "value")(x_BxTxD), vocab.VALUE_PROJ, BTKH)
-        if cfg.qk_norm:  # Qwen3: RMSNorm per head on queries and keys, before RoPE
-            q_BxTxNxH = head_norm(cfg, "query_norm")(q_BxTxNxH)
-            k_BxSxKxH = head_norm(cfg, "key_norm")(k_BxSxKxH)
-        if cfg.family == "llama":
-            q_BxTxNxH = rope(q_BxTxNxH, cfg.rope_theta)
-            k_BxSxKxH = rope(k_BxSxKxH, cfg.rope_theta)
+        return attention(
+            cfg, x_BxTxD, query=proj((n, h), "heads", "query"), key=proj((k, h), "kv_heads", "key"),
+            value=proj((k, h), "kv_heads", "value"),
+            out=Projection(cfg, (cfg.d_model,), ("heads", "head_dim"), ("embed",), residual=True,
+                           bias=cfg.out_bias, name="out"),
+            query_norm=head_norm(cfg, "query_norm") if cfg.qk_norm else None,
+            key_norm=head_norm(cfg, "key_norm") if cfg.qk_norm else None,
+            dropout=partial(nn.Dropout(cfg.attn_dropout, name="attn_dropout"), deterministic=deterministic))
 
-        if cfg.attention == "xla":
-            ctx_BxTxNxH = self._einsum_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, deterministic)
-        else:
-            ctx_BxTxNxH = jax.nn.dot_product_attention(
-                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True,
-                implementation=attention_implementation(cfg))
-        ctx_BxTxNxH = tag(ctx_BxTxNxH, vocab.CONTEXT, BTNH)
 
-        out_BxTxD = Projection(cfg, (cfg.d_model,), ("heads", "head_dim"), ("embed",), residual=True,
-                               bias=cfg.out_bias, name="out")(ctx_BxTxNxH)
-        return tag(out_BxTxD, vocab.OUT_PROJ, BTD)
+def mlp(cfg: ModelConfig, x_BxTxD: jax.Array, dense: Mapping[str, Layer]) -> jax.Array:
+    """The feed-forward computation of :class:`Mlp` (and of its NNX twin),
+    given its projections by name (``wi`` for gpt2, ``wi_0``/``wi_1`` for
+    llama, and ``wo``)."""
+    if cfg.family == "gpt2":
+        h_BxTxF = nn.gelu(tag(dense["wi"](x_BxTxD), vocab.MLPWI, BTF), approximate=True)
+    else:
+        gate_BxTxF = tag(dense["wi_0"](x_BxTxD), vocab.MLPWI_0, BTF)
+        up_BxTxF = tag(dense["wi_1"](x_BxTxD), vocab.MLPWI_1, BTF)
+        act = nn.silu if cfg.mlp_activation == "silu" else partial(nn.gelu, approximate=True)
+        h_BxTxF = act(gate_BxTxF) * up_BxTxF
+    return tag(dense["wo"](h_BxTxF), vocab.MLPWO, BTD)
 
-    def _einsum_attention(self, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
-                          deterministic: bool) -> jax.Array:
-        cfg = self.config
-        b, t, n, h = q_BxTxNxH.shape
-        s, k = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
-        g = n // k
-        # Query head n = k * G + g attends with kv head k (Llama's repeat_kv order).
-        q_BxTxKxGxH = (q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype)).reshape(b, t, k, g, h)
-        scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH)
-        scores_BxNxTxS = scores_BxKxGxTxS.reshape(b, n, t, s)
-        causal_TxS = jnp.tril(jnp.ones((t, s), dtype=bool), k=s - t)
-        scores_BxNxTxS = jnp.where(causal_TxS, scores_BxNxTxS, jnp.finfo(scores_BxNxTxS.dtype).min)
-        scores_BxNxTxS = tag(scores_BxNxTxS, vocab.ATTN_SCORES, BNTS)
-        probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS.astype(jnp.float32), axis=-1).astype(cfg.dtype)
-        probs_BxNxTxS = nn.Dropout(cfg.attn_dropout, name="attn_dropout")(
-            probs_BxNxTxS, deterministic=deterministic)
-        probs_BxNxTxS = tag(probs_BxNxTxS, vocab.ATTN_PROBS, BNTS)
-        probs_BxKxGxTxS = probs_BxNxTxS.reshape(b, k, g, t, s)
-        ctx_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH)
-        return ctx_BxTxKxGxH.reshape(b, t, n, h)
+
+def mlp_inputs(cfg: ModelConfig) -> tuple[str, ...]:
+    """The names of the MLP's input projections: ``("wi",)`` (gpt2) or ``("wi_0", "wi_1")``."""
+    return ("wi",) if cfg.family == "gpt2" else ("wi_0", "wi_1")
 
 
 class Mlp(nn.Module):
@@ -249,13 +294,5 @@ class Mlp(nn.Module):
             return Projection(cfg, (features,), axes[:1], axes[1:], residual=residual, bias=cfg.mlp_bias,
                               name=name)
 
-        if cfg.family == "gpt2":
-            h_BxTxF = tag(dense(cfg.mlp_dim, ("embed", "mlp"), "wi")(x_BxTxD), vocab.MLPWI, BTF)
-            h_BxTxF = nn.gelu(h_BxTxF, approximate=True)
-        else:
-            gate_BxTxF = tag(dense(cfg.mlp_dim, ("embed", "mlp"), "wi_0")(x_BxTxD), vocab.MLPWI_0, BTF)
-            up_BxTxF = tag(dense(cfg.mlp_dim, ("embed", "mlp"), "wi_1")(x_BxTxD), vocab.MLPWI_1, BTF)
-            act = nn.silu if cfg.mlp_activation == "silu" else partial(nn.gelu, approximate=True)
-            h_BxTxF = act(gate_BxTxF) * up_BxTxF
-        out_BxTxD = dense(cfg.d_model, ("mlp", "embed"), "wo", residual=True)(h_BxTxF)
-        return tag(out_BxTxD, vocab.MLPWO, BTD)
+        layers = {name: dense(cfg.mlp_dim, ("embed", "mlp"), name) for name in mlp_inputs(cfg)}
+        return mlp(cfg, x_BxTxD, {**layers, "wo": dense(cfg.d_model, ("mlp", "embed"), "wo", residual=True)})

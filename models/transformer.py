@@ -7,6 +7,7 @@ for the attention and MLP letters).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +18,7 @@ import optax
 from remat._errors import RematError
 from remat._scan import scan_layers
 from remat.models.config import ModelConfig
-from remat.models.layers import BTD, BTV, Attention, Mlp, kernel_init, norm, tag
+from remat.models.layers import BTD, BTV, Attention, Layer, Mlp, kernel_init, norm, tag
 from remat.policies import Policy, vocab
 from remat.step import lm_loss
 
@@ -40,17 +41,22 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, *, deterministic: bool) -> jax.Array:
         cfg = self.config
-        x_BxTxD = tag(x_BxTxD, vocab.DECODER_LAYER_INPUT, BTD)
-        h_BxTxD = tag(norm(cfg, "attn_norm")(x_BxTxD), vocab.ATTN_NORM, BTD)
-        h_BxTxD = Attention(cfg, name="attention")(h_BxTxD, deterministic=deterministic)
-        h_BxTxD = nn.Dropout(cfg.dropout_rate, name="attn_resid_dropout")(
-            h_BxTxD, deterministic=deterministic)
-        x_BxTxD = x_BxTxD + h_BxTxD
-        h_BxTxD = tag(norm(cfg, "mlp_norm")(x_BxTxD), vocab.MLP_NORM, BTD)
-        h_BxTxD = Mlp(cfg, name="mlp")(h_BxTxD)
-        h_BxTxD = nn.Dropout(cfg.dropout_rate, name="mlp_resid_dropout")(
-            h_BxTxD, deterministic=deterministic)
-        return nn.with_logical_constraint(x_BxTxD + h_BxTxD, BTD)
+        dropout = lambda name: partial(nn.Dropout(cfg.dropout_rate, name=name), deterministic=deterministic)
+        return decoder_layer(
+            x_BxTxD, attn_norm=norm(cfg, "attn_norm"),
+            attention=partial(Attention(cfg, name="attention"), deterministic=deterministic),
+            attn_dropout=dropout("attn_resid_dropout"), mlp_norm=norm(cfg, "mlp_norm"),
+            mlp=Mlp(cfg, name="mlp"), mlp_dropout=dropout("mlp_resid_dropout"))
+
+
+def decoder_layer(x_BxTxD: jax.Array, *, attn_norm: Layer, attention: Layer, attn_dropout: Layer,
+                  mlp_norm: Layer, mlp: Layer, mlp_dropout: Layer) -> jax.Array:
+    """The computation of :class:`Block` (and of its NNX twin), given its layers."""
+    x_BxTxD = tag(x_BxTxD, vocab.DECODER_LAYER_INPUT, BTD)
+    h_BxTxD = attention(tag(attn_norm(x_BxTxD), vocab.ATTN_NORM, BTD))
+    x_BxTxD = x_BxTxD + attn_dropout(h_BxTxD)
+    h_BxTxD = mlp(tag(mlp_norm(x_BxTxD), vocab.MLP_NORM, BTD))
+    return nn.with_logical_constraint(x_BxTxD + mlp_dropout(h_BxTxD), BTD)
 
 
 class Transformer(nn.Module):
@@ -93,25 +99,16 @@ class Transformer(nn.Module):
         ``targets[:, t + 1]`` (as :func:`remat.step.lm_loss`), computed by the
         loss head in ``config.loss_chunks`` chunks (:func:`chunked_lm_loss`)."""
         cfg = self.config
-        if tokens_BxT.ndim != 2 or not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
-            raise RematError(
-                f"Transformer takes integer tokens [B, T], got {tokens_BxT.dtype}{list(tokens_BxT.shape)}")
-        t = tokens_BxT.shape[1]
-        if t > cfg.max_seq_len:
-            raise RematError(f"sequence length T={t} exceeds config.max_seq_len={cfg.max_seq_len}")
-
+        check_tokens(cfg, tokens_BxT)
         embed = nn.Embed(
             cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             embedding_init=kernel_init(cfg, ("vocab", "embed")), name="embed")
-        x_BxTxD = embed(tokens_BxT)
-        if cfg.embed_scale:  # Gemma: embeddings times sqrt(D), the factor in the compute dtype
-            x_BxTxD = x_BxTxD * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
+        pos_TmaxxD = None
         if cfg.family == "gpt2":
             pos_TmaxxD = self.param("pos_embed", kernel_init(cfg, (None, "embed")),
                                     (cfg.max_seq_len, cfg.d_model), cfg.param_dtype)
-            x_BxTxD = x_BxTxD + pos_TmaxxD[None, :t].astype(cfg.dtype)
-        x_BxTxD = nn.Dropout(cfg.dropout_rate, name="embed_dropout")(x_BxTxD, deterministic=deterministic)
-        x_BxTxD = nn.with_logical_constraint(x_BxTxD, BTD)
+        x_BxTxD = embed_tokens(cfg, embed(tokens_BxT), pos_TmaxxD, partial(
+            nn.Dropout(cfg.dropout_rate, name="embed_dropout"), deterministic=deterministic))
 
         stack = scan_layers(
             Block, num_layers=cfg.num_layers, policy=self.policy, groups=self.groups,
@@ -124,11 +121,39 @@ class Transformer(nn.Module):
         else:
             w_DxV = self.param("head", _HeadKernel(kernel_init(cfg, ("embed", "vocab"))),
                                (cfg.d_model, cfg.vocab_size), cfg.param_dtype)["kernel"]
-        with jax.named_scope(vocab.LOSS_HEAD_SCOPE):
-            if targets is not None and cfg.loss_chunks > 1:
-                return chunked_lm_loss(x_BxTxD, w_DxV, targets, cfg.loss_chunks, cfg.dtype)
-            logits_BxTxV = nn.with_logical_constraint(_logits(x_BxTxD, w_DxV, cfg.dtype), BTV)
-            return logits_BxTxV if targets is None else lm_loss(logits_BxTxV, targets)
+        return lm_head(cfg, x_BxTxD, w_DxV, targets)
+
+
+def check_tokens(cfg: ModelConfig, tokens_BxT: jax.Array) -> None:
+    """Raise :class:`remat.RematError` unless ``tokens`` is ``int[B, T]`` with ``T <= max_seq_len``."""
+    if tokens_BxT.ndim != 2 or not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
+        raise RematError(
+            f"Transformer takes integer tokens [B, T], got {tokens_BxT.dtype}{list(tokens_BxT.shape)}")
+    if tokens_BxT.shape[1] > cfg.max_seq_len:
+        raise RematError(
+            f"sequence length T={tokens_BxT.shape[1]} exceeds config.max_seq_len={cfg.max_seq_len}")
+
+
+def embed_tokens(cfg: ModelConfig, x_BxTxD: jax.Array, pos_TmaxxD: jax.Array | None,
+                 dropout: Layer) -> jax.Array:
+    """Token embeddings ``[B, T, D]`` -> the first layer's input: Gemma's
+    ``sqrt(D)`` scale, GPT-2's learned positions, dropout, the logical constraint."""
+    if cfg.embed_scale:  # Gemma: embeddings times sqrt(D), the factor in the compute dtype
+        x_BxTxD = x_BxTxD * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
+    if pos_TmaxxD is not None:
+        x_BxTxD = x_BxTxD + pos_TmaxxD[None, :x_BxTxD.shape[1]].astype(cfg.dtype)
+    return nn.with_logical_constraint(dropout(x_BxTxD), BTD)
+
+
+def lm_head(cfg: ModelConfig, x_BxTxD: jax.Array, w_DxV: jax.Array, targets: jax.Array | None) -> jax.Array:
+    """The output head under the ``loss_head`` named scope: ``logits[B, T, V]``
+    (``config.dtype``), or with ``targets`` the mean next-token loss (nats,
+    float32), in ``config.loss_chunks`` chunks when > 1 (:func:`chunked_lm_loss`)."""
+    with jax.named_scope(vocab.LOSS_HEAD_SCOPE):
+        if targets is not None and cfg.loss_chunks > 1:
+            return chunked_lm_loss(x_BxTxD, w_DxV, targets, cfg.loss_chunks, cfg.dtype)
+        logits_BxTxV = nn.with_logical_constraint(_logits(x_BxTxD, w_DxV, cfg.dtype), BTV)
+        return logits_BxTxV if targets is None else lm_loss(logits_BxTxV, targets)
 
 
 def _logits(x: jax.Array, w_DxV: jax.Array, dtype: Any) -> jax.Array:

@@ -123,6 +123,11 @@ class Policy:
         return dataclasses.replace(self, save=self.save | self.offload, offload=frozenset(),
                                    dots=self.dots or self.offload_dots, offload_dots=None)
 
+    def without_offload(self) -> Policy:
+        """The same policy with every offloaded value recomputed instead (the
+        other explicit fallback when a backend cannot offload)."""
+        return dataclasses.replace(self, offload=frozenset(), offload_dots=None)
+
     def __or__(self, other: Policy) -> Policy:
         """The union of two policies: each residual that either keeps.
         ``p + q`` is the same, as ``+`` in a spec string.

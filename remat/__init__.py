@@ -5,7 +5,8 @@ needs only JAX; ``remat.checkpoint``, ``remat.remat`` and ``remat.scan_layers``
 apply policies to functions and Flax modules; ``remat.analyze``,
 ``remat.inspect_policy`` and ``remat.sweep`` measure them compile-only;
 ``remat.tune`` picks the least-recompute configuration that fits a budget;
-``remat.models`` are scan-over-layers transformers, ``remat.step`` their
+``remat.nnx`` does the same for Flax NNX modules;
+``remat.models`` are scan-over-layers transformers (linen and NNX), ``remat.step`` their
 train step, ``remat.train`` trains one on real text, and ``remat.testing``
 checks your own model.
 
@@ -19,7 +20,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from remat import models, policies, step, testing, train
+    from remat import models, nnx, policies, step, testing, train
     from remat._analysis import analyze
     from remat._apply import (
         MissingCheckpointNameError,
@@ -73,7 +74,7 @@ _EXPORTS = {
     "tune": "remat._tune",
     "without_remat": "remat._apply",
 }
-_SUBMODULES = ("models", "policies", "step", "testing", "train")
+_SUBMODULES = ("models", "nnx", "policies", "step", "testing", "train")
 
 __all__ = [
     "CorpusError",
@@ -99,6 +100,7 @@ __all__ = [
     "checkpoint_names",
     "inspect_policy",
     "models",
+    "nnx",
     "plot_sweep",
     "policies",
     "remat",

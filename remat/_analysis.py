@@ -41,7 +41,7 @@ from remat._format import format_bytes
 from remat._jaxpr import CALL_BODY, CHECKPOINT, checkpoint_names, nbytes, walk
 from remat._memory import PEAK_BUFFERS, advice, compiled_memory, default_compiler_options, peak_terms
 from remat._report import Report
-from remat._residuals import residual_rows
+from remat._residuals import host_traffic, residual_rows
 
 __all__ = ["Traced", "analyze", "compile_and_analyze", "compile_traced", "count_checkpoints", "measure",
            "trace", "trace_without_remat"]
@@ -174,6 +174,9 @@ def measure(t: Traced, compiled: Any, compile_seconds: float, dump: PeakDump | s
         notes.append(f"the {backend} backend gives no memory_analysis() (or all zeros): peak_bytes = "
                      "arguments + outputs + device residuals, a lower bound")
     devices = max((len(s.device_set) for s in jax.tree.leaves(compiled.input_shardings)), default=1)
+    host_size = sum(r.size_bytes for r in rows if r.memory_kind == "host")
+    per_device = host_residual_bytes / host_size if host_size else 1 / devices
+    host_transfer_bytes = round(host_traffic(jaxpr) * per_device)
     peak_fields: dict[str, Any] = {}
     if mem is not None:
         peak_fields, peak_notes = _peak_fields(dump, rows, closed, peak, devices)
@@ -193,7 +196,7 @@ def measure(t: Traced, compiled: Any, compile_seconds: float, dump: PeakDump | s
         alias_bytes=fields["alias"], host_temp_bytes=fields["host_temp"],
         peak_bytes=peak, peak_source=peak_source,
         residual_bytes=residual_bytes, host_residual_bytes=host_residual_bytes, residuals=rows,
-        flops=flops, recompute_flops=None, recompute_overhead=None,
+        host_transfer_bytes=host_transfer_bytes, flops=flops, recompute_flops=None, recompute_overhead=None,
         dots_forward=dots, dots_forward_batched=batched, dots_kept=dots_kept,
         checkpoint_names=tuple(sorted(checkpoint_names(jaxpr))),
         trace_seconds=t.trace_seconds, compile_seconds=compile_seconds, notes=tuple(notes),

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from remat import _jaxpr
 from remat._errors import RematError
@@ -267,19 +268,79 @@ class OffloadUnsupportedError(RematError):
 
 def check_offload(policy: Policy, device: jax.Device | None = None) -> None:
     """Raise :class:`OffloadUnsupportedError` if ``policy`` offloads and the
-    device has no ``pinned_host`` memory (otherwise nothing moves,
-    or the compiler crashes). The explicit fallback is
-    :meth:`Policy.on_device`, which keeps the offloaded values on device.
+    backend cannot: the device has no ``pinned_host`` memory (otherwise
+    nothing moves, or the compiler crashes), or the backend fails
+    :func:`offload_probe`. The message names the backend, the JAX version
+    and the explicit fallbacks: :meth:`Policy.on_device` (keep the offloaded
+    values on device) or recompute them (the policy without its offloads).
+    Never a silent change of policy.
     """
     if not policy.offloads:
         return
     device = device or jax.devices()[0]
     kinds = sorted(m.kind for m in device.addressable_memories())
+    fallbacks = (f"to keep those values on device instead, use {str(policy.on_device())!r} "
+                 f"(Policy.on_device()), or to recompute them, {str(policy.without_offload())!r}")
     if "pinned_host" not in kinds:
         raise OffloadUnsupportedError(
             f"remat policy {str(policy)!r} offloads to 'pinned_host', but backend "
-            f"{device.platform!r} ({device.device_kind}) has memories {kinds}; to keep those values on "
-            f"device instead, use {str(policy.on_device())!r} (Policy.on_device())")
+            f"{device.platform!r} ({device.device_kind}) has memories {kinds}; {fallbacks}")
+    failure = offload_probe(device.platform)
+    if failure:
+        raise OffloadUnsupportedError(
+            f"remat policy {str(policy)!r} offloads to 'pinned_host', but on backend {device.platform!r} "
+            f"({device.device_kind}) with JAX {jax.__version__} an offload inside a scan fails: {failure}; "
+            f"{fallbacks}")
+
+
+PROBE_NAME = "offload_probe"
+"""The checkpoint name the offload probe offloads."""
+
+
+@functools.cache
+def _probe(platform: str, version: str, remat3: bool) -> str | None:
+    """:func:`offload_probe`, once per backend, JAX version and ``jax_remat3`` setting."""
+    policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[PROBE_NAME],
+        offload_src="device", offload_dst="pinned_host")
+
+    def layer(c: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:
+        return jnp.sin(checkpoint_name(c @ w, PROBE_NAME)), None
+
+    def loss(c: jax.Array, ws: jax.Array) -> jax.Array:
+        return jnp.sum(jax.lax.scan(jax.checkpoint(layer, policy=policy, prevent_cse=False), c, ws)[0])
+
+    on = jax.sharding.SingleDeviceSharding(jax.devices(platform)[0])
+    args = (jax.ShapeDtypeStruct((2, 8), jnp.float32, sharding=on),
+            jax.ShapeDtypeStruct((2, 8, 8), jnp.float32, sharding=on))
+    grad = jax.grad(loss, argnums=(0, 1))
+    try:
+        rows = residual_rows(jax.make_jaxpr(grad)(*args))
+        jax.jit(grad).lower(*args).compile()
+    except Exception as e:  # any failure to trace or compile is the answer
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    if not any(r.name == PROBE_NAME and r.memory_kind == "host" for r in rows):
+        return "the offloaded residual is not kept on host (JAX dropped it: is a mode such as jax_remat3 on?)"
+    return None
+
+
+def offload_probe(platform: str | None = None) -> str | None:
+    """Whether offloading works on a backend: a tiny program (a two-step
+    ``lax.scan`` whose layer offloads one checkpoint name to ``pinned_host``,
+    the shape public reports show failing to compile on some backends and
+    JAX versions) is traced, its residuals checked (the offloaded value must
+    be kept on host: a mode such as ``jax_remat3`` drops it) and compiled.
+    Run once per backend, JAX version and ``jax_remat3`` setting, cached for
+    the process.
+
+    Args:
+      platform: e.g. ``"cpu"``, ``"gpu"``; default the default backend.
+
+    Returns:
+      None when it works, else why not (one line).
+    """
+    platform = platform or jax.default_backend()
+    return _probe(platform, jax.__version__, bool(jax.config.jax_remat3))
 
 
 def _warn_prng(where: str) -> None:

@@ -14,7 +14,14 @@ if TYPE_CHECKING:
     from rich.console import Group
     from rich.table import Table
 
-__all__ = ["Report"]
+__all__ = ["HOST_LINK_BYTES_PER_S", "PEAK_FLOPS_PER_S", "Report"]
+
+HOST_LINK_BYTES_PER_S = 64e9
+"""Default host-link bandwidth, bytes per second each way: PCIe Gen5 x16, as
+an H200's (about 64 GB/s per direction)."""
+PEAK_FLOPS_PER_S = 989e12
+"""Default peak compute rate, FLOPs per second per device: an H200's dense
+bf16 tensor-core rate (989 TFLOP/s)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +55,14 @@ class Report:
       residual_bytes: device residuals per device, summed over the rows'
         ``device_bytes``.
       host_residual_bytes: host (offloaded) residuals per device, likewise.
+      host_transfer_bytes: bytes per device that cross the host link per
+        step (:func:`remat._residuals.host_traffic`): each offloaded value
+        goes to host in the forward pass and comes back in the backward pass,
+        ``2 x host_residual_bytes`` for a layer scan; with nested groups the
+        values a group offloads while it is recomputed count too (they are
+        transients, no residual rows). Per device as the host residual rows
+        are (from the jaxpr's sharding constraints), else divided evenly over
+        the devices.
       residuals: the rows, largest first.
       flops: FLOPs of one call, every scan iteration counted, over all devices
         (the global count, e.g. about 6 x parameters x tokens for a train step).
@@ -79,6 +94,10 @@ class Report:
       peak_buffers: the largest buffers live at the peak (:class:`remat.PeakBuffer`).
       host_peak_bytes: bytes live in host memory at the peak (offloaded
         residuals), beside the terms, not in them; None without a breakdown.
+      host_link_bytes_per_s: the host-link bandwidth, bytes per second each
+        way, of ``transfer_seconds`` (default :data:`HOST_LINK_BYTES_PER_S`).
+      peak_flops_per_s: the device's peak rate, FLOPs per second, of
+        ``compute_seconds`` (default :data:`PEAK_FLOPS_PER_S`).
       saving_unconfirmed: against its baseline (the step with no
         ``jax.checkpoint``), the compiled ``temp_bytes`` fall by less than half
         the residual bytes this report claims to save, or the peak is higher:
@@ -120,11 +139,63 @@ class Report:
     peak_residuals: tuple[tuple[str, int], ...] = ()
     peak_buffers: tuple[PeakBuffer, ...] = ()
     host_peak_bytes: int | None = None
+    host_transfer_bytes: int = 0
+    host_link_bytes_per_s: float = HOST_LINK_BYTES_PER_S
+    peak_flops_per_s: float = PEAK_FLOPS_PER_S
 
     @property
     def flops_per_device(self) -> float:
         """``flops / devices``: each device's share of the step."""
         return self.flops / self.devices
+
+    @property
+    def transfer_seconds(self) -> float:
+        """``host_transfer_bytes / host_link_bytes_per_s``: seconds the host
+        link is busy per step (each direction in its own pass)."""
+        return self.host_transfer_bytes / self.host_link_bytes_per_s
+
+    @property
+    def compute_seconds(self) -> float:
+        """``flops_per_device / peak_flops_per_s``: the step's compute at the
+        peak rate, a lower bound on its time (recompute included)."""
+        return self.flops_per_device / self.peak_flops_per_s
+
+    @property
+    def transfer_compute_ratio(self) -> float:
+        """``transfer_seconds / compute_seconds``: above 1 the offload cannot
+        hide under compute even with perfect overlap; at or below 1 it can,
+        if XLA schedules the copies beside the layers' compute (a necessary
+        condition, measured on a GPU by ``tests/benchmarks/gpu_check.py``)."""
+        return self.transfer_seconds / self.compute_seconds if self.compute_seconds else float("inf")
+
+    def with_rates(self, host_link_bytes_per_s: float | None = None,
+                   peak_flops_per_s: float | None = None) -> Report:
+        """This report with another host-link bandwidth (bytes/s each way)
+        or peak rate (FLOP/s) for its transfer and compute times.
+
+        Raises:
+          RematError: a rate that is not positive.
+        """
+        from remat._errors import RematError
+
+        rates = {k: v for k, v in (("host_link_bytes_per_s", host_link_bytes_per_s),
+                                   ("peak_flops_per_s", peak_flops_per_s)) if v is not None}
+        for k, v in rates.items():
+            if not v > 0:
+                raise RematError(f"{k}={v!r} must be a positive rate")
+        return dataclasses.replace(self, **rates)
+
+    def transfer_line(self) -> str:
+        """One line: the host traffic per step, its transfer time against the
+        compute time, and whether it can hide."""
+        if not self.host_transfer_bytes:
+            return "nothing offloaded"
+        hides = "can hide under compute" if self.transfer_compute_ratio <= 1 else "cannot hide under compute"
+        return (f"{format_bytes(self.host_transfer_bytes)} to host and back: "
+                f"{self.transfer_seconds * 1e3:.3g} ms at {self.host_link_bytes_per_s / 1e9:.3g} GB/s vs "
+                f"compute {self.compute_seconds * 1e3:.3g} ms at {self.peak_flops_per_s / 1e12:.4g} TFLOP/s: "
+                f"ratio {self.transfer_compute_ratio:.2f}, "
+                f"{hides}")
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as JSON-able Python values (rows as dicts, tuples as lists)."""
@@ -135,6 +206,8 @@ class Report:
         d["mesh"] = dict(self.mesh)
         d["rules"] = [[k, list(v) if isinstance(v, tuple) else v] for k, v in self.rules]
         d["flops_per_device"] = self.flops_per_device
+        for k in ("transfer_seconds", "compute_seconds", "transfer_compute_ratio"):
+            d[k] = getattr(self, k)
         d["peak_terms"] = dict(self.peak_terms)
         d["peak_residuals"] = dict(self.peak_residuals)
         return d
@@ -189,6 +262,7 @@ class Report:
             ("host temporaries", format_bytes(self.host_temp_bytes)),
             ("residuals on device", format_bytes(self.residual_bytes)),
             ("residuals on host", format_bytes(self.host_residual_bytes)),
+            ("host transfer per step", self.transfer_line()),
             ("FLOPs (all devices)", format_flops(self.flops)),
             *([("FLOPs per device", format_flops(self.flops_per_device)),
                ("mesh", ", ".join(f"{a}={n}" for a, n in self.mesh))] if self.mesh else []),

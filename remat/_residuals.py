@@ -36,7 +36,7 @@ from jax.extend import core as jcore
 from remat import _compat
 from remat._jaxpr import call_body, nbytes, open_jaxpr, sub_jaxprs, walk
 
-__all__ = ["ResidualRow", "output_names", "residual_rows"]
+__all__ = ["ResidualRow", "host_traffic", "output_names", "residual_rows"]
 
 _LOOK_THROUGH = {"device_put", "reduce_precision", "copy", "copy_p", "optimization_barrier"}
 """Ops that move or re-tag a value without computing a new one."""
@@ -346,6 +346,23 @@ def _rows(jaxpr: jcore.Jaxpr) -> tuple[ResidualRow, ...]:
                         count=c, size_bytes=b, from_dot=k[6], device_bytes=d, gathered=k[7])
             for k, (c, b, d) in groups.items()]
     return tuple(sorted(rows, key=lambda r: (-r.size_bytes, r.name)))
+
+
+def host_traffic(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> int:
+    """Bytes that cross between device and host memory in one call of a
+    traced step (global, over all devices): every ``device_put`` that moves a
+    value to or from host memory, times the trip count of its enclosing
+    scans. An offloaded residual crosses twice (to host in the forward pass,
+    back in the backward pass), wherever it is made: in the layer scan, or
+    while a group of layers is recomputed in the backward pass (nested
+    remat), where it is a transient of the group and no residual row."""
+    total = 0
+    for step in walk(jaxpr):
+        if step.eqn.primitive.name == "device_put":
+            for i, o in zip(step.eqn.invars, step.eqn.outvars, strict=False):
+                if _compat.on_host(getattr(i, "aval", None)) != _compat.on_host(o.aval):
+                    total += nbytes(o.aval) * step.scope.trips
+    return total
 
 
 def output_names(jaxpr: jcore.Jaxpr | jcore.ClosedJaxpr) -> tuple[str | None, ...]:

@@ -47,8 +47,9 @@ from remat._mesh import (
     replicated,
     sharded_abstract,
 )
-from remat._report import Report
+from remat._report import HOST_LINK_BYTES_PER_S, PEAK_FLOPS_PER_S, Report
 from remat._scan import policy_names
+from remat.models.nnx import check_api, model_for_api
 from remat.policies import Policy
 from remat.step import init_train_state, make_optimizer, make_train_step
 
@@ -81,6 +82,8 @@ class TrainStepSetup:
         its input, the metrics replicated.
       microbatches: gradient accumulation over this many micro-batches
         (:func:`remat.step.make_train_step`).
+      api: the Flax API the model is built in, ``"linen"`` or ``"nnx"``
+        (:func:`remat.models.nnx.model_for_api`); the state is the same.
     """
 
     config: models.ModelConfig
@@ -94,14 +97,15 @@ class TrainStepSetup:
     rules: Rules = LOGICAL_RULES
     out_shardings: Any = None
     microbatches: int = 1
+    api: str = "linen"
 
     def step_args(self) -> tuple[Any, jax.ShapeDtypeStruct, Any]:
         """``(state, tokens, rng)`` for ``make_train_step(model)``."""
         return self.state, self.tokens, self.rng
 
-    def model(self, policy: str | Policy) -> models.Transformer:
-        """The model under ``policy``."""
-        return models.Transformer(self.config, policy=policy, groups=self.groups)
+    def model(self, policy: str | Policy) -> Any:
+        """The model under ``policy``, in :attr:`api` (behind linen's ``init``/``apply``)."""
+        return model_for_api(self.config, policy=policy, groups=self.groups, api=self.api)
 
     def step(self, policy: str | Policy) -> Any:
         """The train step under ``policy`` as ``remat train`` runs it (:func:`remat.step.make_train_step`)."""
@@ -141,7 +145,7 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
                      optimizer: optax.GradientTransformation | None = None,
                      mesh: Mesh | Mapping[str, int] | None = None,
                      rules: Rules | None = None, loss_chunks: int | None = None,
-                     microbatches: int = 1) -> TrainStepSetup:
+                     microbatches: int = 1, api: str = "linen") -> TrainStepSetup:
     """Build the abstract train-step inputs for a model (nothing allocated).
 
     Args:
@@ -162,9 +166,12 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
         (``ModelConfig.loss_chunks``); None keeps the config's.
       microbatches: accumulate gradients over this many micro-batches of
         ``batch / microbatches`` sequences (:func:`remat.step.make_train_step`).
+      api: ``"linen"`` or ``"nnx"``: the Flax API of the model the step runs
+        (:func:`remat.models.nnx.model_for_api`; the parameters and their
+        layout are the same).
 
     Raises:
-      RematError: unknown preset (the message lists them), ``batch < 1``,
+      RematError: unknown preset or api (the message lists them), ``batch < 1``,
         ``seq`` outside ``1..max_seq_len``, a mesh that does not match the
         device count, or a batch the micro-batches and the mesh cannot split evenly.
     """
@@ -181,13 +188,14 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
         raise RematError(f"seq={seq} must be in 1..{config.max_seq_len} (the model's max_seq_len)")
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     rng = jax.random.key(0)
+    check_api(api)
     init_model = models.Transformer(config, policy="full", groups=groups)
     tx = optimizer if optimizer is not None else make_optimizer()
     init = lambda t, k: init_train_state(init_model, tx, t, k)
     if mesh is None:
         check_batch(batch, None, microbatches=microbatches)
         return TrainStepSetup(config, batch, seq, groups, jax.eval_shape(init, tokens, rng), tokens, rng,
-                              microbatches=microbatches)
+                              microbatches=microbatches, api=api)
     mesh, rules = make_mesh(mesh), tuple(rules if rules is not None else LOGICAL_RULES)
     check_batch(batch, mesh, rules, microbatches)
     state, state_shardings = sharded_abstract(init, tokens, rng, mesh=mesh, rules=rules)
@@ -195,7 +203,7 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
     tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype, sharding=batch_sharding(mesh, rules))
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: rng).dtype, sharding=whole)
     return TrainStepSetup(config, batch, seq, groups, state, tokens, key, mesh, rules,
-                          (state_shardings, whole), microbatches)
+                          (state_shardings, whole), microbatches, api)
 
 
 def trace_policy(s: TrainStepSetup, policy: str | Policy, label: str) -> Traced:
@@ -333,21 +341,32 @@ class SweepResult:
                 "same_cost": [[self.reports[i].label for i in g] for g in self.groups()],
                 "reports": [r.to_dict() for r in self.reports]}
 
+    def with_rates(self, host_link_bytes_per_s: float | None = None,
+                   peak_flops_per_s: float | None = None) -> SweepResult:
+        """Every report :meth:`Report.with_rates`."""
+        reports = tuple(r.with_rates(host_link_bytes_per_s, peak_flops_per_s) for r in self.reports)
+        return dataclasses.replace(self, reports=reports)
+
     def table(self) -> Table:
         """A rich table sorted by peak bytes, one row per cost (policies that
         cost the same joined by ``=``); frontier rows marked ``*``."""
         n = len(self.reports)
         mesh = self.reports[0].mesh if self.reports else ()
+        r0 = self.reports[0] if self.reports else None
+        link, peak = ((r0.host_link_bytes_per_s, r0.peak_flops_per_s) if r0
+                      else (HOST_LINK_BYTES_PER_S, PEAK_FLOPS_PER_S))
         on = (" on mesh " + ",".join(f"{a}={k}" for a, k in mesh if k > 1)) if mesh else ""
         t = Table(title=f"remat sweep: {self.model}, batch {self.batch} x seq {self.seq}{on} "
                         f"({n} policies, {self.wall_seconds:.1f} s)",
                   caption="* = Pareto frontier (no other policy is as good on peak memory and FLOPs "
                           "and better on one, by more than 0.1%); ! = the compiled memory does not show the "
                           "residual saving (see the report's notes); recompute against no jax.checkpoint; "
-                          "memory per device, compile-only")
+                          "memory per device, compile-only; transfer/compute = host traffic time over "
+                          f"compute time at {link / 1e9:.3g} GB/s and {peak / 1e12:.4g} TFLOP/s (above 1: "
+                          "the offload cannot hide)")
         for col, just in (("", "center"), ("policy", "left"), ("peak", "right"), ("temp", "right"),
-                          ("residuals", "right"), ("on host", "right"), ("FLOPs", "right"),
-                          ("recompute", "right")):
+                          ("residuals", "right"), ("on host", "right"), ("transfer/compute", "right"),
+                          ("FLOPs", "right"), ("recompute", "right")):
             t.add_column(col, justify=just)
         front = set(self.frontier)
         for group in self.groups():
@@ -356,6 +375,7 @@ class SweepResult:
             t.add_row(mark, self.group_label(group), format_bytes(r.peak_bytes),
                       format_bytes(r.temp_bytes), format_bytes(r.residual_bytes),
                       format_bytes(r.host_residual_bytes) if r.host_residual_bytes else "-",
+                      f"{r.transfer_compute_ratio:.2f}" if r.host_transfer_bytes else "-",
                       format_flops(r.flops),
                       "-" if r.recompute_overhead is None else f"{r.recompute_overhead:+.1%}",
                       style="bold" if on_front else None)
@@ -365,7 +385,7 @@ class SweepResult:
 def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[str | Policy] | None = None,
           *, batch: int = 1, seq: int | None = None, dtype: str | None = None, groups: Any = None,
           mesh: Mesh | Mapping[str, int] | None = None, rules: Rules | None = None,
-          loss_chunks: int | None = None, microbatches: int = 1, workers: int = 2,
+          loss_chunks: int | None = None, microbatches: int = 1, api: str = "linen", workers: int = 2,
           compiler_options: dict[str, Any] | None = None,
           on_report: Callable[[Report, int, int], None] | None = None) -> SweepResult:
     """Measure a model's train step under many policies (compile-only).
@@ -380,7 +400,8 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         (then ``batch``/``seq``/``dtype``/``groups`` are ignored).
       policies: preset names, spec strings or Policies; default
         :func:`default_policies` of the model.
-      batch, seq, dtype, groups, mesh, rules, loss_chunks, microbatches: see :func:`train_step_setup`.
+      batch, seq, dtype, groups, mesh, rules, loss_chunks, microbatches, api: see
+        :func:`train_step_setup`.
       workers: compile threads (>= 1).
       compiler_options: see :func:`remat.analyze`.
       on_report: called as ``on_report(report, done, total)`` with each finished
@@ -400,7 +421,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         raise RematError(f"workers={workers} must be >= 1")
     s = model if isinstance(model, TrainStepSetup) else train_step_setup(
         model, batch=batch, seq=seq, dtype=dtype, groups=groups, mesh=mesh, rules=rules,
-        loss_chunks=loss_chunks, microbatches=microbatches)
+        loss_chunks=loss_chunks, microbatches=microbatches, api=api)
     name = model if isinstance(model, str) else "custom config"
     if policies is not None:  # bad input fails before any trace or compile
         labels = [p if isinstance(p, str) else str(p) for p in policies]

@@ -526,8 +526,9 @@ class _CompileOracle:
 
     def __init__(self, model: str | models.ModelConfig, seq: int | None, dtype: str | None,
                  mesh: Any, rules: Rules | None, budget: int, max_compiles: int,
-                 compiler_options: dict[str, Any] | None):
+                 compiler_options: dict[str, Any] | None, api: str = "linen"):
         self.model, self.seq, self.dtype, self.mesh, self.rules = model, seq, dtype, mesh, rules
+        self.api = api
         self.budget, self.max_compiles, self.options = budget, max_compiles, compiler_options
         self.compiles = 0
         self._setups: dict[tuple, TrainStepSetup] = {}
@@ -545,7 +546,8 @@ class _CompileOracle:
             self._setups[key] = train_step_setup(
                 self.model, batch=batch, seq=self.seq, dtype=self.dtype,
                 groups=parse_groups(config.groups) if config.groups else None, mesh=self.mesh,
-                rules=self.rules, loss_chunks=config.loss_chunks, microbatches=config.microbatches)
+                rules=self.rules, loss_chunks=config.loss_chunks, microbatches=config.microbatches,
+                api=self.api)
         return self._setups[key]
 
     def _trace(self, config: TuneConfig, batch: int) -> Any:
@@ -597,7 +599,7 @@ def tune(model: str | models.ModelConfig, budget: int | str, *, batch: int | str
          dtype: str | None = None, mesh: Mapping[str, int] | None = None, rules: Rules | None = None,
          allow_offload: bool = False, groups: str | None = "sqrt", max_microbatches: int = 8,
          max_compiles: int | None = None, compiler_options: dict[str, Any] | None = None,
-         on_candidate: Callable[[Candidate], None] | None = None) -> TuneResult:
+         on_candidate: Callable[[Candidate], None] | None = None, api: str = "linen") -> TuneResult:
     """The configuration with the least recompute FLOPs whose train step fits
     ``budget`` bytes per device (see the module doc for how it searches).
 
@@ -613,6 +615,7 @@ def tune(model: str | models.ModelConfig, budget: int | str, *, batch: int | str
         None: :data:`DEFAULT_MAX_COMPILES`, 40 with ``batch="auto"``.
       compiler_options: as :func:`remat.analyze`.
       on_candidate: called with each configuration as it is compiled.
+      api: ``"linen"`` or ``"nnx"``, the Flax API of the model (:func:`remat.train_step_setup`).
 
     Returns:
       A :class:`TuneResult`.
@@ -638,7 +641,7 @@ def tune(model: str | models.ModelConfig, budget: int | str, *, batch: int | str
     config = models.get_config(model) if isinstance(model, str) else model
     if max_compiles is None:
         max_compiles = 40 if batch == "auto" else DEFAULT_MAX_COMPILES
-    oracle = _CompileOracle(model, seq, dtype, mesh, rules, budget_bytes, max_compiles, compiler_options)
+    oracle = _CompileOracle(model, seq, dtype, mesh, rules, budget_bytes, max_compiles, compiler_options, api)
     if on_candidate is not None:
         inner = oracle.compiled
         oracle.compiled = lambda c, b, r: _tap(inner(c, b, r), on_candidate)  # type: ignore[method-assign]

@@ -102,6 +102,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default runs/MODEL)")
     p.add_argument("--loss-chunks", type=int, help="compute the logits and loss in this many chunks")
     p.add_argument("--microbatches", type=int, help="accumulate gradients over K micro-batches a step")
+    _add_api(p, default=None)
     _add_mesh_options(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
@@ -190,7 +191,21 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
                                                     "tokens (default 1: at once)")
     p.add_argument("--microbatches", type=int, default=1,
                    help="accumulate gradients over this many micro-batches of batch/microbatches (default 1)")
+    _add_api(p)
     _add_mesh_options(p)
+
+
+def _add_rates(p: argparse.ArgumentParser) -> None:
+    """``--host-bandwidth`` and ``--peak-flops``: the rates of the transfer/compute figures."""
+    p.add_argument("--host-bandwidth", type=float, help="host-link bytes per second each way for the offload "
+                                                         "transfer time (default 64e9, PCIe Gen5 x16)")
+    p.add_argument("--peak-flops", type=float, help="device FLOPs per second for the compute time (default "
+                                                     "989e12, H200 dense bf16)")
+
+
+def _add_api(p: argparse.ArgumentParser, default: str | None = "linen") -> None:
+    p.add_argument("--api", default=default,
+                   help="the Flax API the model is built in: linen (default) or nnx (the same parameters)")
 
 
 def _add_mesh_options(p: argparse.ArgumentParser) -> None:
@@ -215,7 +230,7 @@ def _step_kwargs(args: argparse.Namespace) -> dict:
     return {"batch": args.batch, "seq": args.seq, "dtype": args.dtype,
             "groups": parse_groups(args.groups) if args.groups else None,
             "mesh": parse_mesh(args.mesh) if args.mesh else None, "loss_chunks": args.loss_chunks,
-            "microbatches": args.microbatches}
+            "microbatches": args.microbatches, "api": args.api}
 
 
 def _print_wide(renderable: object, width: int = 150) -> None:
@@ -249,6 +264,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", help="remat policy name or spec (see `remat policies`; default: a MaxText "
                                     "YAML's remat_policy)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-': stdout only)")
+    _add_rates(p)
 
     def run(args: argparse.Namespace) -> int:
         from remat._sweep import inspect_policy, train_step_setup
@@ -256,7 +272,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         _run_defaults(args)
         with Console().status(f"compiling the {args.model} train step under {args.policy!r} ..."):
             report = inspect_policy(train_step_setup(args.model, **_step_kwargs(args)), args.policy)
-        return _emit(report, args.json)
+        return _emit(report.with_rates(args.host_bandwidth, args.peak_flops), args.json)
 
     p.set_defaults(func=run)
 
@@ -273,6 +289,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="compile threads (default 2)")
     p.add_argument("--json", metavar="PATH", help="write every report as JSON to PATH")
     p.add_argument("--plot", metavar="PATH", help="save the memory-vs-FLOPs plot (.png, .svg, .pdf)")
+    _add_rates(p)
 
     def run(args: argparse.Namespace) -> int:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -293,6 +310,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                            total=total)
 
             result = sweep(args.model, specs, workers=args.workers, on_report=advance, **_step_kwargs(args))
+        result = result.with_rates(args.host_bandwidth, args.peak_flops)
         _print_wide(result.table(), width=160)
         if args.json:
             with open(args.json, "w") as f:
@@ -326,6 +344,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-microbatches", type=int, default=8, help="the most micro-batches (default 8)")
     p.add_argument("--max-compiles", type=int, help="the cap on compiles (default 15; 40 with --batch auto)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH ('-': stdout only)")
+    _add_api(p)
     _add_mesh_options(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -340,7 +359,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
             result = tune(args.model, args.budget, batch=batch, seq=args.seq, dtype=args.dtype,
                           mesh=parse_mesh(args.mesh) if args.mesh else None, allow_offload=args.allow_offload,
                           groups=None if args.groups == "none" else args.groups,
-                          max_microbatches=args.max_microbatches, max_compiles=args.max_compiles)
+                          max_microbatches=args.max_microbatches, max_compiles=args.max_compiles,
+                          api=args.api)
         return _emit(result, args.json, width=160)
 
     p.set_defaults(func=run)

@@ -73,7 +73,8 @@ from remat._mesh import (
 )
 from remat._report import Report
 from remat._scan import plan
-from remat.models import Transformer, from_hf_config, get_config
+from remat.models import from_hf_config, get_config
+from remat.models.nnx import check_api, model_for_api
 from remat.step import (
     OptimizerConfig,
     init_train_state,
@@ -120,6 +121,9 @@ class TrainConfig(OptimizerConfig):
         ``batch / microbatches`` sequences per step (same loss and update, less
         activation memory; :func:`remat.step.make_train_step`).
       seed: seeds parameter init, data order and the dropout key.
+      api: the Flax API the model is built in, ``"linen"`` or ``"nnx"``
+        (:func:`remat.models.nnx.model_for_api`): the same parameters and
+        checkpoints, so a run may resume in the other API.
 
     Raises:
       RematError: a count below 1, ``seq < 2``, and the errors of :class:`OptimizerConfig`.
@@ -140,9 +144,11 @@ class TrainConfig(OptimizerConfig):
     mesh: str | None = None
     loss_chunks: int = 1
     microbatches: int = 1
+    api: str = "linen"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_api(self.api)
         for name in ("batch", "eval_every", "eval_windows", "ckpt_every", "microbatches"):
             if getattr(self, name) < 1:
                 raise RematError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -220,8 +226,9 @@ def _model_source(cfg: TrainConfig, out: Path, resume: bool) -> str:
 
 
 def build_model(cfg: TrainConfig, source: str | None = None) -> tuple[nn.Module, bool]:
-    """The :class:`remat.models.Transformer` of ``cfg.model`` (or of ``source``,
-    the run folder's copy of its ``config.json``) under ``cfg.policy``/``cfg.groups``.
+    """The model of ``cfg.model`` (or of ``source``,
+    the run folder's copy of its ``config.json``) under ``cfg.policy``/``cfg.groups``, in ``cfg.api``
+    (:func:`remat.models.nnx.model_for_api`).
 
     Returns:
       ``(model, deterministic)``: ``deterministic`` is False when the preset has dropout.
@@ -236,7 +243,7 @@ def build_model(cfg: TrainConfig, source: str | None = None) -> tuple[nn.Module,
         raise RematError(f"seq={cfg.seq} exceeds max_seq_len={mcfg.max_seq_len} of model {cfg.model!r}")
     plan(mcfg.num_layers, cfg.policy, cfg.groups)  # bad policy/groups fail here, before any work
     deterministic = mcfg.dropout_rate == 0 and not mcfg.attn_dropout
-    return Transformer(mcfg, policy=cfg.policy, groups=cfg.groups), deterministic
+    return model_for_api(mcfg, policy=cfg.policy, groups=cfg.groups, api=cfg.api), deterministic
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:

@@ -336,12 +336,15 @@ def test_dropout_is_active(family):
     assert float(diff) > 0.1 * float(optax.tree.norm(off))
 
 
-@pytest.mark.parametrize("policy, groups", [("selective", "sqrt"), ("full", (4, 1))])
+@pytest.mark.parametrize("policy, groups", [
+    ("selective", "sqrt"), ("full", (4, 1)), ("minimal_offloaded", (2, 2)),
+    ("2x minimal_offloaded; 2x qkv_proj_offloaded", None)])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_parity_groups(family, policy, groups):
-    """Nested checkpointing changes no number, the parameters being the
-    ungrouped ones: ``"sqrt"`` (here 2 groups of 2 layers) and 4 groups of 1
-    (inner scans of length 1). Dropout off: the dropout masks depend on the
+    """Nested checkpointing and policy segments change no number, the
+    parameters being the ungrouped ones: ``"sqrt"`` (here 2 groups of 2
+    layers), 4 groups of 1 (inner scans of length 1), offloading inside
+    nested groups and in segments. Dropout off: the dropout masks depend on the
     grouping (rngs are split per group, then per layer)."""
     cfg = small(family, dropout_rate=0.1)
     got = loss_and_grads(cfg, policy, groups=groups)

@@ -25,7 +25,7 @@ PUBLIC = {
         "ResidualRow",
         "ScanCarryOffloadError", "SweepResult", "TrainStepSetup", "TuneConfig", "TuneResult",
         "UnknownPolicyError", "UnsupportedJaxModeError", "analyze", "checkpoint", "checkpoint_names",
-        "inspect_policy", "models", "plot_sweep", "policies", "remat", "scan_layers", "step", "sweep",
+        "inspect_policy", "models", "nnx", "plot_sweep", "policies", "remat", "scan_layers", "step", "sweep",
         "testing", "train", "train_step_setup", "tune", "without_remat",
     ],
     "remat.policies": [
@@ -35,8 +35,11 @@ PUBLIC = {
     "remat.models": [
         "PUBLISHED_PARAMS", "Attention", "Block", "Mlp", "ModelConfig", "Transformer",
         "attention_implementation", "from_hf_config", "from_maxtext_config",
-        "get_config", "names", "param_count", "rope",
+        "get_config", "names", "nnx", "param_count", "rope",
     ],
+    "remat.models.nnx": ["APIS", "Attention", "Block", "LinenApply", "Mlp", "Transformer", "check_api",
+                         "linen_params", "load_linen_params", "model_for_api"],
+    "remat.nnx": ["LayerAxes", "remat", "scan_layers", "stack_layers"],
     "remat.testing": [
         "TOLERANCES", "NoMemoryAnalysisError", "assert_memory_ordered", "assert_policy_parity",
         "assert_saved_names", "compiled_op_count", "saved_names", "temp_bytes",
@@ -94,7 +97,7 @@ LAYERS = [
     ("remat.policies", "remat._errors"),
     ("remat._compat", "remat._jaxpr", "remat._residuals", "remat._apply", "remat._scan", "remat._flops",
      "remat._format", "remat._buffers", "remat._memory", "remat._report", "remat._analysis", "remat._mesh",
-     "remat.testing"),
+     "remat.testing", "remat.nnx"),
     ("remat.models", "remat.step"),
     ("remat._sweep", "remat._tune", "remat._data", "remat.train", "remat.cli", "remat"),
 ]

@@ -25,6 +25,7 @@ from remat._data import Batches, build_corpus
 from remat._memory import FAST_CPU_COMPILE
 from remat._scan import parse_groups
 from remat.models import Transformer, get_config
+from remat.models.nnx import model_for_api
 from remat.step import init_train_state, make_optimizer, make_train_step
 from remat.train import TrainConfig, load_config, train
 
@@ -62,8 +63,11 @@ def trajectories(text_dir, tmp_path_factory):
     state0 = jax.jit(init).lower(batches.batch_at(0), jax.random.PRNGKey(0)).compile(FAST_CPU_COMPILE)(
         batches.batch_at(0), jax.random.PRNGKey(0))
     out = {}
-    for policy, groups in (("none", None), ("full", None), ("minimal", None), ("minimal", (2, 2))):
-        model = Transformer(get_config("tiny", **MICRO), policy=policy, groups=groups)
+    for policy, groups in (("none", None), ("full", None), ("minimal", None), ("minimal", (2, 2)),
+                           ("minimal", "nnx")):
+        config = get_config("tiny", **MICRO)
+        model = (model_for_api(config, policy=policy, api="nnx") if groups == "nnx"
+                 else Transformer(config, policy=policy, groups=groups))
         state = state0.replace(apply_fn=model.apply)
         tokens, key = batches.batch_at(0), jax.random.PRNGKey(0)
         step = jax.jit(make_train_step(model)).lower(state, tokens, key).compile(FAST_CPU_COMPILE)
@@ -75,8 +79,9 @@ def trajectories(text_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("variant", [("full", None), ("minimal", None), ("minimal", (2, 2))],
-                         ids=["full", "minimal", "minimal-nested-2x2"])
+@pytest.mark.parametrize("variant", [("full", None), ("minimal", None), ("minimal", (2, 2)),
+                                     ("minimal", "nnx")],
+                         ids=["full", "minimal", "minimal-nested-2x2", "minimal-nnx-model"])
 def test_loss_trajectory_is_the_same_under_every_policy(trajectories, variant):
     ref_losses, ref_params = trajectories[("none", None)]
     losses, params = trajectories[variant]
@@ -188,6 +193,8 @@ def test_config_validation():
         TrainConfig(steps=10, warmup=10)
     with pytest.raises(ValueError, match="batch must be >= 1, got 0"):
         TrainConfig(batch=0)
+    with pytest.raises(ValueError, match="unknown model api 'jax'; valid: linen, nnx"):
+        TrainConfig(api="jax")
 
 
 def test_parse_groups():

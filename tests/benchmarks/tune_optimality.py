@@ -8,11 +8,16 @@ whether the pick fits, and the tuned recompute against the best registered
 preset that fits (target: strictly less at >= 2 of the 3 budgets). Identical
 lowered programs share one compile. Expect tens of minutes on 2 cores::
 
-    python tests/benchmarks/tune_optimality.py [llama] [gpt2]
+    python tests/benchmarks/tune_optimality.py [llama] [gpt2] [--cache DIR]
+
+With ``--cache DIR`` the combinations' costs are kept in ``DIR/FAMILY.json``
+and read back on the next run (the tune calls are always run anew).
 """
 
+import argparse
 import itertools
-import sys
+import json
+import pathlib
 import time
 
 from remat import models
@@ -43,7 +48,7 @@ class Costs:
         return self.programs[t.program]
 
 
-def run(family: str) -> None:
+def run(family: str, cache: pathlib.Path | None) -> None:
     t0 = time.perf_counter()
     config = models.get_config("tiny", family=family)
     s = train_step_setup(config, batch=BATCH, seq=SEQ)
@@ -57,11 +62,16 @@ def run(family: str) -> None:
             names.append(n)
         except NeverKeptError:  # the backward pass never reads it: never a residual
             dropped.append(n)
-    combos = {}
+    path = cache / f"{family}.json" if cache else None
+    combos = {k: tuple(v) for k, v in json.loads(path.read_text()).items()} if path and path.exists() else {}
     for k in range(len(names) + 1):
         for subset in itertools.combinations(names, k):
             spec = f"save:{','.join(subset)}" if subset else "full"
-            combos[spec] = cost(spec)
+            if spec not in combos:
+                combos[spec] = cost(spec)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(combos))
     presets = {p: cost(p) for p in default_policies(emitted) if not (get(p).offload or get(p).offload_dots)}
     print(f"\n{family}: {len(combos)} combinations of {len(names)} names ({', '.join(names)}; never "
           f"residuals: {', '.join(dropped) or '-'}), {len(cost.programs)} distinct programs, "
@@ -84,5 +94,9 @@ def run(family: str) -> None:
 
 
 if __name__ == "__main__":
-    for family in sys.argv[1:] or ("llama", "gpt2"):
-        run(family)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("families", nargs="*", choices=("llama", "gpt2"), default=("llama", "gpt2"))
+    parser.add_argument("--cache", type=pathlib.Path, help="folder for the combinations' costs")
+    args = parser.parse_args()
+    for family in args.families:
+        run(family, args.cache)

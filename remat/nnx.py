@@ -1,0 +1,351 @@
+"""``remat.nnx``: the policies of :mod:`remat` on Flax NNX modules.
+
+The same policy names and specs, the same checks at first trace (a name the
+module never emits, a name never kept), static arguments by name and keyword
+arguments as :func:`remat.remat` and :func:`remat.scan_layers` for linen:
+
+- :func:`remat`: an ``nnx.Module`` class whose methods are rematerialized.
+- :func:`scan_layers`: a stack of identical NNX layers, scanned, each layer
+  under a policy (or per-segment policies), with nested ``groups``.
+- :func:`stack_layers`: the one recipe that creates the stacked layers with
+  their own RNG streams per layer.
+
+How state crosses the transforms (the NNX functional API, "split, merge,
+update"; Flax guide "Flax NNX vs JAX transformations"): the module is split
+into a graph definition and its state; a pure function merges a copy
+(``nnx.merge(..., copy=True)``: flax 0.12 refuses to mutate variables that
+were made outside the transform),
+calls the method and returns its outputs together with the variables the
+call changed (RNG counters, statistics, any variable the method assigns);
+``jax.checkpoint`` / ``lax.scan`` run that pure function; the changes are
+written back with ``nnx.update``. A method that mutates state is therefore
+supported under remat (``nnx.remat`` on a bound method raises instead), and
+nothing here closes over a live module inside a JAX transform (which fails
+with Flax's ``TraceContextError`` once the module owns an RNG stream).
+``jax.checkpoint`` is used rather than ``nnx.remat`` because ``nnx.remat``
+takes static arguments by position only (flax 0.12) and a nested group scan
+needs the layer state reshaped, which only the split state allows.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import flax.errors
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from remat._apply import (
+    Probe,
+    abstract,
+    label,
+    remat_disabled,
+    split_static,
+    static_indices,
+    traced_flag_hint,
+    validate_once,
+)
+from remat._errors import RematError
+from remat._scan import SEGMENT_SEPARATOR, Groups, PolicyArg, Segment, parse_segments, plan
+from remat.policies import Policy, get
+
+__all__ = ["LayerAxes", "remat", "scan_layers", "stack_layers"]
+
+M = TypeVar("M", bound=type[nnx.Module])
+
+LayerAxes = Mapping[type[nnx.Variable], int]
+"""The layer axis of stacked variables, by variable type (the most derived
+matching type wins; types not listed: axis 0), e.g. ``{nnx.RngState: 1}``.
+Never inferred from an array's rank: an RNG key ``[L]`` and a bias ``[D]``
+have the same rank."""
+
+
+def _value(v: Any) -> Any:
+    return v.get_value() if isinstance(v, nnx.Variable) else v
+
+
+def _pure(graphdef: Any, method: Callable[..., Any], static: dict[str, Any]) -> Callable[..., Any]:
+    """``fn(state, dynamic) -> (outputs, changed)``: merge a copy of the module,
+    call ``method`` on it, and return, besides its outputs, the variables the
+    call assigned or created (an ``nnx.State`` of those only: a parameter
+    the call does not touch is not returned, so no copy of it is made)."""
+
+    def fn(state: nnx.State, dynamic: dict[str, Any]) -> tuple[Any, nnx.State]:
+        before = {path: _value(v) for path, v in nnx.to_flat_state(state)}
+        module = nnx.merge(graphdef, state, copy=True)
+        out = method(module, **static, **dynamic)
+        changed = [(path, v) for path, v in nnx.to_flat_state(nnx.state(module))
+                   if path not in before or _value(v) is not before[path]]
+        return out, nnx.from_flat_state(changed)
+
+    return fn
+
+
+def _probe(fn: Callable[..., Any]) -> Probe:
+    """The name-check probe of a pure function: its state and arguments are
+    the differentiated inputs (every float leaf), its outputs the method's."""
+    return lambda d: ({}, lambda _, dd: fn(dd["state"], dd["args"])[0])
+
+
+def _update(module: nnx.Module, changed: nnx.State, where: str) -> None:
+    """``nnx.update``, with Flax's trace-context error turned into what to do."""
+    try:
+        nnx.update(module, changed)
+    except flax.errors.TraceContextError as e:
+        paths = ", ".join("/".join(map(str, p)) for p, _ in nnx.to_flat_state(changed))
+        raise RematError(
+            f"{where}: the call changed variables ({paths}) of a live NNX module that a plain JAX "
+            "transform (jax.grad, jax.jit, lax.scan, jax.checkpoint) closes over. Use the nnx "
+            "transforms (nnx.grad, nnx.jit, ...), or thread the state: graphdef, state = "
+            "nnx.split(model); inside the transform model = nnx.merge(graphdef, state, copy=True), "
+            "call it, return nnx.state(model); then "
+            "nnx.update(model, new_state).") from e
+
+
+def _signature(state: nnx.State) -> tuple[Any, ...]:
+    """A hashable summary of a state's structure, shapes and dtypes."""
+    return tuple((path, type(v).__name__, tuple(jnp.shape(_value(v))), str(jnp.result_type(_value(v))))
+                 for path, v in nnx.to_flat_state(state))
+
+
+def remat(module_cls: M, policy: str | Policy, *, static_argnames: Sequence[str] = (),
+          prevent_cse: bool = True, methods: Sequence[str] | None = None) -> M:
+    """:func:`remat.remat` for NNX: an ``nnx.Module`` subclass of
+    ``module_cls`` (same constructor, same state) whose methods run under
+    ``jax.checkpoint`` with ``policy``.
+
+    Static arguments are given by name (``nnx.remat`` takes only
+    ``static_argnums``); keyword arguments pass through; a method may
+    assign variables (RNG counters advance, counters and statistics update),
+    which are written back to the module after the call. ``"none"`` returns
+    ``module_cls`` itself.
+
+    Example::
+
+        RematBlock = remat.nnx.remat(Block, "minimal", static_argnames=("deterministic",))
+        block = RematBlock(config, rngs=nnx.Rngs(0))
+        y_BxTxD = block(x_BxTxD, deterministic=False)
+
+    Args:
+      module_cls: an ``nnx.Module`` subclass.
+      policy: a preset name, spec string or :class:`remat.Policy`.
+      static_argnames: parameters that are Python constants at trace time
+        (e.g. ``"deterministic"``); hashable values only.
+      prevent_cse: as in :func:`remat.checkpoint`.
+      methods: the methods to wrap; default ``["__call__"]``.
+
+    Raises:
+      RematError: a static name that is not a parameter of a wrapped method;
+        at call time, a change to a live module that a plain JAX transform
+        closes over (the message says how to thread the state).
+      MissingCheckpointNameError: at first trace, a policy name the module
+        never emits.
+      NeverKeptError: at first trace, none of the policy's names is ever kept.
+      TypeError: at call time, an unhashable value for a static argument.
+    """
+    pol = get(policy)
+    if pol.is_none:
+        return module_cls
+    overrides = {}
+    for name in methods or ["__call__"]:
+        orig = getattr(module_cls, name)
+        static_indices(orig, static_argnames, skip_self=True)
+        overrides[name] = _remat_method(module_cls, orig, pol, tuple(static_argnames), prevent_cse,
+                                        label(policy))
+    return type(f"Remat{module_cls.__name__}", (module_cls,), overrides)  # type: ignore[return-value]
+
+
+def _remat_method(cls: type[nnx.Module], orig: Callable[..., Any], pol: Policy,
+                  static_argnames: tuple[str, ...], prevent_cse: bool,
+                  policy_label: str) -> Callable[..., Any]:
+    sig = inspect.signature(orig)
+    self_name = next(iter(sig.parameters))
+    where = f"module {cls.__name__}.{orig.__name__}"
+
+    @functools.wraps(orig)
+    def method(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+        if remat_disabled():
+            return orig(self, *args, **kwargs)
+        static, dynamic = split_static(sig, static_argnames, (self, *args), kwargs, where)
+        dynamic.pop(self_name)
+        graphdef, state = nnx.split(self)
+        fn = _pure(graphdef, orig, static)
+        with traced_flag_hint(where, dynamic):
+            validate_once(pol, cls, (orig, pol, tuple(sorted(static.items())), _signature(state),
+                                     str(abstract(dynamic))),
+                          _probe(fn), abstract({"state": state, "args": dynamic}), where, policy_label)
+            out, changed = jax.checkpoint(fn, policy=pol.to_jax(), prevent_cse=prevent_cse)(state, dynamic)
+        _update(self, changed, where)
+        return out
+
+    return method
+
+
+def _axis(v: nnx.Variable, layer_axes: LayerAxes) -> int:
+    """The layer axis of variable ``v``: that of the most derived listed type."""
+    matches = [t for t in layer_axes if isinstance(v, t)]
+    if not matches:
+        return 0
+    return layer_axes[max(matches, key=lambda t: len(t.__mro__))]
+
+
+def _move_layer_axis(state: nnx.State, layer_axes: LayerAxes, *, to_front: bool) -> nnx.State:
+    """Move each variable's layer axis to the front (or back from it)."""
+    out = []
+    for path, v in nnx.to_flat_state(state):
+        a = _axis(v, layer_axes)
+        if a:
+            v = v.replace(jnp.moveaxis(_value(v), *((a, 0) if to_front else (0, a))))
+        out.append((path, v))
+    return nnx.from_flat_state(out)
+
+
+def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs,
+                 layer_axes: LayerAxes | None = None) -> nnx.Module:
+    """``num_layers`` layers made by ``make(rngs)``, as one module whose every
+    variable has a layer axis (axis 0, or as ``layer_axes`` says per variable
+    type), each layer with its own parameters and its own RNG streams.
+
+    The recipe (flax 0.12): ``nnx.split_rngs(splits=num_layers)`` gives every
+    stream of ``rngs`` ``num_layers`` keys, and ``nnx.vmap`` (graph mode with
+    graph updates, pinned, since ``split_rngs`` acts on the ``Rngs`` graph
+    node) calls ``make`` once per key. A module that keeps a stream (e.g.
+    ``nnx.Dropout(rate, rngs=rngs)``) therefore has a ``[num_layers]`` key and
+    counter: under :func:`scan_layers` each layer draws its own dropout mask,
+    and the counters advance every call, so every step draws new masks.
+    ``rngs`` itself is left as it was before the split, its counters advanced.
+
+    Raises:
+      RematError: ``num_layers < 1``.
+    """
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise RematError(f"num_layers must be a positive int, got {num_layers!r}")
+
+    @nnx.split_rngs(splits=num_layers, graph=True, graph_updates=True)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num_layers, graph=True, graph_updates=True)
+    def create(r: nnx.Rngs) -> nnx.Module:
+        return make(r)
+
+    stacked = create(rngs)
+    if layer_axes:
+        graphdef, state = nnx.split(stacked)
+        stacked = nnx.merge(graphdef, _move_layer_axis(state, layer_axes, to_front=False))
+    return stacked
+
+
+def scan_layers(block_cls: type[nnx.Module], *, num_layers: int, policy: PolicyArg = "full",
+                groups: Groups = None, static_argnames: Sequence[str] = (),
+                broadcast_argnames: Sequence[str] = (),
+                layer_axes: LayerAxes | None = None) -> type[nnx.Module]:
+    """:func:`remat.scan_layers` for NNX: a module class that applies
+    ``num_layers`` layers of ``block_cls`` as a ``lax.scan``, each layer
+    rematerialized by ``policy``.
+
+    The block is a plain NNX layer, ``__init__(self, ..., rngs)`` and
+    ``__call__(self, x, ...) -> x`` (output of the shape and dtype of ``x``).
+    The returned class takes the block's constructor arguments and is called
+    like the block::
+
+        Stack = remat.nnx.scan_layers(Block, num_layers=32, policy="minimal", groups="sqrt",
+                                      static_argnames=("deterministic",))
+        stack = Stack(config, rngs=nnx.Rngs(params=0, dropout=1))
+        y_BxTxD = stack(x_BxTxD, deterministic=False)
+
+    Its state is ``stack.block``: the block's variables, every type (params,
+    RNG keys and counters, batch statistics, your own), stacked with a
+    leading ``[num_layers]`` axis (or at ``layer_axes``), made by
+    :func:`stack_layers`, the same whatever the grouping or segmentation
+    (which only change how a call is scanned). Variables a layer changes
+    (RNG counters, statistics) are written back after the call, per layer.
+
+    Args:
+      block_cls: an ``nnx.Module`` class; its first call argument after
+        ``self`` is the carry ``x``.
+      num_layers: L >= 1.
+      policy: one policy for every layer, ``(num_layers_i, policy_i)``
+        segments, or a ``"8x minimal; 24x full"`` string (:func:`remat.scan_layers`).
+      groups: nested checkpointing, ``(G, K)`` or ``"sqrt"`` (Chen et al.
+        2016): only the G group inputs are kept, a group of K layers is
+        recomputed in the backward pass; NNX has no nested remat scan of
+        its own, the group level is a ``jax.checkpoint`` around an inner scan.
+      static_argnames: block arguments that are Python constants at trace
+        time (``"deterministic"``); hashable values only.
+      broadcast_argnames: block arguments (arrays) passed to every layer.
+      layer_axes: the layer axis per variable type (:data:`LayerAxes`).
+
+    Raises:
+      RematError: bad ``num_layers``/``groups``/segments (:func:`remat._scan.plan`),
+        a static or broadcast name that is not a parameter of the block.
+      MissingCheckpointNameError, NeverKeptError, ScanCarryOffloadError: at
+        first trace, as for :func:`remat.scan_layers`.
+      TypeError: at call time, an argument neither static nor broadcast, or an
+        unhashable static value.
+    """
+    if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
+        policy = parse_segments(policy)
+    segments = plan(num_layers, policy, groups)
+    seg_labels = ({get(policy): label(policy)} if isinstance(policy, (str, Policy))
+                  else {get(p): label(p) for _, p in policy})
+    orig = block_cls.__call__
+    static_indices(orig, (*static_argnames, *broadcast_argnames), skip_self=True)
+    sig = inspect.signature(orig)
+    self_name, carry_name = list(sig.parameters)[:2]
+    where = f"module {block_cls.__name__}"
+    axes = dict(layer_axes or {})
+
+    def run_segment(seg: Segment, fn: Callable[..., Any], x: Any, state: nnx.State, bcast: dict) -> Any:
+        def layer(carry: Any, st: nnx.State) -> tuple[Any, nnx.State]:
+            return fn(st, {carry_name: carry, **bcast})
+
+        body = layer if seg.policy.is_none else jax.checkpoint(
+            layer, policy=seg.policy.to_jax(), prevent_cse=False)
+        if seg.groups is None:
+            return jax.lax.scan(body, x, state)
+        g, k = seg.groups
+        grouped = jax.tree.map(lambda a: a.reshape(g, k, *a.shape[1:]), state)
+        group = jax.checkpoint(lambda carry, st: jax.lax.scan(body, carry, st), prevent_cse=False,
+                               policy=jax.checkpoint_policies.nothing_saveable)
+        x, changed = jax.lax.scan(group, x, grouped)
+        return x, jax.tree.map(lambda a: a.reshape(g * k, *a.shape[2:]), changed)
+
+    class ScannedLayers(nnx.Module):
+        def __init__(self, *args: Any, rngs: nnx.Rngs, **kwargs: Any):
+            self.block = stack_layers(lambda r: block_cls(*args, rngs=r, **kwargs), num_layers, rngs, axes)
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            static, dynamic = split_static(sig, static_argnames, (self, *args), kwargs, where)
+            dynamic.pop(self_name)
+            x = dynamic.pop(carry_name)
+            unknown = sorted(set(dynamic) - set(broadcast_argnames))
+            if unknown:
+                raise TypeError(
+                    f"{where}: argument(s) {', '.join(unknown)} are neither static nor broadcast; "
+                    "name them in static_argnames (Python constants) or broadcast_argnames (arrays)")
+            graphdef, stacked = nnx.split(self.block)
+            state = _move_layer_axis(stacked, axes, to_front=True)
+            fn = _pure(graphdef, orig, static)
+            one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state)
+            for seg in segments:
+                validate_once(
+                    seg.policy, block_cls, (seg.policy, tuple(sorted(static.items())), _signature(stacked),
+                                            str(abstract((x, dynamic)))),
+                    _probe(fn), {"state": one, "args": abstract({carry_name: x, **dynamic})}, where,
+                    seg_labels.get(seg.policy), carry_outputs=len(jax.tree.leaves(x)))
+            segs = (Segment(num_layers, get("none"), None),) if remat_disabled() else segments
+            parts, start = [], 0
+            with traced_flag_hint(where, dynamic):
+                for seg in segs:
+                    part = jax.tree.map(lambda a, s=start, n=seg.num_layers: a[s:s + n], state)
+                    x, changed = run_segment(seg, fn, x, part, dynamic)
+                    parts.append(changed)
+                    start += seg.num_layers
+            changed = parts[0] if len(parts) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+            _update(self.block, _move_layer_axis(changed, axes, to_front=False), where)
+            return x
+
+    ScannedLayers.__name__ = ScannedLayers.__qualname__ = f"Scanned{block_cls.__name__}"
+    return ScannedLayers
