@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from remat._data import CorpusError
     from remat._errors import RematError
     from remat._memory import PeakBuffer
+    from remat._mesh import set_cpu_devices
     from remat._report import Report
     from remat._residuals import ResidualRow
     from remat._scan import scan_layers
@@ -69,6 +70,7 @@ _EXPORTS = {
     "plot_sweep": "remat._sweep",
     "remat": "remat._apply",
     "scan_layers": "remat._scan",
+    "set_cpu_devices": "remat._mesh",
     "sweep": "remat._sweep",
     "train_step_setup": "remat._sweep",
     "tune": "remat._tune",
@@ -105,6 +107,7 @@ __all__ = [
     "policies",
     "remat",
     "scan_layers",
+    "set_cpu_devices",
     "step",
     "sweep",
     "testing",

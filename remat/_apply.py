@@ -14,6 +14,7 @@ per (function, policy, input shapes), so a jitted step pays nothing per call.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
 import functools
@@ -331,7 +332,8 @@ def offload_probe(platform: str | None = None) -> str | None:
     JAX versions) is traced, its residuals checked (the offloaded value must
     be kept on host: a mode such as ``jax_remat3`` drops it) and compiled.
     Run once per backend, JAX version and ``jax_remat3`` setting, cached for
-    the process.
+    the process, on a thread of its own (so on one device of the backend,
+    whatever trace or mesh the caller is in).
 
     Args:
       platform: e.g. ``"cpu"``, ``"gpu"``; default the default backend.
@@ -340,7 +342,9 @@ def offload_probe(platform: str | None = None) -> str | None:
       None when it works, else why not (one line).
     """
     platform = platform or jax.default_backend()
-    return _probe(platform, jax.__version__, bool(jax.config.jax_remat3))
+    # On a thread of its own: outside the caller's trace and mesh context (both thread-local).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(_probe, platform, jax.__version__, bool(jax.config.jax_remat3)).result()
 
 
 def _warn_prng(where: str) -> None:
@@ -519,41 +523,59 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: Sequence[str]
       NeverKeptError: at first trace, none of the policy's names is ever kept.
       TypeError: at call time, an unhashable value for a static argument.
     """
+    return remat_class(module_cls, policy, static_argnames, methods, functools.partial(
+        _linen_remat, prevent_cse=prevent_cse))
+
+
+RematBody = Callable[..., Any]
+"""``body(cls, orig, pol, label, self, static, dynamic, where) -> outputs``:
+one call of a rematerialized method, after its arguments are split."""
+
+
+def remat_class(module_cls: M, policy: str | Policy, static_argnames: Sequence[str],
+                methods: Sequence[str] | None, body: RematBody) -> M:
+    """A subclass of ``module_cls`` whose ``methods`` (default ``__call__``)
+    split their arguments into static and dynamic ones (by name) and run
+    ``body``; outside it, with remat switched off (:func:`without_remat`),
+    they run as they are. ``"none"`` returns ``module_cls`` itself. Shared
+    by the linen and NNX ``remat``.
+
+    Raises:
+      RematError: a static name that is not a parameter of a wrapped method.
+    """
     pol = get(policy)
     if pol.is_none:
         return module_cls
-    overrides: dict[str, Any] = {}
-    for method in methods or ["__call__"]:
-        orig = getattr(module_cls, method)
+    def wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
         static_indices(orig, static_argnames, skip_self=True)
-        overrides[method] = _remat_method(module_cls, orig, pol, tuple(static_argnames), prevent_cse,
-                                          label(policy))
+        sig = inspect.signature(orig)
+        where = f"module {module_cls.__name__}.{orig.__name__}"
+
+        @functools.wraps(orig)
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if remat_disabled():
+                return orig(self, *args, **kwargs)
+            static, dynamic = split_static(sig, static_argnames, (self, *args), kwargs, where)
+            dynamic.pop(next(iter(sig.parameters)))
+            return body(module_cls, orig, pol, label(policy), self, static, dynamic, where)
+
+        return method
+
+    overrides = {name: wrap(getattr(module_cls, name)) for name in methods or ["__call__"]}
     return type(f"Remat{module_cls.__name__}", (module_cls,), overrides)  # type: ignore[return-value]
 
 
-def _remat_method(cls: type[nn.Module], orig: Callable[..., Any], pol: Policy,
-                  static_argnames: tuple[str, ...], prevent_cse: bool,
-                  policy_label: str) -> Callable[..., Any]:
-    sig = inspect.signature(orig)
-    self_name = next(iter(sig.parameters))
-    where = f"module {cls.__name__}.{orig.__name__}"
-
-    @functools.wraps(orig)
-    def method(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if remat_disabled():
-            return orig(self, *args, **kwargs)
-        static, dynamic = split_static(sig, static_argnames, (self, *args), kwargs, where)
-        dynamic.pop(self_name)
-        fields = module_fields(self, cls)
-        validate_once(
-            pol, cls, (orig, pol, tuple(sorted(static.items())), tuple(sorted(fields.items())),
-                       str(abstract(dynamic))),
-            module_probe(cls, fields, orig, static), abstract(dynamic), where, policy_label)
-        body = lambda mdl, dyn: orig(mdl, **static, **dyn)
-        with traced_flag_hint(where, dynamic):
-            return nn.remat(body, policy=pol.to_jax(), prevent_cse=prevent_cse)(self, dynamic)
-
-    return method
+def _linen_remat(cls: type[nn.Module], orig: Callable[..., Any], pol: Policy, policy_label: str,
+                 self: nn.Module, static: dict[str, Any], dynamic: dict[str, Any], where: str, *,
+                 prevent_cse: bool) -> Any:
+    fields = module_fields(self, cls)
+    validate_once(
+        pol, cls, (orig, pol, tuple(sorted(static.items())), tuple(sorted(fields.items())),
+                   str(abstract(dynamic))),
+        module_probe(cls, fields, orig, static), abstract(dynamic), where, policy_label)
+    body = lambda mdl, dyn: orig(mdl, **static, **dyn)
+    with traced_flag_hint(where, dynamic):
+        return nn.remat(body, policy=pol.to_jax(), prevent_cse=prevent_cse)(self, dynamic)
 
 
 def module_probe(cls: type[nn.Module], fields: dict[str, Any], method: Callable[..., Any],

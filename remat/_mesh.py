@@ -94,7 +94,9 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def set_cpu_devices(n: int) -> None:
     """Simulate ``n`` CPU devices (``jax_num_cpu_devices``); must run before
-    JAX initialises its backend (before any computation or ``jax.devices()``).
+    JAX initialises its backend (before any computation or ``jax.devices()``):
+    the first thing in a script or notebook, as ``--devices`` does. Calling
+    it again with the same count is a no-op.
 
     Raises:
       RematError: ``n < 1``, or the backend already runs with another device count.

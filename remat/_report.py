@@ -242,8 +242,9 @@ class Report:
                          "with no remat at all")
         return dataclasses.replace(r, notes=(*r.notes, *notes), saving_unconfirmed=bool(notes))
 
-    def summary_table(self) -> Table:
-        """A two-column rich table of the memory and compute figures."""
+    def summary_table(self, timings: bool = True) -> Table:
+        """A two-column rich table of the memory and compute figures;
+        ``timings=False`` leaves out the trace and compile times."""
         from rich.table import Table
 
         t = Table(title=f"remat inspect: {self.label}", show_header=False)
@@ -273,7 +274,8 @@ class Report:
                              f"({self.dots_forward_batched} with batch dims)"),
             ("checkpoint names", ", ".join(self.checkpoint_names) or "-"),
             ("backend", f"{self.backend} ({self.device_kind}), jax {self.jax_version}"),
-            ("trace / compile", f"{self.trace_seconds:.2f} s / {self.compile_seconds:.2f} s"),
+            *([("trace / compile", f"{self.trace_seconds:.2f} s / {self.compile_seconds:.2f} s")]
+              if timings else []),
         ]
         for k, v in rows:
             t.add_row(k, v)

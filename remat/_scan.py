@@ -222,6 +222,62 @@ def _from_segments(inner: dict[str, Any], segments: tuple[Segment, ...]) -> Any:
     return jax.tree.map(cat, *parts, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerScan:
+    """What a layer scan needs to know of its block and policy, for linen's
+    :func:`scan_layers` and :func:`remat.nnx.scan_layers` alike.
+
+    Attributes:
+      segments: the plan (:func:`plan`).
+      labels: how each segment's policy is named in messages.
+      orig: the block's ``__call__``.
+      sig: its signature.
+      carry_name: its first argument after ``self``, the carry.
+      where: the block, for messages.
+      static_argnames, broadcast_argnames: as given.
+    """
+
+    segments: tuple[Segment, ...]
+    labels: dict[Policy, str]
+    orig: Any
+    sig: inspect.Signature
+    carry_name: str
+    where: str
+    static_argnames: tuple[str, ...]
+    broadcast_argnames: tuple[str, ...]
+
+    @classmethod
+    def of(cls, block_cls: type, num_layers: int, policy: PolicyArg, groups: Groups,
+           static_argnames: Sequence[str], broadcast_argnames: Sequence[str]) -> LayerScan:
+        """Check and plan (errors as :func:`scan_layers`)."""
+        if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
+            policy = parse_segments(policy)
+        segments = plan(num_layers, policy, groups)
+        labels = ({get(policy): label(policy)} if isinstance(policy, (str, Policy))
+                  else {get(p): label(p) for _, p in policy})
+        orig = block_cls.__call__
+        static_indices(orig, (*static_argnames, *broadcast_argnames), skip_self=True)
+        sig = inspect.signature(orig)
+        return cls(segments, labels, orig, sig, list(sig.parameters)[1], f"module {block_cls.__name__}",
+                   tuple(static_argnames), tuple(broadcast_argnames))
+
+    def split(self, module: Any, args: tuple, kwargs: dict) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """A call's ``(static, carry, broadcast)`` arguments.
+
+        Raises:
+          TypeError: an argument neither static nor broadcast, or an unhashable static value.
+        """
+        static, dynamic = split_static(self.sig, self.static_argnames, (module, *args), kwargs, self.where)
+        dynamic.pop(next(iter(self.sig.parameters)))
+        x = dynamic.pop(self.carry_name)
+        unknown = sorted(set(dynamic) - set(self.broadcast_argnames))
+        if unknown:
+            raise TypeError(
+                f"{self.where}: argument(s) {', '.join(unknown)} are neither static nor broadcast; "
+                "name them in static_argnames (Python constants) or broadcast_argnames (arrays)")
+        return static, x, dynamic
+
+
 def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyArg = "full",
                 groups: Groups = None, static_argnames: Sequence[str] = (),
                 broadcast_argnames: Sequence[str] = (),
@@ -277,16 +333,8 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
       TypeError: at call time, an argument that is neither static nor
         broadcast, or an unhashable static value.
     """
-    if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
-        policy = parse_segments(policy)
-    segments = plan(num_layers, policy, groups)
-    seg_labels = ({get(policy): label(policy)} if isinstance(policy, (str, Policy))
-                  else {get(p): label(p) for _, p in policy})
-    orig = block_cls.__call__
-    static_indices(orig, (*static_argnames, *broadcast_argnames), skip_self=True)
-    sig = inspect.signature(orig)
-    self_name, carry_name = list(sig.parameters)[:2]
-    where = f"module {block_cls.__name__}"
+    spec = LayerScan.of(block_cls, num_layers, policy, groups, static_argnames, broadcast_argnames)
+    segments, orig, where = spec.segments, spec.orig, spec.where
     rngs = {r: True for r in split_rngs}
 
     def run_segment(seg: Segment, child: nn.Module, x: Any, static: dict, bcast: dict) -> Any:
@@ -309,21 +357,14 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
     class ScannedLayers(block_cls):  # type: ignore[valid-type, misc]
         @nn.compact
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            static, dynamic = split_static(sig, static_argnames, (self, *args), kwargs, where)
-            dynamic.pop(self_name)
-            x = dynamic.pop(carry_name)
-            unknown = sorted(set(dynamic) - set(broadcast_argnames))
-            if unknown:
-                raise TypeError(
-                    f"{where}: argument(s) {', '.join(unknown)} are neither static nor broadcast; "
-                    "name them in static_argnames (Python constants) or broadcast_argnames (arrays)")
+            static, x, dynamic = spec.split(self, args, kwargs)
             fields = module_fields(self, block_cls)
             for seg in segments:
                 validate_once(
                     seg.policy, block_cls, (seg.policy, tuple(sorted(static.items())),
                                             tuple(sorted(fields.items())), str(abstract((x, dynamic)))),
-                    module_probe(block_cls, fields, orig, static), abstract({carry_name: x, **dynamic}),
-                    where, seg_labels.get(seg.policy), carry_outputs=len(jax.tree.leaves(x)))
+                    module_probe(block_cls, fields, orig, static), abstract({spec.carry_name: x, **dynamic}),
+                    where, spec.labels.get(seg.policy), carry_outputs=len(jax.tree.leaves(x)))
 
             # Initialise as one flat scan, so the initial parameters are the same
             # whatever the grouping and segmentation (and no remat is traced for init);

@@ -347,9 +347,11 @@ class SweepResult:
         reports = tuple(r.with_rates(host_link_bytes_per_s, peak_flops_per_s) for r in self.reports)
         return dataclasses.replace(self, reports=reports)
 
-    def table(self) -> Table:
+    def table(self, timings: bool = True) -> Table:
         """A rich table sorted by peak bytes, one row per cost (policies that
-        cost the same joined by ``=``); frontier rows marked ``*``."""
+        cost the same joined by ``=``); frontier rows marked ``*``.
+        ``timings=False`` leaves the wall time out of the title (output that
+        is the same on every machine, as the committed notebooks need)."""
         n = len(self.reports)
         mesh = self.reports[0].mesh if self.reports else ()
         r0 = self.reports[0] if self.reports else None
@@ -357,7 +359,7 @@ class SweepResult:
                       else (HOST_LINK_BYTES_PER_S, PEAK_FLOPS_PER_S))
         on = (" on mesh " + ",".join(f"{a}={k}" for a, k in mesh if k > 1)) if mesh else ""
         t = Table(title=f"remat sweep: {self.model}, batch {self.batch} x seq {self.seq}{on} "
-                        f"({n} policies, {self.wall_seconds:.1f} s)",
+                        f"({n} policies{f', {self.wall_seconds:.1f} s' if timings else ''})",
                   caption="* = Pareto frontier (no other policy is as good on peak memory and FLOPs "
                           "and better on one, by more than 0.1%); ! = the compiled memory does not show the "
                           "residual saving (see the report's notes); recompute against no jax.checkpoint; "

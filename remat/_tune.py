@@ -222,11 +222,14 @@ class TuneResult:
                 "candidates": [cand(c) for c in self.candidates], "batches": [cand(c) for c in self.batches],
                 "report": self.report.to_dict()}
 
-    def __rich__(self) -> Group:
+    def summary(self, timings: bool = True) -> Table:
+        """The pick, its peak, headroom and recompute, and the best preset
+        that fits (a rich table); ``timings=False`` leaves the wall time out."""
         c = self.chosen
+        took = f", {self.wall_seconds:.1f} s" if timings else ""
         head = Table(title=f"remat tune: {self.model}, batch {self.batch} x seq {self.seq}, budget "
-                           f"{format_bytes(self.budget_bytes)} per device ({self.compiles} compiles, "
-                           f"{self.wall_seconds:.1f} s)", show_header=False)
+                           f"{format_bytes(self.budget_bytes)} per device ({self.compiles} compiles{took})",
+                     show_header=False)
         head.add_column("what", style="bold")
         head.add_column("value")
         est = " (estimate: host memory not accounted)" if c.estimate else ""
@@ -250,6 +253,11 @@ class TuneResult:
             rows.append(("never residuals (left out)", ", ".join(self.dropped_names)))
         for k, v in rows:
             head.add_row(k, v)
+        return head
+
+    def candidates_table(self) -> Table:
+        """Every configuration compiled (batches tried first), with its peak,
+        recompute and whether it fits (a rich table)."""
         t = Table(title="every configuration compiled",
                   caption="* estimate: the backend does not account host memory, so the device peak is the "
                           "compiled peak minus the offloaded residuals")
@@ -260,7 +268,10 @@ class TuneResult:
             t.add_row(x.role, str(x.batch), x.config.flags(),
                       format_bytes(x.device_peak_bytes) + ("*" if x.estimate else ""),
                       format_flops(x.recompute_flops), "yes" if x.fits else "no")
-        return Group(head, t)
+        return t
+
+    def __rich__(self) -> Group:
+        return Group(self.summary(), self.candidates_table())
 
 
 class Oracle(Protocol):

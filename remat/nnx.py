@@ -30,7 +30,6 @@ needs the layer state reshaped, which only the split state allows.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -39,18 +38,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from remat._apply import (
-    Probe,
-    abstract,
-    label,
-    remat_disabled,
-    split_static,
-    static_indices,
-    traced_flag_hint,
-    validate_once,
-)
+from remat._apply import Probe, abstract, remat_class, remat_disabled, traced_flag_hint, validate_once
 from remat._errors import RematError
-from remat._scan import SEGMENT_SEPARATOR, Groups, PolicyArg, Segment, parse_segments, plan
+from remat._scan import Groups, LayerScan, PolicyArg, Segment
 from remat.policies import Policy, get
 
 __all__ = ["LayerAxes", "remat", "scan_layers", "stack_layers"]
@@ -147,42 +137,22 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: Sequence[str]
       NeverKeptError: at first trace, none of the policy's names is ever kept.
       TypeError: at call time, an unhashable value for a static argument.
     """
-    pol = get(policy)
-    if pol.is_none:
-        return module_cls
-    overrides = {}
-    for name in methods or ["__call__"]:
-        orig = getattr(module_cls, name)
-        static_indices(orig, static_argnames, skip_self=True)
-        overrides[name] = _remat_method(module_cls, orig, pol, tuple(static_argnames), prevent_cse,
-                                        label(policy))
-    return type(f"Remat{module_cls.__name__}", (module_cls,), overrides)  # type: ignore[return-value]
+    return remat_class(module_cls, policy, static_argnames, methods, functools.partial(
+        _nnx_remat, prevent_cse=prevent_cse))
 
 
-def _remat_method(cls: type[nnx.Module], orig: Callable[..., Any], pol: Policy,
-                  static_argnames: tuple[str, ...], prevent_cse: bool,
-                  policy_label: str) -> Callable[..., Any]:
-    sig = inspect.signature(orig)
-    self_name = next(iter(sig.parameters))
-    where = f"module {cls.__name__}.{orig.__name__}"
-
-    @functools.wraps(orig)
-    def method(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
-        if remat_disabled():
-            return orig(self, *args, **kwargs)
-        static, dynamic = split_static(sig, static_argnames, (self, *args), kwargs, where)
-        dynamic.pop(self_name)
-        graphdef, state = nnx.split(self)
-        fn = _pure(graphdef, orig, static)
-        with traced_flag_hint(where, dynamic):
-            validate_once(pol, cls, (orig, pol, tuple(sorted(static.items())), _signature(state),
-                                     str(abstract(dynamic))),
-                          _probe(fn), abstract({"state": state, "args": dynamic}), where, policy_label)
-            out, changed = jax.checkpoint(fn, policy=pol.to_jax(), prevent_cse=prevent_cse)(state, dynamic)
-        _update(self, changed, where)
-        return out
-
-    return method
+def _nnx_remat(cls: type[nnx.Module], orig: Callable[..., Any], pol: Policy, policy_label: str,
+               self: nnx.Module, static: dict[str, Any], dynamic: dict[str, Any], where: str, *,
+               prevent_cse: bool) -> Any:
+    graphdef, state = nnx.split(self)
+    fn = _pure(graphdef, orig, static)
+    with traced_flag_hint(where, dynamic):
+        validate_once(pol, cls, (orig, pol, tuple(sorted(static.items())), _signature(state),
+                                 str(abstract(dynamic))),
+                      _probe(fn), abstract({"state": state, "args": dynamic}), where, policy_label)
+        out, changed = jax.checkpoint(fn, policy=pol.to_jax(), prevent_cse=prevent_cse)(state, dynamic)
+    _update(self, changed, where)
+    return out
 
 
 def _axis(v: nnx.Variable, layer_axes: LayerAxes) -> int:
@@ -285,16 +255,8 @@ def scan_layers(block_cls: type[nnx.Module], *, num_layers: int, policy: PolicyA
       TypeError: at call time, an argument neither static nor broadcast, or an
         unhashable static value.
     """
-    if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
-        policy = parse_segments(policy)
-    segments = plan(num_layers, policy, groups)
-    seg_labels = ({get(policy): label(policy)} if isinstance(policy, (str, Policy))
-                  else {get(p): label(p) for _, p in policy})
-    orig = block_cls.__call__
-    static_indices(orig, (*static_argnames, *broadcast_argnames), skip_self=True)
-    sig = inspect.signature(orig)
-    self_name, carry_name = list(sig.parameters)[:2]
-    where = f"module {block_cls.__name__}"
+    spec = LayerScan.of(block_cls, num_layers, policy, groups, static_argnames, broadcast_argnames)
+    segments, orig, where, carry_name = spec.segments, spec.orig, spec.where, spec.carry_name
     axes = dict(layer_axes or {})
 
     def run_segment(seg: Segment, fn: Callable[..., Any], x: Any, state: nnx.State, bcast: dict) -> Any:
@@ -317,14 +279,7 @@ def scan_layers(block_cls: type[nnx.Module], *, num_layers: int, policy: PolicyA
             self.block = stack_layers(lambda r: block_cls(*args, rngs=r, **kwargs), num_layers, rngs, axes)
 
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            static, dynamic = split_static(sig, static_argnames, (self, *args), kwargs, where)
-            dynamic.pop(self_name)
-            x = dynamic.pop(carry_name)
-            unknown = sorted(set(dynamic) - set(broadcast_argnames))
-            if unknown:
-                raise TypeError(
-                    f"{where}: argument(s) {', '.join(unknown)} are neither static nor broadcast; "
-                    "name them in static_argnames (Python constants) or broadcast_argnames (arrays)")
+            static, x, dynamic = spec.split(self, args, kwargs)
             graphdef, stacked = nnx.split(self.block)
             state = _move_layer_axis(stacked, axes, to_front=True)
             fn = _pure(graphdef, orig, static)
@@ -334,7 +289,7 @@ def scan_layers(block_cls: type[nnx.Module], *, num_layers: int, policy: PolicyA
                     seg.policy, block_cls, (seg.policy, tuple(sorted(static.items())), _signature(stacked),
                                             str(abstract((x, dynamic)))),
                     _probe(fn), {"state": one, "args": abstract({carry_name: x, **dynamic})}, where,
-                    seg_labels.get(seg.policy), carry_outputs=len(jax.tree.leaves(x)))
+                    spec.labels.get(seg.policy), carry_outputs=len(jax.tree.leaves(x)))
             segs = (Segment(num_layers, get("none"), None),) if remat_disabled() else segments
             parts, start = [], 0
             with traced_flag_hint(where, dynamic):

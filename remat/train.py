@@ -123,7 +123,8 @@ class TrainConfig(OptimizerConfig):
       seed: seeds parameter init, data order and the dropout key.
       api: the Flax API the model is built in, ``"linen"`` or ``"nnx"``
         (:func:`remat.models.nnx.model_for_api`): the same parameters and
-        checkpoints, so a run may resume in the other API.
+        checkpoints, so a run may resume in the other API (with dropout on,
+        each API draws its own masks).
 
     Raises:
       RematError: a count below 1, ``seq < 2``, and the errors of :class:`OptimizerConfig`.

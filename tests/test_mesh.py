@@ -38,6 +38,8 @@ SCRIPT = textwrap.dedent("""
                 "temp_bytes", "residual_bytes", "parameter_bytes", "optimizer_bytes", "batch_bytes",
                 "devices", "flops", "flops_per_device")} | {"mesh": dict(r.mesh)}
 
+    offloaded = remat.inspect_policy(setups["fsdp"], "minimal_offloaded")  # the offload probe, under a mesh
+    out["offload_fsdp"] = [offloaded.host_transfer_bytes, offloaded.host_residual_bytes]
     one8 = remat.train_step_setup("tiny", batch=8, seq=64)
     out["flops_one_device_batch_8"] = count_flops(trace_policy(one8, "full", "full").traced.jaxpr)[0]
 
@@ -92,6 +94,13 @@ def test_fsdp_shards_parameters_and_optimizer_state(measured):
     assert fsdp["batch_bytes"] == one["batch_bytes"]  # 8 sequences over 8 devices: one each
     assert fsdp["flops"] == measured["flops_one_device_batch_8"]  # the global count
     assert fsdp["flops_per_device"] == fsdp["flops"] / 8
+
+
+def test_offloading_works_under_a_mesh_and_counts_per_device(measured):
+    """The offload probe runs on one device whatever mesh the step is traced
+    under; the host traffic is per device, twice the host residuals."""
+    transfer, host = measured["offload_fsdp"]
+    assert transfer == 2 * host > 0
 
 
 @pytest.mark.parametrize("policy", ["none", "minimal", "full"])

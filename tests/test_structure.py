@@ -25,7 +25,8 @@ PUBLIC = {
         "ResidualRow",
         "ScanCarryOffloadError", "SweepResult", "TrainStepSetup", "TuneConfig", "TuneResult",
         "UnknownPolicyError", "UnsupportedJaxModeError", "analyze", "checkpoint", "checkpoint_names",
-        "inspect_policy", "models", "nnx", "plot_sweep", "policies", "remat", "scan_layers", "step", "sweep",
+        "inspect_policy", "models", "nnx", "plot_sweep", "policies", "remat", "scan_layers",
+        "set_cpu_devices", "step", "sweep",
         "testing", "train", "train_step_setup", "tune", "without_remat",
     ],
     "remat.policies": [
