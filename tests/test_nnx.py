@@ -251,5 +251,7 @@ def test_the_tools_run_the_nnx_model_with_the_same_memory(capsys):
     reports = {api: remat.inspect_policy(remat.train_step_setup("tiny", batch=2, seq=32, api=api), "minimal")
                for api in ("linen", "nnx")}
     assert reports["nnx"].temp_bytes == reports["linen"].temp_bytes > 0
+    tuned = remat.tune("tiny", "1GiB", batch=2, seq=32, api="nnx")  # no remat fits: one compile
+    assert tuned.pick.policy == "none" and tuned.compiles == 1
     assert cli.main(["inspect", "--model", "tiny", "--policy", "full", "--api", "jax"]) == 2
     assert "error: unknown model api 'jax'; valid: linen, nnx" in capsys.readouterr().err
