@@ -24,8 +24,11 @@ How (compile few, solve exactly, confirm):
    "save every name", and every configuration compiled after.
 4. Solve exactly: every save/offload/recompute assignment and dots rule is
    evaluated on the model (3^n x 3 for n names, a few hundred thousand at
-   most), the least recompute that the model says fits wins; then one more
-   name on the first ``m`` layers where the headroom allows (segments).
+   most); the :data:`RERANK` best of each dots rule are traced for their
+   exact residual bytes and FLOPs (a dots rule overlaps the names it keeps:
+   the items' FLOPs do not add up) and the least recompute that the model
+   says fits wins; then one more name on the first ``m`` layers where the
+   headroom allows (segments).
 5. Confirm by compiling; the compiled peak becomes an anchor and the model
    is solved again (a repair when the pick did not fit, an improvement when
    it left headroom), until its answer is one already compiled (at most 4
@@ -86,6 +89,8 @@ DEFAULT_MAX_COMPILES = 15
 RUNNERS_UP = 3
 """After the pick, the next best answers of the model that are compiled too
 (the model is approximate: one of them may recompute less and still fit)."""
+RERANK = 3
+"""How many of the items' best answers per dots rule are traced and ranked exactly."""
 
 _DOTS = ("", "dots:no_batch", "dots")
 
@@ -376,10 +381,33 @@ class _Search:
             items.append(_Item(rule, sum(by_name.values()), max(0, full_flops - flops)))
         return items, dropped
 
-    def solve(self, items: list[_Item], model: _PeakModel, budget: int, top: int = 1) -> list[str]:
-        """The ``top`` specs with the least modelled recompute whose modelled
-        peak fits ``budget``, best first: every assignment of the names (and
-        dots rule), evaluated at once."""
+    def exact(self, base: TuneConfig, spec: str) -> tuple[int, int]:
+        """``(residual device bytes beyond full's, step FLOPs)`` of ``spec`` at
+        ``base``'s options, from its trace (no compile): the model's inputs
+        for a configuration, exact where the items only add up (a dots rule
+        overlaps the names it keeps)."""
+        at = dataclasses.replace(base, groups=None)  # a group's residuals are transient: not in the rows
+        full, _ = self.o.traced(dataclasses.replace(at, policy="full"), self.batch)
+        by_name, flops = self.o.traced(dataclasses.replace(at, policy=str(get_policy(spec))), self.batch)
+        return sum(by_name.values()) - sum(full.values()), flops
+
+    def solve(self, items: list[_Item], model: _PeakModel, budget: int, base: TuneConfig,
+              top: int = 1) -> list[str]:
+        """The ``top`` specs with the least recompute whose modelled peak
+        fits ``budget``, best first: every assignment of the names (and dots
+        rule) is evaluated on the items at once, then the :data:`RERANK` best
+        of each dots rule are traced (:meth:`exact`) and ranked by their
+        exact FLOPs and bytes."""
+        exact = []
+        for spec in self._solve_items(items, model, budget, max(top, RERANK)):
+            saved, flops = self.exact(base, spec)
+            if model.predict(saved) <= budget:
+                exact.append((flops, saved, spec))
+        return [spec for *_, spec in sorted(exact)[:top]]
+
+    def _solve_items(self, items: list[_Item], model: _PeakModel, budget: int, top: int) -> list[str]:
+        """The ``top`` specs of each dots rule (none, ``dots:no_batch``,
+        ``dots``) by the items' additive bytes and FLOPs."""
         names = [i for i in items if i.name not in _DOTS]
         dots = {i.name: i for i in items if i.name in _DOTS}
         choices = 3 if self.allow_offload else 2  # 0 recompute, 1 save, 2 offload
@@ -398,13 +426,14 @@ class _Search:
                 found.append((-float(gain[k]), float(dev[k]), _spec(
                     [n.name for n, a in zip(names, rows[k], strict=True) if a == 1],
                     [n.name for n, a in zip(names, rows[k], strict=True) if a == 2], rule)))
-        return [spec for *_, spec in sorted(found)[:top]]
+        return [spec for *_, spec in sorted(found)]
 
-    def segments(self, spec: str, items: list[_Item], model: _PeakModel, budget: int) -> str | None:
+    def segments(self, spec: str, items: list[_Item], model: _PeakModel, budget: int,
+                 base: TuneConfig) -> str | None:
         """``spec`` plus one more name saved on the first ``m`` layers, the most
         FLOPs the headroom allows by the model; None when no layer fits."""
         policy = get_policy(spec)
-        dev = sum(i.bytes for i in items if i.name in policy.save)
+        dev = self.exact(base, spec)[0]
         best = None
         for i in items:
             if i.name in _DOTS or i.name in policy.names:
@@ -468,7 +497,7 @@ def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offloa
             every = s.compile(dataclasses.replace(base.config, policy=_spec(all_names)), "calibration")
             model = _PeakModel()
             model.add(0, base.device_peak_bytes)
-            model.add(sum(i.bytes for i in items if i.name not in _DOTS), every.device_peak_bytes)
+            model.add(s.exact(base.config, every.config.policy)[0], every.device_peak_bytes)
             best: Candidate | None = None
 
             def confirm(spec: str, role: str) -> Candidate | None:
@@ -478,23 +507,22 @@ def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offloa
                 if s.done(config) is not None:
                     return None
                 c = s.compile(config, role)
-                model.add(sum(i.bytes for i in items if i.name in get_policy(config.policy).save),
-                          c.device_peak_bytes)
+                model.add(s.exact(base.config, config.policy)[0], c.device_peak_bytes)
                 if c.fits and (best is None or c.recompute_flops < best.recompute_flops):
                     best = c
                 return c
 
             role = "pick"
             for _ in range(4):  # pick, then repair (over budget) or improve (headroom): each adds an anchor
-                solved = s.solve(items, model, budget)
+                solved = s.solve(items, model, budget, base.config)
                 c = confirm(solved[0], role) if solved else None
                 if c is None:
                     break  # no answer, or the model's answer did not change
                 role = "improve" if c.fits else "repair"
-            for spec in s.solve(items, model, budget, top=RUNNERS_UP + 1)[1:]:  # the model is approximate
+            for spec in s.solve(items, model, budget, base.config, top=RUNNERS_UP + 1)[1:]:  # approximate
                 confirm(spec, "runner-up")
             if best is not None:
-                seg = s.segments(best.config.policy, items, model, budget)
+                seg = s.segments(best.config.policy, items, model, budget, base.config)
                 if seg is not None:
                     s.compile(dataclasses.replace(best.config, policy=seg), "segments")
             preset = _best_preset(s, base.config, model)

@@ -64,6 +64,7 @@ def run(family: str, cache: pathlib.Path | None) -> None:
             dropped.append(n)
     path = cache / f"{family}.json" if cache else None
     combos = {k: tuple(v) for k, v in json.loads(path.read_text()).items()} if path and path.exists() else {}
+    cached = len(combos)
     for k in range(len(names) + 1):
         for subset in itertools.combinations(names, k):
             spec = f"save:{','.join(subset)}" if subset else "full"
@@ -74,7 +75,8 @@ def run(family: str, cache: pathlib.Path | None) -> None:
         path.write_text(json.dumps(combos))
     presets = {p: cost(p) for p in default_policies(emitted) if not (get(p).offload or get(p).offload_dots)}
     print(f"\n{family}: {len(combos)} combinations of {len(names)} names ({', '.join(names)}; never "
-          f"residuals: {', '.join(dropped) or '-'}), {len(cost.programs)} distinct programs, "
+          f"residuals: {', '.join(dropped) or '-'}), {cached} from the cache, {len(cost.programs)} distinct "
+          "programs compiled, "
           f"{time.perf_counter() - t0:.0f} s")
     wins = 0
     for frac in (0.25, 0.5, 0.75):
