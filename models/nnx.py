@@ -22,7 +22,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from flax import nnx
+import jax.numpy as jnp
+from flax import nnx, traverse_util
 
 from remat import nnx as remat_nnx
 from remat._errors import RematError
@@ -183,11 +184,20 @@ def load_linen_params(model: Transformer, params: Mapping[str, Any]) -> None:
     ``params`` tree (boxed or not; e.g. ``TrainState.params``).
 
     Raises:
-      ValueError: from Flax, a tree that is not this model's (a missing or
-        extra path, named).
+      RematError: a tree that is not this model's: the missing, extra and
+        mis-shaped paths, named.
     """
     params = nn.unbox(dict(params))
     state = nnx.state(model, nnx.Param)
+    want = traverse_util.flatten_dict(linen_params(model), sep="/")
+    got = traverse_util.flatten_dict(params, sep="/")
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    shapes = sorted(f"{k} {list(jnp.shape(got[k]))} (want {list(want[k].shape)})"
+                    for k in set(want) & set(got) if jnp.shape(got[k]) != want[k].shape)
+    if missing or extra or shapes:
+        raise RematError("the parameters are not this model's: " + "; ".join(
+            f"{what}: {', '.join(keys)}" for what, keys in
+            (("missing", missing), ("extra", extra), ("shapes differ", shapes)) if keys))
     nnx.replace_by_pure_dict(state, {**params, "layers": {"block": params["layers"]}})
     nnx.update(model, state)
 

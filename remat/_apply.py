@@ -378,8 +378,10 @@ def _warn_changing_floats(static: dict[str, Any], where: str) -> None:
                         stacklevel=3)
 
 
-def static_indices(fn: Callable[..., Any], static_argnames: Sequence[str], *, skip_self: bool) -> None:
-    """Check that every name in ``static_argnames`` is a parameter of ``fn``.
+def static_indices(fn: Callable[..., Any], static_argnames: Sequence[str], *, skip_self: bool,
+                   kind: str = "static") -> None:
+    """Check that every name in ``static_argnames`` is a parameter of ``fn``
+    (``kind`` names the list in the message: ``"static"``, ``"broadcast"``).
 
     Raises:
       ValueError: naming the bad name and listing ``fn``'s parameters.
@@ -390,7 +392,7 @@ def static_indices(fn: Callable[..., Any], static_argnames: Sequence[str], *, sk
     for name in static_argnames:
         if name not in params:
             raise RematError(
-                f"static argument name {name!r} is not a parameter of {fn.__qualname__}; "
+                f"{kind} argument name {name!r} is not a parameter of {fn.__qualname__}; "
                 f"its parameters: {', '.join(params)}")
 
 

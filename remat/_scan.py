@@ -256,7 +256,8 @@ class LayerScan:
         labels = ({get(policy): label(policy)} if isinstance(policy, (str, Policy))
                   else {get(p): label(p) for _, p in policy})
         orig = block_cls.__call__
-        static_indices(orig, (*static_argnames, *broadcast_argnames), skip_self=True)
+        static_indices(orig, static_argnames, skip_self=True)
+        static_indices(orig, broadcast_argnames, skip_self=True, kind="broadcast")
         sig = inspect.signature(orig)
         return cls(segments, labels, orig, sig, list(sig.parameters)[1], f"module {block_cls.__name__}",
                    tuple(static_argnames), tuple(broadcast_argnames))

@@ -81,12 +81,13 @@ def _probe(fn: Callable[..., Any]) -> Probe:
     return lambda d: ({}, lambda _, dd: fn(dd["state"], dd["args"])[0])
 
 
-def _update(module: nnx.Module, changed: nnx.State, where: str) -> None:
-    """``nnx.update``, with Flax's trace-context error turned into what to do."""
+def _update(module: nnx.Module, changed: nnx.State, where: str, prefix: str = "") -> None:
+    """``nnx.update``, with Flax's trace-context error turned into what to do
+    (the changed paths named from the user's module: ``prefix`` + path)."""
     try:
         nnx.update(module, changed)
     except flax.errors.TraceContextError as e:
-        paths = ", ".join("/".join(map(str, p)) for p, _ in nnx.to_flat_state(changed))
+        paths = ", ".join(prefix + "/".join(map(str, p)) for p, _ in nnx.to_flat_state(changed))
         raise RematError(
             f"{where}: the call changed variables ({paths}) of a live NNX module that a plain JAX "
             "transform (jax.grad, jax.jit, lax.scan, jax.checkpoint) closes over. Use the nnx "
@@ -299,7 +300,8 @@ def scan_layers(block_cls: type[nnx.Module], *, num_layers: int, policy: PolicyA
                     parts.append(changed)
                     start += seg.num_layers
             changed = parts[0] if len(parts) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
-            _update(self.block, _move_layer_axis(changed, axes, to_front=False), where)
+            _update(self.block, _move_layer_axis(changed, axes, to_front=False),
+                    f"module {type(self).__name__}", prefix="block/")
             return x
 
     ScannedLayers.__name__ = ScannedLayers.__qualname__ = f"Scanned{block_cls.__name__}"

@@ -183,6 +183,12 @@ def test_scan_layers_missing_name_and_bad_groups():
         _stack("save:context")(X)
     with pytest.raises(remat.RematError, match=r"groups=\(3, 2\) must be \(G, K\) with G \* K == 4 layers"):
         _stack("full", (3, 2))
+    with pytest.raises(remat.RematError, match=r"^broadcast argument name 'scael' is not a parameter of Bl"):
+        remat.nnx.scan_layers(Block, num_layers=L, broadcast_argnames=("scael",))
+    stack = _stack("full")
+    with pytest.raises(remat.RematError, match=(
+            r"^module ScannedBlock: the call changed variables \(block/calls, block/drop/rngs/count\)")):
+        jax.grad(lambda x: stack(x).sum())(X)
 
 
 # -- the NNX transformer --------------------------------------------------------------------------
@@ -215,6 +221,17 @@ def test_nnx_model_matches_linen_and_converts_both_ways(name):
     loss, grads = nnx.value_and_grad(lambda m: _loss(m, cfg))(model)
     got = (loss, MN.linen_params(grads))
     chex.assert_trees_all_close(got, (want[0], nn.unbox(want[1])), rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_that_are_not_the_models_are_named():
+    model = MN.Transformer(MODELS["llama"], rngs=nnx.Rngs(0))
+    wrong = MN.linen_params(model) | {"extra": jnp.ones(2)}
+    wrong.pop("final_norm")
+    wrong["layers"]["mlp"]["wo"]["kernel"] = jnp.ones((3, 3))
+    with pytest.raises(remat.RematError, match=(
+            r"^the parameters are not this model's: missing: final_norm/scale; extra: extra; shapes differ: "
+            r"layers/mlp/wo/kernel \[3, 3\] \(want \[4, 64, 32\]\)$")):
+        MN.load_linen_params(model, wrong)
 
 
 @functools.cache
