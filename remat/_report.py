@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from remat._errors import RematError
 from remat._format import format_bytes, format_flops
 from remat._memory import PeakBuffer
 from remat._residuals import ResidualRow
@@ -176,8 +177,6 @@ class Report:
         Raises:
           RematError: a rate that is not positive.
         """
-        from remat._errors import RematError
-
         rates = {k: v for k, v in (("host_link_bytes_per_s", host_link_bytes_per_s),
                                    ("peak_flops_per_s", peak_flops_per_s)) if v is not None}
         for k, v in rates.items():

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from small_models import UNIQUE_POLICIES, small
 
 import remat
 import remat.policies as P
@@ -32,24 +33,10 @@ from remat.testing import TOLERANCES
 FAST = default_compiler_options()
 B, T = 2, 16
 FAMILIES = ("llama", "gpt2")
-_FIRST_NAME: dict[P.Policy, str] = {}
-for _name in P.names():
-    _FIRST_NAME.setdefault(P.get(_name), _name)
-UNIQUE_POLICIES = list(_FIRST_NAME.values())
-"""One name per distinct :class:`remat.Policy` value, in registration order
-(aliases such as ``nothing_saveable`` for ``full`` compile to the same program)."""
 
 
 def jit(fn):
     return jax.jit(fn, compiler_options=FAST)
-
-
-def small(family: str, dtype: str = "float32", **overrides) -> M.ModelConfig:
-    """``tiny`` shrunk for fast compiles: 4 layers, D=32, N=4 heads of 8, F=64;
-    GQA (K=2) for llama, MHA for gpt2."""
-    kv = 2 if family == "llama" else 4
-    return M.get_config("tiny", family=family, dtype=dtype, num_layers=4, d_model=32, num_heads=4,
-                        num_kv_heads=kv, head_dim=8, mlp_dim=64, max_seq_len=32, **overrides)
 
 
 RNG = np.random.default_rng(0)  # numpy: eager jax.random compiles threefry slowly on CPU

@@ -11,31 +11,23 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from small_models import UNIQUE_POLICIES as ALL_POLICIES
+from small_models import small
 
 import remat
 from remat import cli
 from remat import models as M
-from remat import policies as P
 from remat._memory import default_compiler_options
 from remat.models import nnx as MN
 from remat.step import lm_loss
 from remat.testing import TOLERANCES
 
-B, T, D, L = 2, 16, 8, 4
+B, T, D = 2, 16, 8
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (B, T)), jnp.int32)
 X = jnp.asarray(np.random.default_rng(1).normal(size=(B, D)), jnp.float32)
-_FIRST: dict[P.Policy, str] = {}
-for _name in P.names():
-    _FIRST.setdefault(P.get(_name), _name)
 FAST = default_compiler_options()
-UNIQUE_POLICIES = [p for p in _FIRST.values() if p != "none"]
-
-
-def small(family: str, dtype: str = "float32", **overrides) -> M.ModelConfig:
-    """``tiny`` shrunk: 4 layers, D=32, 4 heads of 8, F=64 (GQA K=2 for llama)."""
-    return M.get_config("tiny", family=family, dtype=dtype, num_layers=L, d_model=32, num_heads=4,
-                        num_kv_heads=2 if family == "llama" else 4, head_dim=8, mlp_dim=64, max_seq_len=32,
-                        **overrides)
+UNIQUE_POLICIES = [p for p in ALL_POLICIES if p != "none"]
+L = 4  # small()'s layers
 
 
 class Block(nnx.Module):
