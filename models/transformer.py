@@ -20,7 +20,21 @@ from remat._scan import scan_layers
 from remat.models.config import ModelConfig
 from remat.models.layers import BTD, BTV, Attention, Layer, Mlp, kernel_init, norm, tag
 from remat.policies import Policy, vocab
-from remat.step import lm_loss
+
+
+def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats, computed in float32.
+
+    Args:
+      logits: ``[B, T, V]`` any float dtype.
+      tokens: ``int32[B, T]``; position t predicts token t + 1.
+
+    Returns:
+      A float32 scalar: nats per predicted token.
+    """
+    with jax.named_scope(vocab.LOSS_HEAD_SCOPE):  # counted as the loss head in the peak breakdown
+        logits = logits[:, :-1].astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
 class Block(nn.Module):
@@ -67,7 +81,7 @@ class Transformer(nn.Module):
     with ``policy`` per layer and optional nested ``groups``, then the final
     norm and the output head (the embedding transposed when
     ``config.tie_embeddings``, else a ``[D, V]`` kernel ``head``). Logits are in
-    ``config.dtype``; :func:`remat.step.lm_loss` upcasts them.
+    ``config.dtype``; :func:`lm_loss` upcasts them.
 
     Parameters: ``embed/embedding [V, D]``, ``pos_embed [max_seq_len, D]``
     (gpt2), ``layers/...`` (every leaf of a :class:`Block` with a leading
@@ -96,7 +110,7 @@ class Transformer(nn.Module):
         """``tokens[B, T] -> logits[B, T, V]`` (``config.dtype``); with
         ``targets`` (``int32[B, T]``, usually the tokens themselves), the mean
         next-token cross-entropy in nats instead, position ``t`` predicting
-        ``targets[:, t + 1]`` (as :func:`remat.step.lm_loss`), computed by the
+        ``targets[:, t + 1]`` (as :func:`lm_loss`), computed by the
         loss head in ``config.loss_chunks`` chunks (:func:`chunked_lm_loss`)."""
         cfg = self.config
         check_tokens(cfg, tokens_BxT)
@@ -189,7 +203,7 @@ def chunked_lm_loss(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array
     ``chunks`` and the padding masked. Without differentiation the scan
     computes the loss alone.
 
-    Equal to ``remat.step.lm_loss(x @ w, targets)`` up to float rounding (the
+    Equal to ``lm_loss(x @ w, targets)`` up to float rounding (the
     matmuls run in ``dtype`` as the whole head's do; ``d w`` is summed over
     pieces in float32).
 

@@ -4,6 +4,7 @@ Needs only JAX. The :class:`Policy` value type, the spec-string grammar, the
 registry of presets and the checkpoint-name vocabulary (:mod:`remat.policies.vocab`).
 """
 
+from remat import _compat
 from remat.policies import presets as _presets  # noqa: F401  (registers the presets)
 from remat.policies import vocab
 from remat.policies.policy import DotsRule, Policy, UnsupportedJaxModeError
@@ -15,6 +16,8 @@ from remat.policies.registry import (
     names,
     register,
 )
+
+_compat.hide_frames(__file__)
 
 __all__ = [
     "DotsRule",

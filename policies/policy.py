@@ -11,7 +11,10 @@ from typing import Any, Literal
 import jax
 from jax.ad_checkpoint import Offloadable, Recompute, Saveable
 
+from remat import _compat
 from remat._errors import RematError
+
+_compat.hide_frames(__file__)
 
 DotsRule = Literal["all", "no_batch"]
 """Which matmul (``dot_general``) outputs a rule covers: ``"all"`` as JAX's

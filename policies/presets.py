@@ -6,9 +6,12 @@ Importing this module registers them (``remat.policies`` does so).
 
 from __future__ import annotations
 
+from remat import _compat
 from remat.policies import vocab as v
 from remat.policies.policy import Policy
 from remat.policies.registry import register
+
+_compat.hide_frames(__file__)
 
 _QKV = frozenset({v.QUERY_PROJ, v.KEY_PROJ, v.VALUE_PROJ, v.QKV_PROJ})
 _MLP_IN = frozenset({v.MLPWI_0, v.MLPWI_1, v.MLPWI})

@@ -13,8 +13,11 @@ import dataclasses
 import difflib
 import re
 
+from remat import _compat
 from remat._errors import RematError
 from remat.policies.policy import Policy
+
+_compat.hide_frames(__file__)
 
 _PRESET_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _KEYWORDS = ("save", "offload", "dots", "offload_dots")

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+from remat import _compat
 from remat._apply import without_remat
 from remat._buffers import DumpFormatError, PeakDump, read_dump
 from remat._errors import RematError
@@ -42,6 +43,8 @@ from remat._jaxpr import CALL_BODY, CHECKPOINT, checkpoint_names, nbytes, walk
 from remat._memory import PEAK_BUFFERS, advice, compiled_memory, default_compiler_options, peak_terms
 from remat._report import Report
 from remat._residuals import host_traffic, residual_rows
+
+_compat.hide_frames(__file__)
 
 __all__ = ["Traced", "analyze", "compile_and_analyze", "compile_traced", "count_checkpoints", "measure",
            "trace", "trace_without_remat"]

@@ -17,8 +17,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import contextvars
+import dataclasses
 import functools
-import inspect
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -30,12 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from remat import _jaxpr
+from remat import _compat, _jaxpr
+from remat._call import ArgSplitter, Statics
 from remat._errors import RematError
 from remat._residuals import output_names, residual_rows
 from remat.policies import Policy, get, vocab
 from remat.policies.registry import written_names
 from remat.policies.vocab import missing_names
+
+_compat.hide_frames(__file__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=type[nn.Module])
@@ -359,72 +362,6 @@ def _warn_prng(where: str) -> None:
             stacklevel=4)
 
 
-_STATIC_FLOATS: dict[tuple[str, str], set[float]] = {}
-"""Per (wrapper, argument): the first float values seen, at most 8 each."""
-
-
-def _warn_changing_floats(static: dict[str, Any], where: str) -> None:
-    """A Python float static argument that changes every step retraces and
-    recompiles every step; warn once it has taken 8 values."""
-    for name, value in static.items():
-        if isinstance(value, float):
-            seen = _STATIC_FLOATS.setdefault((where, name), set())
-            if len(seen) < 8 and value not in seen:
-                seen.add(value)
-                if len(seen) == 8:
-                    warnings.warn(
-                        f"{where}: static argument {name!r} has taken 8 different float values; "
-                        "each one retraces and recompiles. Pass it as an ordinary (traced) argument.",
-                        stacklevel=3)
-
-
-def static_indices(fn: Callable[..., Any], static_argnames: Sequence[str], *, skip_self: bool,
-                   kind: str = "static") -> None:
-    """Check that every name in ``static_argnames`` is a parameter of ``fn``
-    (``kind`` names the list in the message: ``"static"``, ``"broadcast"``).
-
-    Raises:
-      ValueError: naming the bad name and listing ``fn``'s parameters.
-    """
-    params = list(inspect.signature(fn).parameters)
-    if skip_self:
-        params = params[1:]
-    for name in static_argnames:
-        if name not in params:
-            raise RematError(
-                f"{kind} argument name {name!r} is not a parameter of {fn.__qualname__}; "
-                f"its parameters: {', '.join(params)}")
-
-
-def split_static(sig: inspect.Signature, static_argnames: Sequence[str], args: tuple, kwargs: dict,
-                 where: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Bind a call and split it into (static, dynamic) keyword dictionaries.
-
-    The first bound parameter (``self`` for methods) is dropped.
-
-    Raises:
-      TypeError: a static argument holds an unhashable value (an array, say),
-        which cannot be a trace-time constant.
-    """
-    bound = sig.bind(*args, **kwargs)
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    for name, p in sig.parameters.items():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name in arguments:
-            raise TypeError(f"{where}: *args/**kwargs parameters are not supported by remat wrappers")
-    static = {n: arguments.pop(n) for n in static_argnames}
-    for n, v in static.items():
-        try:
-            hash(v)
-        except TypeError:
-            raise TypeError(
-                f"{where}: static argument {n!r} got an unhashable value of type "
-                f"{type(v).__name__}; static arguments must be hashable Python values (bool, int, "
-                "str, ...). Pass arrays as ordinary (traced) arguments.") from None
-    _warn_changing_floats(static, where)
-    return static, arguments
-
-
 def label(policy: str | Policy) -> str:
     """How a policy argument is named in messages: the user's own string
     (e.g. ``"minimal"``), else the canonical spec."""
@@ -432,115 +369,141 @@ def label(policy: str | Policy) -> str:
 
 
 @contextlib.contextmanager
-def traced_flag_hint(where: str, dynamic: dict[str, Any]) -> Iterator[None]:
-    """Turn JAX's concretization errors inside a remat wrapper into a
-    ``TypeError`` that names the traced arguments and the fix."""
+def traced_flag_hint(where: str, traced: Sequence[str]) -> Iterator[None]:
+    """Add to JAX's concretization errors inside a remat wrapper (raised as
+    they are, so ``except jax.errors.TracerBoolConversionError`` still
+    catches them) a note that names the traced arguments and the fix."""
     try:
         yield
     except jax.errors.ConcretizationTypeError as e:
-        raise TypeError(
-            f"{where}: a traced argument was used as a Python value ({type(e).__name__}); under remat "
-            f"the arguments {', '.join(sorted(dynamic))} are traced: name the Python flags among them "
-            "(e.g. deterministic) in static_argnames") from e
+        e.add_note(f"remat: in {where}, the arguments {', '.join(traced) or '(none)'} are traced; "
+                   "name the Python flags among them (e.g. deterministic) in static_argnames or "
+                   "static_argnums")
+        raise
 
 
-def checkpoint(fn: F, policy: str | Policy, *, static_argnames: Sequence[str] = (),
-               prevent_cse: bool = True) -> F:
+def checkpoint(fn: F, policy: str | Policy, *, static_argnames: str | Sequence[str] = (),
+               static_argnums: int | Sequence[int] = (), prevent_cse: bool | Sequence[Any] = True) -> F:
     """``jax.checkpoint`` with a policy name, spec string or :class:`Policy`.
 
     ``"none"`` returns ``fn`` unchanged (no checkpoint at all). Otherwise the
-    result behaves like ``fn`` and, when first traced, checks that every name
-    the policy saves or offloads is emitted by ``fn``.
+    result is called, caches and fails as ``jax.checkpoint(fn, policy=...)``
+    does: arguments pass through as given (positional-only, keyword-only and
+    ``*args`` signatures too), defaults the caller never passed stay Python
+    values, a repeat call with the same abstract signature and static values
+    traces nothing new, and JAX's own errors (e.g.
+    ``jax.errors.TracerBoolConversionError``) are raised as they are, with a
+    note naming the traced arguments. In addition, when first traced with a
+    signature, it checks that every name the policy saves or offloads is
+    emitted by ``fn`` (one more trace, of the gradient, on abstract inputs).
 
     Args:
       fn: the function to rematerialize; arrays in, arrays out.
       policy: e.g. ``"minimal"``, ``"save:out_proj + dots:no_batch"``.
       static_argnames: parameters of ``fn`` that are trace-time constants
-        (Python values such as ``deterministic``); hashable values only.
+        (Python values such as ``deterministic``), by name, wherever the
+        caller passes them; hashable values only. Needs an inspectable
+        signature.
+      static_argnums: the same by position, as ``jax.checkpoint`` takes it.
       prevent_cse: keep XLA from merging the recomputation with the forward
-        pass. Leave True outside a scan; inside ``lax.scan`` it is not needed
-        and costs speed (``remat.scan_layers`` passes False). JAX doc:
-        "jax.checkpoint", ``prevent_cse``.
+        pass: a bool, or a pytree prefix of the traced arguments (one bool
+        per argument), as in ``jax.checkpoint``. Leave True outside a scan;
+        inside ``lax.scan`` it is not needed and costs speed
+        (``remat.scan_layers`` passes False). JAX doc: "jax.checkpoint",
+        ``prevent_cse``.
 
     Raises:
       UnknownPolicyError, PolicySpecError: a bad ``policy``.
-      ValueError: a name in ``static_argnames`` that is not a parameter of ``fn``.
+      RematError: a name in ``static_argnames`` that is not a parameter of
+        ``fn`` (or ``fn``'s signature cannot be inspected), a non-int in
+        ``static_argnums``.
       MissingCheckpointNameError: at first trace, a policy name ``fn`` never emits.
       NeverKeptError: at first trace, none of the policy's names is ever kept
         (a :class:`NeverKeptWarning` names each name written in the spec that is not).
       UnsupportedJaxModeError: an offload policy under JAX's ``jax_remat3`` mode.
       TypeError: at call time, an unhashable value for a static argument.
+      ValueError: at call time, a ``static_argnums`` position out of range.
     """
     pol = get(policy)
     if pol.is_none:
         return fn
-    static_indices(fn, static_argnames, skip_self=False)
-    sig = inspect.signature(fn)
     where = f"function {getattr(fn, '__qualname__', fn)!r}"
+    splitter = ArgSplitter(fn, static_argnames, static_argnums, where=where)
+
+    @functools.lru_cache(maxsize=64)
+    def checkpointed(statics: Statics) -> Callable[..., Any]:
+        # One jax.checkpoint per static values: JAX caches its trace on the function.
+        return jax.checkpoint(functools.partial(statics.call, fn), policy=pol.to_jax(),
+                              prevent_cse=prevent_cse)
 
     @functools.wraps(fn)
+    @_compat.api_boundary
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        static, dynamic = split_static(sig, static_argnames, args, kwargs, where)
         if remat_disabled():
             return fn(*args, **kwargs)
-        inner = lambda dyn: fn(**static, **dyn)
-        validate_once(pol, fn, (pol, tuple(sorted(static.items())), str(abstract(dynamic))),
-                      function_probe(inner), abstract(dynamic), where, label(policy))
-        with traced_flag_hint(where, dynamic):
-            return jax.checkpoint(inner, policy=pol.to_jax(), prevent_cse=prevent_cse)(dynamic)
+        statics, dyn_args, dyn_kwargs = splitter.split(args, kwargs)
+        dynamic = abstract((dyn_args, dyn_kwargs))
+        probe = function_probe(lambda d: statics.call(fn, *d[0], **d[1]))
+        validate_once(pol, fn, (pol, statics, str(dynamic)), probe, dynamic, where, label(policy))
+        with traced_flag_hint(where, splitter.traced_names(statics, dyn_kwargs)):
+            return checkpointed(statics)(*dyn_args, **dyn_kwargs)
 
     return wrapper  # type: ignore[return-value]
 
 
 def module_fields(module: nn.Module, cls: type[nn.Module]) -> dict[str, Any]:
     """The constructor attributes of a linen module (without parent and name)."""
-    import dataclasses
-
     return {f.name: getattr(module, f.name) for f in dataclasses.fields(cls)
             if f.init and f.name not in ("parent", "name")}
 
 
-def remat(module_cls: M, policy: str | Policy, *, static_argnames: Sequence[str] = (),
-          prevent_cse: bool = True, methods: Sequence[str] | None = None) -> M:
+def remat(module_cls: M, policy: str | Policy, *, static_argnames: str | Sequence[str] = (),
+          static_argnums: int | Sequence[int] = (), prevent_cse: bool = True,
+          methods: Sequence[str] | None = None) -> M:
     """Linen's ``nn.remat`` with a policy name, static arguments by *name*.
 
     Returns a subclass of ``module_cls`` with the same constructor, the same
     parameter tree and the same results, whose methods are rematerialized
     with the policy. Static arguments are given by name (keyword-only ones
-    too), so there is no ``self``-is-argument-0 off-by-one;
-    keyword arguments pass through. ``"none"`` returns ``module_cls`` itself.
+    too), so there is no ``self``-is-argument-0 off-by-one; arguments pass
+    through as given, and defaults the caller never passed stay Python
+    values, as under ``nn.remat``. ``"none"`` returns ``module_cls`` itself.
 
     Args:
       module_cls: a linen ``nn.Module`` subclass.
       policy: a preset name, spec string or :class:`Policy`.
       static_argnames: parameters that are Python constants at trace time
         (e.g. ``"deterministic"``); hashable values only.
-      prevent_cse: as in :func:`checkpoint`.
+      static_argnums: the same by position, numbered as ``nn.remat`` numbers
+        them: ``self`` is 0, the first argument 1.
+      prevent_cse: as in :func:`checkpoint` (a bool).
       methods: the methods to wrap; default ``["__call__"]``.
 
     Raises:
-      ValueError: a static name that is not a parameter of a wrapped method.
+      RematError: a static name that is not a parameter of a wrapped method,
+        or ``self`` (0) in ``static_argnums``.
       MissingCheckpointNameError: at first trace, a policy name the module
         never emits.
       NeverKeptError: at first trace, none of the policy's names is ever kept.
       TypeError: at call time, an unhashable value for a static argument.
     """
-    return remat_class(module_cls, policy, static_argnames, methods, functools.partial(
+    return remat_class(module_cls, policy, static_argnames, static_argnums, methods, functools.partial(
         _linen_remat, prevent_cse=prevent_cse))
 
 
 RematBody = Callable[..., Any]
-"""``body(cls, orig, pol, label, self, static, dynamic, where) -> outputs``:
-one call of a rematerialized method, after its arguments are split."""
+"""``body(cls, orig, pol, label, self, call, dynamic, where) -> outputs``:
+one call of a rematerialized method, after its arguments are split: a
+:class:`MethodCall` and the traced ``dynamic = (args, kwargs)``."""
 
 
-def remat_class(module_cls: M, policy: str | Policy, static_argnames: Sequence[str],
-                methods: Sequence[str] | None, body: RematBody) -> M:
+def remat_class(module_cls: M, policy: str | Policy, static_argnames: str | Sequence[str],
+                static_argnums: int | Sequence[int], methods: Sequence[str] | None, body: RematBody) -> M:
     """A subclass of ``module_cls`` whose ``methods`` (default ``__call__``)
-    split their arguments into static and dynamic ones (by name) and run
-    ``body``; outside it, with remat switched off (:func:`without_remat`),
-    they run as they are. ``"none"`` returns ``module_cls`` itself. Shared
-    by the linen and NNX ``remat``.
+    split their arguments into static and traced ones (:class:`ArgSplitter`)
+    and run ``body``; outside it, with remat switched off
+    (:func:`without_remat`), they run as they are. ``"none"`` returns
+    ``module_cls`` itself. Shared by the linen and NNX ``remat``.
 
     Raises:
       RematError: a static name that is not a parameter of a wrapped method.
@@ -548,18 +511,20 @@ def remat_class(module_cls: M, policy: str | Policy, static_argnames: Sequence[s
     pol = get(policy)
     if pol.is_none:
         return module_cls
+
     def wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
-        static_indices(orig, static_argnames, skip_self=True)
-        sig = inspect.signature(orig)
         where = f"module {module_cls.__name__}.{orig.__name__}"
+        splitter = ArgSplitter(orig, static_argnames, static_argnums, where=where, method=True)
 
         @functools.wraps(orig)
         def method(self: Any, *args: Any, **kwargs: Any) -> Any:
             if remat_disabled():
                 return orig(self, *args, **kwargs)
-            static, dynamic = split_static(sig, static_argnames, (self, *args), kwargs, where)
-            dynamic.pop(next(iter(sig.parameters)))
-            return body(module_cls, orig, pol, label(policy), self, static, dynamic, where)
+            statics, dyn_args, dyn_kwargs = splitter.split((self, *args), kwargs)
+            call = MethodCall(statics, orig)
+            with traced_flag_hint(where, splitter.traced_names(statics, dyn_kwargs, method=True)):
+                return body(module_cls, orig, pol, label(policy), self, call,
+                            (dyn_args[1:], dyn_kwargs), where)
 
         return method
 
@@ -567,34 +532,45 @@ def remat_class(module_cls: M, policy: str | Policy, static_argnames: Sequence[s
     return type(f"Remat{module_cls.__name__}", (module_cls,), overrides)  # type: ignore[return-value]
 
 
+@dataclasses.dataclass(frozen=True)
+class MethodCall:
+    """One call of a wrapped method, bound to its static values:
+    ``call(module, (args, kwargs))`` runs the method on ``module`` with the
+    traced ``args`` and ``kwargs`` (``self`` left out). Hashable by value, so
+    it keys the name check."""
+
+    statics: Statics
+    method: Callable[..., Any]
+
+    def __call__(self, module: Any, dynamic: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+        args, kwargs = dynamic
+        return self.statics.call(self.method, module, *args, **kwargs)
+
+
 def _linen_remat(cls: type[nn.Module], orig: Callable[..., Any], pol: Policy, policy_label: str,
-                 self: nn.Module, static: dict[str, Any], dynamic: dict[str, Any], where: str, *,
-                 prevent_cse: bool) -> Any:
+                 self: nn.Module, call: MethodCall, dynamic: Any, where: str, *, prevent_cse: bool) -> Any:
     fields = module_fields(self, cls)
-    validate_once(
-        pol, cls, (orig, pol, tuple(sorted(static.items())), tuple(sorted(fields.items())),
-                   str(abstract(dynamic))),
-        module_probe(cls, fields, orig, static), abstract(dynamic), where, policy_label)
-    body = lambda mdl, dyn: orig(mdl, **static, **dyn)
-    with traced_flag_hint(where, dynamic):
-        return nn.remat(body, policy=pol.to_jax(), prevent_cse=prevent_cse)(self, dynamic)
+    validate_once(pol, cls, (pol, call, tuple(sorted(fields.items())), str(abstract(dynamic))),
+                  module_probe(cls, fields, call), abstract(dynamic), where, policy_label)
+    return nn.remat(lambda mdl, dyn: call(mdl, dyn), policy=pol.to_jax(), prevent_cse=prevent_cse)(
+        self, dynamic)
 
 
-def module_probe(cls: type[nn.Module], fields: dict[str, Any], method: Callable[..., Any],
-                 static: dict[str, Any]) -> Probe:
-    """The :data:`Probe` of a fresh ``cls(**fields)`` called through ``method``:
-    its parameters from ``init`` and a pure ``apply`` (every collection
-    mutable, the new state dropped), with the streams ``params`` and
-    ``dropout`` seeded by a fixed key; traced on abstract inputs, nothing is
-    allocated."""
+def module_probe(cls: type[nn.Module], fields: dict[str, Any], call: Callable[[Any, Any], Any]) -> Probe:
+    """The :data:`Probe` of a fresh ``cls(**fields)`` run by ``call(module,
+    dynamic)``: its parameters from ``init`` and a pure ``apply`` (every
+    collection mutable, the new state dropped), with the streams ``params``
+    and ``dropout`` seeded by a fixed key; traced on abstract inputs, nothing
+    is allocated."""
     key = jax.random.key(0)
 
-    def make(dyn: dict[str, Any]) -> tuple[Any, Callable[[Any, Any], Any]]:
+    def make(dyn: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
         mdl = cls(**fields, parent=None)
-        variables = mdl.init({"params": key, "dropout": key}, **static, **dyn, method=method)
+        run = lambda m, d: call(m, d)
+        variables = mdl.init({"params": key, "dropout": key}, dyn, method=run)
 
-        def apply(params: Any, d: dict[str, Any]) -> Any:
-            return mdl.apply({**variables, "params": params}, **static, **d, method=method,
+        def apply(params: Any, d: Any) -> Any:
+            return mdl.apply({**variables, "params": params}, d, method=run,
                              rngs={"dropout": key}, mutable=True)[0]
 
         return variables.get("params", {}), apply

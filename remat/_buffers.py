@@ -27,6 +27,10 @@ import os
 import re
 from pathlib import Path
 
+from remat import _compat
+
+_compat.hide_frames(__file__)
+
 __all__ = ["DumpFormatError", "LiveValue", "PeakDump", "read_dump"]
 
 HOST_MEMORY_SPACE = 5

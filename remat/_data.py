@@ -32,7 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from remat import _compat
 from remat._errors import RematError
+
+_compat.hide_frames(__file__)
 
 _CHUNK = 1 << 20
 _CACHE_VERSION = 1

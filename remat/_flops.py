@@ -23,6 +23,8 @@ from jax.extend import core as jcore
 from remat import _compat
 from remat._jaxpr import walk
 
+_compat.hide_frames(__file__)
+
 __all__ = ["count_dots", "count_flops"]
 
 _ELEMENTWISE = frozenset("""

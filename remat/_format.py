@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 
+from remat import _compat
 from remat._errors import RematError
+
+_compat.hide_frames(__file__)
 
 __all__ = ["format_bytes", "format_flops", "parse_bytes"]
 

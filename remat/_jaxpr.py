@@ -18,6 +18,8 @@ from jax.extend import core as jcore
 
 from remat import _compat
 
+_compat.hide_frames(__file__)
+
 CALL_BODY = {"jit": "jaxpr", "pjit": "jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr",
              "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
              "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",

@@ -13,10 +13,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from remat import _compat
 from remat._buffers import HOST_MEMORY_SPACE, LiveValue, PeakDump
 from remat._format import format_bytes
 from remat._residuals import ResidualRow
 from remat.policies import vocab
+
+_compat.hide_frames(__file__)
 
 __all__ = ["ACTIVATION_TERMS", "FAST_CPU_COMPILE", "PEAK_BUFFERS", "TERMS", "PeakBuffer", "advice",
            "compiled_memory", "default_compiler_options", "peak_terms"]

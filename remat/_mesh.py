@@ -36,7 +36,10 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from remat import _compat
 from remat._errors import RematError
+
+_compat.hide_frames(__file__)
 
 __all__ = [
     "AXES",

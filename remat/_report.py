@@ -6,10 +6,13 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from remat import _compat
 from remat._errors import RematError
 from remat._format import format_bytes, format_flops
 from remat._memory import PeakBuffer
 from remat._residuals import ResidualRow
+
+_compat.hide_frames(__file__)
 
 if TYPE_CHECKING:
     from rich.console import Group

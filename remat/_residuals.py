@@ -36,6 +36,8 @@ from jax.extend import core as jcore
 from remat import _compat
 from remat._jaxpr import call_body, nbytes, open_jaxpr, sub_jaxprs, walk
 
+_compat.hide_frames(__file__)
+
 __all__ = ["ResidualRow", "host_traffic", "output_names", "residual_rows"]
 
 _LOOK_THROUGH = {"device_put", "reduce_precision", "copy", "copy_p", "optimization_barrier"}

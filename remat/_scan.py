@@ -31,19 +31,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from remat import _compat
 from remat._apply import (
     abstract,
     label,
     module_fields,
     module_probe,
     remat_disabled,
-    split_static,
-    static_indices,
     traced_flag_hint,
     validate_once,
 )
+from remat._call import ArgSplitter
 from remat._errors import RematError
 from remat.policies import Policy, get
+
+_compat.hide_frames(__file__)
 
 Groups = tuple[int, int] | Literal["sqrt"] | None
 """``None`` (one scan), ``(G, K)`` with ``G * K == num_layers``, or ``"sqrt"``."""
@@ -231,19 +233,18 @@ class LayerScan:
       segments: the plan (:func:`plan`).
       labels: how each segment's policy is named in messages.
       orig: the block's ``__call__``.
-      sig: its signature.
+      splitter: how its calls are split into static and traced arguments.
       carry_name: its first argument after ``self``, the carry.
       where: the block, for messages.
-      static_argnames, broadcast_argnames: as given.
+      broadcast_argnames: as given.
     """
 
     segments: tuple[Segment, ...]
     labels: dict[Policy, str]
     orig: Any
-    sig: inspect.Signature
+    splitter: ArgSplitter
     carry_name: str
     where: str
-    static_argnames: tuple[str, ...]
     broadcast_argnames: tuple[str, ...]
 
     @classmethod
@@ -256,11 +257,11 @@ class LayerScan:
         labels = ({get(policy): label(policy)} if isinstance(policy, (str, Policy))
                   else {get(p): label(p) for _, p in policy})
         orig = block_cls.__call__
-        static_indices(orig, static_argnames, skip_self=True)
-        static_indices(orig, broadcast_argnames, skip_self=True, kind="broadcast")
-        sig = inspect.signature(orig)
-        return cls(segments, labels, orig, sig, list(sig.parameters)[1], f"module {block_cls.__name__}",
-                   tuple(static_argnames), tuple(broadcast_argnames))
+        where = f"module {block_cls.__name__}"
+        splitter = ArgSplitter(orig, static_argnames, where=where, method=True)
+        ArgSplitter(orig, broadcast_argnames, where=where, method=True, kind="broadcast")
+        return cls(segments, labels, orig, splitter, list(inspect.signature(orig).parameters)[1], where,
+                   tuple(broadcast_argnames))
 
     def split(self, module: Any, args: tuple, kwargs: dict) -> tuple[dict[str, Any], Any, dict[str, Any]]:
         """A call's ``(static, carry, broadcast)`` arguments.
@@ -268,8 +269,9 @@ class LayerScan:
         Raises:
           TypeError: an argument neither static nor broadcast, or an unhashable static value.
         """
-        static, dynamic = split_static(self.sig, self.static_argnames, (module, *args), kwargs, self.where)
-        dynamic.pop(next(iter(self.sig.parameters)))
+        static, dynamic = self.splitter.split_named((module, *args), kwargs)
+        if self.carry_name not in dynamic:
+            raise TypeError(f"{self.where}: the carry {self.carry_name!r} was not passed")
         x = dynamic.pop(self.carry_name)
         unknown = sorted(set(dynamic) - set(self.broadcast_argnames))
         if unknown:
@@ -364,7 +366,8 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
                 validate_once(
                     seg.policy, block_cls, (seg.policy, tuple(sorted(static.items())),
                                             tuple(sorted(fields.items())), str(abstract((x, dynamic)))),
-                    module_probe(block_cls, fields, orig, static), abstract({spec.carry_name: x, **dynamic}),
+                    module_probe(block_cls, fields, lambda m, d: orig(m, **static, **d)),
+                    abstract({spec.carry_name: x, **dynamic}),
                     where, spec.labels.get(seg.policy), carry_outputs=len(jax.tree.leaves(x)))
 
             # Initialise as one flat scan, so the initial parameters are the same
@@ -383,7 +386,7 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
                 run, True, init=self.is_initializing(), mutable=True,
                 trans_in_fn=lambda v: {c: _to_segments(t, segs) for c, t in v.items()},
                 trans_out_fn=lambda v: {c: _from_segments(t, segs) for c, t in v.items()})
-            with traced_flag_hint(where, dynamic):
+            with traced_flag_hint(where, [spec.carry_name, *dynamic]):
                 return mapped(self, x, dynamic)
 
     ScannedLayers.__name__ = ScannedLayers.__qualname__ = f"Scanned{block_cls.__name__}"

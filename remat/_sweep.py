@@ -30,7 +30,7 @@ import optax
 from jax.sharding import Mesh
 from rich.table import Table
 
-from remat import models
+from remat import _compat, models
 from remat import policies as registry
 from remat._analysis import Traced, analyze, compile_traced, measure, trace, trace_without_remat
 from remat._errors import RematError
@@ -52,6 +52,8 @@ from remat._scan import policy_names
 from remat.models.nnx import check_api, model_for_api
 from remat.policies import Policy
 from remat.step import init_train_state, make_optimizer, make_train_step
+
+_compat.hide_frames(__file__)
 
 __all__ = [
     "SweepResult", "TrainStepSetup", "default_policies", "inspect_policy", "pareto_frontier", "plot_sweep",

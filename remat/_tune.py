@@ -65,7 +65,7 @@ import numpy as np
 from rich.console import Group
 from rich.table import Table
 
-from remat import models
+from remat import _compat, models
 from remat._analysis import compile_traced, measure, trace_without_remat
 from remat._apply import NeverKeptError, OffloadUnsupportedError, check_offload
 from remat._errors import RematError
@@ -77,6 +77,8 @@ from remat._report import Report
 from remat._residuals import residual_rows
 from remat._sweep import TrainStepSetup, default_policies, trace_policy, train_step_setup
 from remat.policies import get as get_policy
+
+_compat.hide_frames(__file__)
 
 __all__ = ["Candidate", "TuneConfig", "TuneResult", "tune"]
 

@@ -16,8 +16,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from remat import policies
+from remat import _compat, policies
 from remat._errors import RematError
+
+_compat.hide_frames(__file__)
 
 
 def policy_table_markdown() -> str:

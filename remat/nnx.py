@@ -38,12 +38,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from remat._apply import Probe, abstract, remat_class, remat_disabled, traced_flag_hint, validate_once
+from remat import _compat
+from remat._apply import (
+    MethodCall,
+    Probe,
+    abstract,
+    remat_class,
+    remat_disabled,
+    traced_flag_hint,
+    validate_once,
+)
 from remat._errors import RematError
 from remat._scan import Groups, LayerScan, PolicyArg, Segment
 from remat.policies import Policy, get
 
 __all__ = ["LayerAxes", "remat", "scan_layers", "stack_layers"]
+
+_compat.hide_frames(__file__)
 
 M = TypeVar("M", bound=type[nnx.Module])
 
@@ -58,16 +69,17 @@ def _value(v: Any) -> Any:
     return v.get_value() if isinstance(v, nnx.Variable) else v
 
 
-def _pure(graphdef: Any, method: Callable[..., Any], static: dict[str, Any]) -> Callable[..., Any]:
+def _pure(graphdef: Any, call: Callable[[Any, Any], Any]) -> Callable[..., Any]:
     """``fn(state, dynamic) -> (outputs, changed)``: merge a copy of the module,
-    call ``method`` on it, and return, besides its outputs, the variables the
-    call assigned or created (an ``nnx.State`` of those only: a parameter
-    the call does not touch is not returned, so no copy of it is made)."""
+    run ``call(module, dynamic)``, and return, besides its outputs, the
+    variables the call assigned or created (an ``nnx.State`` of those only: a
+    parameter the call does not touch is not returned, so no copy of it is
+    made)."""
 
-    def fn(state: nnx.State, dynamic: dict[str, Any]) -> tuple[Any, nnx.State]:
+    def fn(state: nnx.State, dynamic: Any) -> tuple[Any, nnx.State]:
         before = {path: _value(v) for path, v in nnx.to_flat_state(state)}
         module = nnx.merge(graphdef, state, copy=True)
-        out = method(module, **static, **dynamic)
+        out = call(module, dynamic)
         changed = [(path, v) for path, v in nnx.to_flat_state(nnx.state(module))
                    if path not in before or _value(v) is not before[path]]
         return out, nnx.from_flat_state(changed)
@@ -103,14 +115,17 @@ def _signature(state: nnx.State) -> tuple[Any, ...]:
                  for path, v in nnx.to_flat_state(state))
 
 
-def remat(module_cls: M, policy: str | Policy, *, static_argnames: Sequence[str] = (),
-          prevent_cse: bool = True, methods: Sequence[str] | None = None) -> M:
+def remat(module_cls: M, policy: str | Policy, *, static_argnames: str | Sequence[str] = (),
+          static_argnums: int | Sequence[int] = (), prevent_cse: bool = True,
+          methods: Sequence[str] | None = None) -> M:
     """:func:`remat.remat` for NNX: an ``nnx.Module`` subclass of
     ``module_cls`` (same constructor, same state) whose methods run under
     ``jax.checkpoint`` with ``policy``.
 
     Static arguments are given by name (``nnx.remat`` takes only
-    ``static_argnums``); keyword arguments pass through; a method may
+    ``static_argnums``), or by position (``self`` is 0); arguments pass
+    through as given, and defaults the caller never passed stay Python
+    values; a method may
     assign variables (RNG counters advance, counters and statistics update),
     which are written back to the module after the call. ``"none"`` returns
     ``module_cls`` itself.
@@ -126,7 +141,8 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: Sequence[str]
       policy: a preset name, spec string or :class:`remat.Policy`.
       static_argnames: parameters that are Python constants at trace time
         (e.g. ``"deterministic"``); hashable values only.
-      prevent_cse: as in :func:`remat.checkpoint`.
+      static_argnums: the same by position (``self`` is 0, the first argument 1).
+      prevent_cse: as in :func:`remat.checkpoint` (a bool).
       methods: the methods to wrap; default ``["__call__"]``.
 
     Raises:
@@ -138,20 +154,17 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: Sequence[str]
       NeverKeptError: at first trace, none of the policy's names is ever kept.
       TypeError: at call time, an unhashable value for a static argument.
     """
-    return remat_class(module_cls, policy, static_argnames, methods, functools.partial(
+    return remat_class(module_cls, policy, static_argnames, static_argnums, methods, functools.partial(
         _nnx_remat, prevent_cse=prevent_cse))
 
 
 def _nnx_remat(cls: type[nnx.Module], orig: Callable[..., Any], pol: Policy, policy_label: str,
-               self: nnx.Module, static: dict[str, Any], dynamic: dict[str, Any], where: str, *,
-               prevent_cse: bool) -> Any:
+               self: nnx.Module, call: MethodCall, dynamic: Any, where: str, *, prevent_cse: bool) -> Any:
     graphdef, state = nnx.split(self)
-    fn = _pure(graphdef, orig, static)
-    with traced_flag_hint(where, dynamic):
-        validate_once(pol, cls, (orig, pol, tuple(sorted(static.items())), _signature(state),
-                                 str(abstract(dynamic))),
-                      _probe(fn), abstract({"state": state, "args": dynamic}), where, policy_label)
-        out, changed = jax.checkpoint(fn, policy=pol.to_jax(), prevent_cse=prevent_cse)(state, dynamic)
+    fn = _pure(graphdef, call)
+    validate_once(pol, cls, (pol, call, _signature(state), str(abstract(dynamic))),
+                  _probe(fn), abstract({"state": state, "args": dynamic}), where, policy_label)
+    out, changed = jax.checkpoint(fn, policy=pol.to_jax(), prevent_cse=prevent_cse)(state, dynamic)
     _update(self, changed, where)
     return out
 
@@ -283,7 +296,7 @@ def scan_layers(block_cls: type[nnx.Module], *, num_layers: int, policy: PolicyA
             static, x, dynamic = spec.split(self, args, kwargs)
             graphdef, stacked = nnx.split(self.block)
             state = _move_layer_axis(stacked, axes, to_front=True)
-            fn = _pure(graphdef, orig, static)
+            fn = _pure(graphdef, lambda m, d: orig(m, **static, **d))
             one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state)
             for seg in segments:
                 validate_once(
@@ -293,7 +306,7 @@ def scan_layers(block_cls: type[nnx.Module], *, num_layers: int, policy: PolicyA
                     spec.labels.get(seg.policy), carry_outputs=len(jax.tree.leaves(x)))
             segs = (Segment(num_layers, get("none"), None),) if remat_disabled() else segments
             parts, start = [], 0
-            with traced_flag_hint(where, dynamic):
+            with traced_flag_hint(where, [carry_name, *dynamic]):
                 for seg in segs:
                     part = jax.tree.map(lambda a, s=start, n=seg.num_layers: a[s:s + n], state)
                     x, changed = run_segment(seg, fn, x, part, dynamic)

@@ -21,11 +21,14 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from remat import _compat
 from remat._apply import checkpoint
 from remat._errors import RematError
 from remat._memory import compiled_memory
 from remat._residuals import residual_rows
 from remat.policies import Policy, get
+
+_compat.hide_frames(__file__)
 
 __all__ = ["TOLERANCES", "NoMemoryAnalysisError", "assert_memory_ordered", "assert_policy_parity",
            "assert_saved_names", "compiled_op_count", "saved_names", "temp_bytes"]

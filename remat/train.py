@@ -58,6 +58,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from remat import _compat
 from remat._analysis import compile_and_analyze
 from remat._data import Batches, Corpus, build_corpus, eval_batches
 from remat._errors import RematError
@@ -83,6 +84,8 @@ from remat.step import (
     make_optimizer,
     make_train_step,
 )
+
+_compat.hide_frames(__file__)
 
 __all__ = ["TrainConfig", "TrainResult", "load_config", "train"]
 

@@ -320,9 +320,9 @@ def test_new_user_mistakes_get_clear_errors():
     """From a new user's trial: a Python flag left traced, policy=None, a preset
     named in errors as the user wrote it, and ``+`` on Policy values."""
     traced = remat.remat(Block, "full")()
-    with pytest.raises(TypeError, match="module Block.__call__: a traced argument was used as a Python "
-                                        "value .TracerBoolConversionError.; under remat the arguments "
-                                        "deterministic, x are traced: name the Python flags"):
+    with pytest.raises(jax.errors.TracerBoolConversionError,
+                       match="remat: in module Block.__call__, the arguments x, deterministic are traced; "
+                             "name the Python flags among them"):
         traced.init(RNGS, X, deterministic=True)
     with pytest.raises(TypeError, match="a remat policy is a name, a spec string or a Policy, got None"):
         stack(None)
