@@ -336,8 +336,9 @@ def compiler_options(target: str | Target) -> dict[str, str]:
     XLA:GPU's own rematerialization pass runs when its estimate of the peak
     exceeds :func:`xla_remat_limit_bytes` (about 80% of device memory, less
     the inputs and outputs) and then silently recomputes values, so the
-    compiled program is not the policy being measured; NVIDIA's JAX-Toolbox
-    MaxText recipes pass ``--xla_disable_hlo_passes=rematerialization`` too.
+    compiled program is not the policy being measured; MaxText's GPU scripts
+    (its ``end_to_end/gpu`` runs) set ``--xla_disable_hlo_passes=rematerialization``
+    in ``XLA_FLAGS`` as well.
     ``cpu``: ``{}``.
 
     Raises:
@@ -357,9 +358,13 @@ def xla_remat_limit_bytes(target: str | Target, argument_bytes: int, output_byte
     ``(device_memory_size x 80 / 100 - io) x 95 / 100`` with ``io =
     argument_bytes + output_bytes - alias_bytes`` (donated outputs counted
     once), and 0 if ``io`` exceeds the first term, in integer arithmetic as
-    XLA does. When a program's peak (``memory_analysis()``: temporaries plus
-    live inputs) nears it, XLA's remat pass may act unless
-    :func:`compiler_options` disabled it.
+    XLA does. The remat pass (``xla/hlo/transforms/simplifiers/
+    hlo_rematerialization.cc``) subtracts the outputs once more and recomputes
+    values when its own peak estimate of the entry computation (roughly the
+    live parameters plus ``memory_analysis().temp_size_in_bytes``) exceeds
+    what is left; so a temp near this limit means XLA may have changed the
+    program, unless :func:`compiler_options` disabled the pass. An estimate of
+    when it acts, not a replica of its accounting.
 
     Source: openxla/xla ``xla/service/gpu/gpu_hlo_schedule.cc``,
     ``GetSchedulerMemoryLimit`` (@ 1a677b5c9447394d184ffb7c3ec84f44d93d6ecb),
