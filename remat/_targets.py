@@ -55,7 +55,6 @@ __all__ = [
     "SKIP_CHECK_VAR",
     "TARGETS",
     "Target",
-    "compiler_options",
     "get_target",
     "prepare_environment",
     "target_devices",
@@ -329,24 +328,6 @@ def target_mesh(target: str | Target, axes: Mapping[str, int]) -> Mesh:
     return make_mesh(axes, devices=target_devices(target, math.prod(axes.values())))
 
 
-def compiler_options(target: str | Target) -> dict[str, str]:
-    """XLA options to compile for ``target`` with (``lowered.compile(compiler_options=...)``).
-
-    A GPU target: ``{"xla_disable_hlo_passes": "rematerialization"}``.
-    XLA:GPU's own rematerialization pass runs when its estimate of the peak
-    exceeds :func:`xla_remat_limit_bytes` (about 80% of device memory, less
-    the inputs and outputs) and then silently recomputes values, so the
-    compiled program is not the policy being measured; MaxText's GPU scripts
-    (its ``end_to_end/gpu`` runs) set ``--xla_disable_hlo_passes=rematerialization``
-    in ``XLA_FLAGS`` as well.
-    ``cpu``: ``{}``.
-
-    Raises:
-      RematError: an unknown target name.
-    """
-    return {"xla_disable_hlo_passes": "rematerialization"} if get_target(target).platform == "gpu" else {}
-
-
 _SCHEDULER_MEMORY_PERCENT = 80  # gpu_hlo_schedule.cc: device_memory_size() * 80 / 100
 _SLOP_FACTOR_PERCENT = 95  # debug_options_flags.cc: set_xla_gpu_memory_limit_slop_factor(95)
 
@@ -363,7 +344,7 @@ def xla_remat_limit_bytes(target: str | Target, argument_bytes: int, output_byte
     values when its own peak estimate of the entry computation (roughly the
     live parameters plus ``memory_analysis().temp_size_in_bytes``) exceeds
     what is left; so a temp near this limit means XLA may have changed the
-    program, unless :func:`compiler_options` disabled the pass. An estimate of
+    program, unless :data:`remat._memory.NO_XLA_REMAT` disabled the pass. An estimate of
     when it acts, not a replica of its accounting.
 
     Source: openxla/xla ``xla/service/gpu/gpu_hlo_schedule.cc``,

@@ -22,9 +22,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from remat import RematError
 from remat import _targets as targets
+from remat._memory import default_compiler_options
 from remat._targets import (
     TARGETS,
-    compiler_options,
     get_target,
     prepare_environment,
     target_devices,
@@ -84,7 +84,6 @@ def test_unknown_name():
 def test_cpu_devices_and_mesh():
     have = jax.devices("cpu")
     assert target_devices("cpu", 1) == have[:1]
-    assert compiler_options("cpu") == {}
     mesh = target_mesh("cpu", {"data": 1})
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
     n = len(have) + 1
@@ -115,7 +114,7 @@ def test_prepare_environment(monkeypatch):
 
 
 def test_compiler_options_and_xla_limit():
-    assert compiler_options("h100") == {"xla_disable_hlo_passes": "rematerialization"}
+    assert default_compiler_options("gpu") == {"xla_disable_hlo_passes": "rematerialization"}
     mem = 84942979072
     assert xla_remat_limit_bytes("h100", 0, 0) == mem * 80 // 100 * 95 // 100
     assert xla_remat_limit_bytes("h100", 10 << 30, 2 << 30, alias_bytes=2 << 30) == \
@@ -191,7 +190,7 @@ def test_compile_h100_deviceless(n):
         return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec(*spec)))
 
     args = (sds((2 * n, 256, 128), "fsdp"), sds((128, 384), "fsdp"), sds((128, 128), "fsdp"))
-    compiled = jax.jit(_train_step).lower(*args).compile(compiler_options("h100"))
+    compiled = jax.jit(_train_step).lower(*args).compile(default_compiler_options("gpu"))
     memory = compiled.memory_analysis()
     assert memory.temp_size_in_bytes > 0
     assert memory.argument_size_in_bytes == (2 * 256 * 128 + (128 * 384 + 128 * 128) // n) * 2
