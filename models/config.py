@@ -29,14 +29,17 @@ biases."""
 MlpActivation = Literal["silu", "gelu_tanh"]
 """The llama family's gated MLP activation: ``"silu"`` (SwiGLU: Llama, Mistral,
 Qwen) or ``"gelu_tanh"`` (GeGLU with the tanh approximation: Gemma)."""
-AttentionImpl = Literal["xla", "dot_product_attention"]
+AttentionImpl = Literal["xla", "dot_product_attention", "cudnn"]
 """``"xla"``: einsum attention that tags ``attn_scores`` and ``attn_probs``;
 ``"dot_product_attention"``: ``jax.nn.dot_product_attention`` (cuDNN flash
-attention on GPU), which tags only its output ``context``."""
+attention when the default backend is a GPU), which tags only its output
+``context``; ``"cudnn"``: the same with ``implementation="cudnn"`` always, for
+a GPU target compiled from a host without one (the kernel follows the target,
+not the host)."""
 
 FAMILIES: tuple[str, ...] = ("gpt2", "llama")
 MLP_ACTIVATIONS: tuple[str, ...] = ("silu", "gelu_tanh")
-ATTENTION_IMPLS: tuple[str, ...] = ("xla", "dot_product_attention")
+ATTENTION_IMPLS: tuple[str, ...] = ("xla", "dot_product_attention", "cudnn")
 _DTYPE_ALIASES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
     "f16": "float16", "fp16": "float16", "float16": "float16",
@@ -97,7 +100,7 @@ class ModelConfig:
         ``"bf16"``/``"f32"``/``"f16"`` are accepted and normalised to a numpy dtype).
         Norm statistics and softmax run in float32 whatever this is.
       param_dtype: dtype of the parameters (float32 by default).
-      attention: ``"xla"`` or ``"dot_product_attention"`` (see :data:`AttentionImpl`).
+      attention: ``"xla"``, ``"dot_product_attention"`` or ``"cudnn"`` (see :data:`AttentionImpl`).
       rope_theta: RoPE base frequency (Su et al. 2021), llama only.
       norm_eps: epsilon of LayerNorm / RMSNorm.
       loss_chunks: compute the logits and the cross-entropy of a train step in
@@ -185,11 +188,11 @@ class ModelConfig:
             value = getattr(self, field)
             if value is not None and not 0.0 <= value < 1.0:
                 raise RematError(f"ModelConfig.{field}={value!r} must be in [0, 1)")
-        if self.attention == "dot_product_attention" and self.attn_dropout > 0:
+        if self.attention != "xla" and self.attn_dropout > 0:
             raise RematError(
                 f"ModelConfig.attention_dropout_rate={self.attn_dropout} (from "
                 f"{'dropout_rate' if self.attention_dropout_rate is None else 'attention_dropout_rate'}) "
-                "with attention='dot_product_attention', which has no attention dropout; "
+                f"with attention={self.attention!r}, which has no attention dropout; "
                 "set attention_dropout_rate=0.0 or attention='xla'")
         for field in ("rope_theta", "norm_eps", "init_std"):
             value = getattr(self, field)

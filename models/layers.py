@@ -113,10 +113,14 @@ def attention_implementation(config: ModelConfig) -> str:
     al. 2022, through cuDNN) when the default backend is a GPU and the compute
     dtype is bf16 or f16 (cuDNN's requirement), else ``"xla"``. cuDNN raises
     for shapes it does not support (e.g. head_dim > 128 or not a multiple of 8),
-    never falls back silently. Returns ``"einsum"`` for ``attention="xla"``.
+    never falls back silently. Returns ``"einsum"`` for ``attention="xla"``
+    and ``"cudnn"`` for ``attention="cudnn"`` (a GPU target compiled from
+    any host).
     """
     if config.attention == "xla":
         return "einsum"
+    if config.attention == "cudnn":
+        return "cudnn"
     if jax.default_backend() == "gpu" and config.dtype in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "xla"

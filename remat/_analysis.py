@@ -81,6 +81,14 @@ class Traced:
     label: str
     trace_seconds: float
     notes: tuple[str, ...] = ()
+    device: Any = None
+    """A device the step is compiled for: its arguments' (a target's
+    compile-only device under a target mesh), else JAX's default device."""
+
+    @property
+    def platform(self) -> str:
+        """``"cpu"``, ``"gpu"``, ...: the platform the step is compiled for."""
+        return self.device.platform
 
     @functools.cached_property
     def program(self) -> str:
@@ -97,7 +105,19 @@ def trace(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], label: st
     pinned = {} if out_shardings is None else {"out_shardings": out_shardings}
     traced = jax.jit(fn, donate_argnums=donate_argnums, **pinned).trace(*args, **kwargs)
     lowered = traced.lower()
-    return Traced(traced, lowered, label or getattr(fn, "__name__", "fn"), time.perf_counter() - t0)
+    return Traced(traced, lowered, label or getattr(fn, "__name__", "fn"), time.perf_counter() - t0,
+                  device=argument_device((args, kwargs)))
+
+
+def argument_device(tree: Any) -> Any:
+    """A device of the first argument placed on one (a ``jax.Array`` or a
+    ``jax.ShapeDtypeStruct`` with a sharding), else ``jax.devices()[0]``:
+    what a step with those arguments is compiled for."""
+    for x in jax.tree.leaves(tree):
+        devices = getattr(getattr(x, "sharding", None), "device_set", None)
+        if devices:
+            return min(devices, key=lambda d: d.id)
+    return jax.devices()[0]
 
 
 def compile_traced(t: Traced, compiler_options: dict[str, Any] | None) -> tuple[Any, float, PeakDump | str]:
@@ -112,7 +132,7 @@ def compile_traced(t: Traced, compiler_options: dict[str, Any] | None) -> tuple[
       ``(compiled, compile_seconds, dump)``: ``dump`` is what is live at the
       memory peak, or a sentence saying why there is none.
     """
-    options = dict(default_compiler_options() if compiler_options is None else compiler_options)
+    options = dict(default_compiler_options(t.platform) if compiler_options is None else compiler_options)
     with contextlib.ExitStack() as stack:
         if "xla_dump_to" not in options:
             options["xla_dump_to"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="remat-xla-"))
@@ -156,7 +176,7 @@ def measure(t: Traced, compiled: Any, compile_seconds: float, dump: PeakDump | s
     dots_kept = sum(r.count * r.layers for r in rows if r.from_dot)
     residual_bytes = sum(r.device_bytes for r in rows if r.memory_kind == "device")
     host_residual_bytes = sum(r.device_bytes for r in rows if r.memory_kind == "host")
-    backend = jax.default_backend()
+    backend = t.platform
 
     mem = compiled_memory(compiled)
     fields: dict[str, int | None]
@@ -193,7 +213,7 @@ def measure(t: Traced, compiled: Any, compile_seconds: float, dump: PeakDump | s
                      "rule keeps none of them (an outer vmap or batched expert einsums?)")
 
     return Report(
-        label=t.label, backend=backend, device_kind=jax.devices()[0].device_kind,
+        label=t.label, backend=backend, device_kind=t.device.device_kind,
         jax_version=jax.__version__,
         temp_bytes=fields["temp"], argument_bytes=fields["argument"], output_bytes=fields["output"],
         alias_bytes=fields["alias"], host_temp_bytes=fields["host_temp"],
@@ -246,7 +266,9 @@ def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
     """Measure ``fn(*args, **kwargs)`` compile-only: memory, residuals, FLOPs.
 
     ``jax.jit(fn, donate_argnums=...).trace(*args, **kwargs)``, then
-    ``.lower().compile()`` on the default backend; nothing runs and, with
+    ``.lower().compile()`` for the devices the arguments are placed on (a
+    target's compile-only devices, e.g. ``remat.target_mesh("h100",
+    {"fsdp": 8})``, else the default backend); nothing runs and, with
     ``jax.ShapeDtypeStruct`` arguments, nothing is allocated. Residuals and
     FLOPs come from the traced jaxpr (see the module doc), memory from
     ``compiled.memory_analysis()``.
@@ -272,7 +294,8 @@ def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
         :class:`Report` or FLOPs (int) if you measured it already; or None
         for no baseline (``recompute_overhead`` stays None).
       compiler_options: XLA options for ``Lowered.compile``; None means
-        :func:`default_compiler_options` (fast compile on CPU).
+        :func:`remat._memory.default_compiler_options` of the step's platform
+        (fast compile on CPU; XLA:GPU's own rematerialization pass off).
       out_shardings: as ``jax.jit``'s (None: the compiler's choice); under a
         mesh, pin a donated train state to its input shardings.
       **kwargs: keyword arguments of ``fn``.

@@ -21,8 +21,8 @@ from remat.policies import vocab
 
 _compat.hide_frames(__file__)
 
-__all__ = ["ACTIVATION_TERMS", "FAST_CPU_COMPILE", "PEAK_BUFFERS", "TERMS", "PeakBuffer", "advice",
-           "compiled_memory", "default_compiler_options", "peak_terms"]
+__all__ = ["ACTIVATION_TERMS", "FAST_CPU_COMPILE", "NO_XLA_REMAT", "PEAK_BUFFERS", "TERMS", "PeakBuffer",
+           "advice", "compiled_memory", "default_compiler_options", "peak_terms"]
 
 _MEMORY_FIELDS = ("temp", "argument", "output", "alias", "host_temp")
 
@@ -49,9 +49,22 @@ train step: temp bytes equal to within 128 B) while compiling is 6-8x faster;
 the executable is only measured, never run."""
 
 
-def default_compiler_options() -> dict[str, Any]:
-    """:data:`FAST_CPU_COMPILE` on the CPU backend, no options elsewhere."""
-    return dict(FAST_CPU_COMPILE) if jax.default_backend() == "cpu" else {}
+NO_XLA_REMAT: dict[str, Any] = {"xla_disable_hlo_passes": "rematerialization"}
+"""XLA options :func:`analyze` uses on a GPU unless told otherwise: XLA:GPU's
+own rematerialization pass off. That pass runs when its estimate of the peak
+exceeds a limit (about 80% of device memory less the inputs and outputs; see
+:func:`remat._targets.xla_remat_limit_bytes`) and then silently recomputes
+values, so the compiled program is no longer the policy being compared;
+NVIDIA's MaxText GPU recipes train with ``--xla_disable_hlo_passes=rematerialization``
+in ``XLA_FLAGS`` too, which is what a measured program must be trained with."""
+
+
+def default_compiler_options(platform: str | None = None) -> dict[str, Any]:
+    """The options :func:`remat.analyze` compiles with on ``platform``
+    (default: the default backend's): :data:`FAST_CPU_COMPILE` on ``"cpu"``,
+    :data:`NO_XLA_REMAT` on ``"gpu"``, none elsewhere."""
+    platform = platform or jax.default_backend()
+    return dict({"cpu": FAST_CPU_COMPILE, "gpu": NO_XLA_REMAT}.get(platform, {}))
 
 
 TERMS: tuple[str, ...] = ("parameters", "optimizer state", "gradients", "residuals", "stacked layer inputs",

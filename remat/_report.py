@@ -42,7 +42,8 @@ class Report:
 
     Attributes:
       label: what was measured, e.g. a policy spec.
-      backend: ``jax.default_backend()``, e.g. ``"cpu"``, ``"gpu"``, ``"tpu"``.
+      backend: the platform the step was compiled for (its arguments'
+        devices), e.g. ``"cpu"``, ``"gpu"``, ``"tpu"``.
       device_kind: e.g. ``"cpu"``, ``"NVIDIA H100 80GB HBM3"``.
       jax_version: ``jax.__version__``.
       temp_bytes: XLA temporaries (activations, residuals, workspace).
@@ -102,6 +103,11 @@ class Report:
         way, of ``transfer_seconds`` (default :data:`HOST_LINK_BYTES_PER_S`).
       peak_flops_per_s: the device's peak rate, FLOPs per second, of
         ``compute_seconds`` (default :data:`PEAK_FLOPS_PER_S`).
+      target: the :data:`remat.TARGETS` name compiled for (``"cpu"``: this
+        host's XLA:CPU, or a function measured outside a target).
+      limit_bytes: the usable memory per device on the target
+        (:meth:`remat.Target.usable_bytes`), or None where none is stated
+        (``cpu``); see ``headroom_bytes`` and ``fits``.
       saving_unconfirmed: against its baseline (the step with no
         ``jax.checkpoint``), the compiled ``temp_bytes`` fall by less than half
         the residual bytes this report claims to save, or the peak is higher:
@@ -146,6 +152,18 @@ class Report:
     host_transfer_bytes: int = 0
     host_link_bytes_per_s: float = HOST_LINK_BYTES_PER_S
     peak_flops_per_s: float = PEAK_FLOPS_PER_S
+    target: str = "cpu"
+    limit_bytes: int | None = None
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        """``limit_bytes - peak_bytes`` (negative: over), None without a limit."""
+        return None if self.limit_bytes is None else self.limit_bytes - self.peak_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        """``peak_bytes <= limit_bytes``, None without a limit."""
+        return None if self.limit_bytes is None else self.peak_bytes <= self.limit_bytes
 
     @property
     def flops_per_device(self) -> float:
@@ -208,7 +226,7 @@ class Report:
         d["mesh"] = dict(self.mesh)
         d["rules"] = [[k, list(v) if isinstance(v, tuple) else v] for k, v in self.rules]
         d["flops_per_device"] = self.flops_per_device
-        for k in ("transfer_seconds", "compute_seconds", "transfer_compute_ratio"):
+        for k in ("transfer_seconds", "compute_seconds", "transfer_compute_ratio", "headroom_bytes", "fits"):
             d[k] = getattr(self, k)
         d["peak_terms"] = dict(self.peak_terms)
         d["peak_residuals"] = dict(self.peak_residuals)
@@ -244,6 +262,15 @@ class Report:
                          "with no remat at all")
         return dataclasses.replace(r, notes=(*r.notes, *notes), saving_unconfirmed=bool(notes))
 
+    def fit_line(self) -> str:
+        """``"fits, 3.2 GiB headroom"`` or ``"does not fit, 1.1 GiB over"``
+        against ``limit_bytes``; ``""`` without a limit."""
+        if self.headroom_bytes is None:
+            return ""
+        if self.headroom_bytes >= 0:
+            return f"fits, {format_bytes(self.headroom_bytes)} headroom"
+        return f"does not fit, {format_bytes(-self.headroom_bytes)} over"
+
     def summary_table(self, timings: bool = True) -> Table:
         """A two-column rich table of the memory and compute figures;
         ``timings=False`` leaves out the trace and compile times."""
@@ -255,6 +282,8 @@ class Report:
         rows = [
             ("peak per device", format_bytes(self.peak_bytes) + ("" if self.peak_source == "memory_analysis"
                                                                  else f" ({self.peak_source})")),
+            *([("usable memory", f"{format_bytes(self.limit_bytes)}: "
+                                 f"{self.fit_line()}")] if self.limit_bytes is not None else []),
             ("  arguments", format_bytes(self.argument_bytes)),
             *([("    parameters", format_bytes(self.parameter_bytes)),
                ("    optimizer state", format_bytes(self.optimizer_bytes)),
@@ -275,7 +304,8 @@ class Report:
             ("matmuls kept", f"{self.dots_kept} of {self.dots_forward} "
                              f"({self.dots_forward_batched} with batch dims)"),
             ("checkpoint names", ", ".join(self.checkpoint_names) or "-"),
-            ("backend", f"{self.backend} ({self.device_kind}), jax {self.jax_version}"),
+            ("compiled for", f"target {self.target}: {self.backend} ({self.device_kind}), "
+                             f"jax {self.jax_version}"),
             *([("trace / compile", f"{self.trace_seconds:.2f} s / {self.compile_seconds:.2f} s")]
               if timings else []),
         ]

@@ -49,6 +49,7 @@ from remat._mesh import (
 )
 from remat._report import HOST_LINK_BYTES_PER_S, PEAK_FLOPS_PER_S, Report
 from remat._scan import policy_names
+from remat._targets import TARGETS, Target, get_target, target_mesh
 from remat.models.nnx import check_api, model_for_api
 from remat.policies import Policy
 from remat.step import init_train_state, make_optimizer, make_train_step
@@ -86,6 +87,10 @@ class TrainStepSetup:
         (:func:`remat.step.make_train_step`).
       api: the Flax API the model is built in, ``"linen"`` or ``"nnx"``
         (:func:`remat.models.nnx.model_for_api`); the state is the same.
+      target: what the step is compiled for (:class:`remat.Target`; ``cpu``
+        is this host's XLA:CPU).
+      mem_fraction: the fraction of the target's memory the runtime may
+        allocate (None: the target's default); see :meth:`remat.Target.usable_bytes`.
     """
 
     config: models.ModelConfig
@@ -100,6 +105,8 @@ class TrainStepSetup:
     out_shardings: Any = None
     microbatches: int = 1
     api: str = "linen"
+    target: Target = TARGETS["cpu"]
+    mem_fraction: float | None = None
 
     def step_args(self) -> tuple[Any, jax.ShapeDtypeStruct, Any]:
         """``(state, tokens, rng)`` for ``make_train_step(model)``."""
@@ -126,10 +133,14 @@ class TrainStepSetup:
                 "batch_bytes": _device_bytes(self.tokens)}
 
     def finish(self, report: Report) -> Report:
-        """``report`` with what the setup knows: the mesh, the rules and the argument split."""
+        """``report`` with what the setup knows: the mesh, the rules, the
+        argument split and the target (its name, usable memory and rates)."""
         mesh = tuple(self.mesh.shape.items()) if self.mesh is not None else ()
-        return dataclasses.replace(report, mesh=mesh, rules=tuple(self.rules) if mesh else (),
-                                   **self.argument_split())
+        t = self.target
+        return dataclasses.replace(
+            report, mesh=mesh, rules=tuple(self.rules) if mesh else (), target=t.name,
+            limit_bytes=t.usable_bytes(self.mem_fraction), peak_flops_per_s=t.peak_flops_per_s,
+            host_link_bytes_per_s=t.host_link_bytes_per_s, **self.argument_split())
 
 
 def _device_bytes(tree: Any) -> int:
@@ -147,7 +158,8 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
                      optimizer: optax.GradientTransformation | None = None,
                      mesh: Mesh | Mapping[str, int] | None = None,
                      rules: Rules | None = None, loss_chunks: int | None = None,
-                     microbatches: int = 1, api: str = "linen") -> TrainStepSetup:
+                     microbatches: int = 1, api: str = "linen", target: str | Target = "cpu",
+                     attention: str | None = None, mem_fraction: float | None = None) -> TrainStepSetup:
     """Build the abstract train-step inputs for a model (nothing allocated).
 
     Args:
@@ -171,17 +183,31 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
       api: ``"linen"`` or ``"nnx"``: the Flax API of the model the step runs
         (:func:`remat.models.nnx.model_for_api`; the parameters and their
         layout are the same).
+      target: a :data:`remat.TARGETS` name or :class:`remat.Target`: compile
+        for its devices (``mesh`` then counts devices of that target; a GPU
+        target compiles deviceless, on this host's CPU, with ``remat[gpu]``);
+        ``"cpu"`` is this host.
+      attention: the model's attention (``ModelConfig.attention``: ``"xla"``,
+        ``"dot_product_attention"`` or ``"cudnn"``); None keeps the config's,
+        except on a GPU target, where a bf16/f16 model without attention
+        dropout and with a head_dim cuDNN takes (a multiple of 8, at most
+        128) gets ``"cudnn"``: the kernel follows the target, not the host.
+      mem_fraction: the fraction of device memory the runtime may allocate
+        (None: the target's default, JAX's 0.75 on a GPU).
 
     Raises:
-      RematError: unknown preset or api (the message lists them), ``batch < 1``,
+      RematError: unknown preset, api or target (the message lists them), ``batch < 1``,
         ``seq`` outside ``1..max_seq_len``, a mesh that does not match the
         device count, or a batch the micro-batches and the mesh cannot split evenly.
     """
     config = models.get_config(model) if isinstance(model, str) else model
+    tgt = get_target(target)
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype)
     if loss_chunks is not None:
         config = dataclasses.replace(config, loss_chunks=loss_chunks)
+    config = dataclasses.replace(config, attention=attention or default_attention(config, tgt))
+    tgt.usable_bytes(mem_fraction)  # checks the fraction
     if seq is None:
         seq = min(DEFAULT_SEQ, config.max_seq_len)
     if batch < 1:
@@ -194,18 +220,32 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
     init_model = models.Transformer(config, policy="full", groups=groups)
     tx = optimizer if optimizer is not None else make_optimizer()
     init = lambda t, k: init_train_state(init_model, tx, t, k)
-    if mesh is None:
+    if mesh is None and tgt.platform == "cpu":
         check_batch(batch, None, microbatches=microbatches)
         return TrainStepSetup(config, batch, seq, groups, jax.eval_shape(init, tokens, rng), tokens, rng,
-                              microbatches=microbatches, api=api)
-    mesh, rules = make_mesh(mesh), tuple(rules if rules is not None else LOGICAL_RULES)
+                              microbatches=microbatches, api=api, target=tgt, mem_fraction=mem_fraction)
+    if tgt.platform == "cpu" or isinstance(mesh, Mesh):
+        mesh = make_mesh(mesh)  # type: ignore[arg-type]
+    else:
+        mesh = target_mesh(tgt, mesh or {})
+    rules = tuple(rules if rules is not None else LOGICAL_RULES)
     check_batch(batch, mesh, rules, microbatches)
     state, state_shardings = sharded_abstract(init, tokens, rng, mesh=mesh, rules=rules)
     whole = replicated(mesh)
     tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype, sharding=batch_sharding(mesh, rules))
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: rng).dtype, sharding=whole)
     return TrainStepSetup(config, batch, seq, groups, state, tokens, key, mesh, rules,
-                          (state_shardings, whole), microbatches, api)
+                          (state_shardings, whole), microbatches, api, tgt, mem_fraction)
+
+
+def default_attention(config: models.ModelConfig, target: Target) -> str:
+    """The attention a model gets on ``target`` unless one is asked for:
+    ``"cudnn"`` (flash attention) on a GPU target where cuDNN takes the
+    model (bf16 or f16, no attention dropout, head_dim a multiple of 8 and
+    at most 128), else the config's own."""
+    cudnn = (target.platform == "gpu" and config.dtype in (jnp.bfloat16, jnp.float16)
+             and config.attn_dropout == 0 and config.head_dim % 8 == 0 and config.head_dim <= 128)
+    return "cudnn" if cudnn else config.attention
 
 
 def trace_policy(s: TrainStepSetup, policy: str | Policy, label: str) -> Traced:
@@ -368,15 +408,22 @@ class SweepResult:
                           "memory per device, compile-only; transfer/compute = host traffic time over "
                           f"compute time at {link / 1e9:.3g} GB/s and {peak / 1e12:.4g} TFLOP/s (above 1: "
                           "the offload cannot hide)")
-        for col, just in (("", "center"), ("policy", "left"), ("peak", "right"), ("temp", "right"),
+        limit = r0.limit_bytes if r0 else None
+        if limit is not None:
+            t.title += f"\ntarget {r0.target} ({r0.device_kind}): {format_bytes(limit)} usable per device"
+            t.caption += "; x = does not fit the usable memory"
+        for col, just in (("", "center"), ("policy", "left"), ("peak", "right"),
+                          *((("headroom", "right"),) if limit is not None else ()), ("temp", "right"),
                           ("residuals", "right"), ("on host", "right"), ("transfer/compute", "right"),
                           ("FLOPs", "right"), ("recompute", "right")):
             t.add_column(col, justify=just)
         front = set(self.frontier)
         for group in self.groups():
             r, on_front = self.reports[group[0]], bool(front & set(group))
-            mark = ("*" if on_front else "") + ("!" if r.saving_unconfirmed else "")
-            t.add_row(mark, self.group_label(group), format_bytes(r.peak_bytes),
+            mark = ("*" if on_front else "") + ("!" if r.saving_unconfirmed else "") + (
+                "x" if r.fits is False else "")
+            headroom = () if limit is None else (format_bytes(r.headroom_bytes),)
+            t.add_row(mark, self.group_label(group), format_bytes(r.peak_bytes), *headroom,
                       format_bytes(r.temp_bytes), format_bytes(r.residual_bytes),
                       format_bytes(r.host_residual_bytes) if r.host_residual_bytes else "-",
                       f"{r.transfer_compute_ratio:.2f}" if r.host_transfer_bytes else "-",
@@ -389,8 +436,9 @@ class SweepResult:
 def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[str | Policy] | None = None,
           *, batch: int = 1, seq: int | None = None, dtype: str | None = None, groups: Any = None,
           mesh: Mesh | Mapping[str, int] | None = None, rules: Rules | None = None,
-          loss_chunks: int | None = None, microbatches: int = 1, api: str = "linen", workers: int = 2,
-          compiler_options: dict[str, Any] | None = None,
+          loss_chunks: int | None = None, microbatches: int = 1, api: str = "linen",
+          target: str | Target = "cpu", attention: str | None = None, mem_fraction: float | None = None,
+          workers: int = 2, compiler_options: dict[str, Any] | None = None,
           on_report: Callable[[Report, int, int], None] | None = None) -> SweepResult:
     """Measure a model's train step under many policies (compile-only).
 
@@ -404,8 +452,8 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         (then ``batch``/``seq``/``dtype``/``groups`` are ignored).
       policies: preset names, spec strings or Policies; default
         :func:`default_policies` of the model.
-      batch, seq, dtype, groups, mesh, rules, loss_chunks, microbatches, api: see
-        :func:`train_step_setup`.
+      batch, seq, dtype, groups, mesh, rules, loss_chunks, microbatches, api, target,
+        attention, mem_fraction: see :func:`train_step_setup`.
       workers: compile threads (>= 1).
       compiler_options: see :func:`remat.analyze`.
       on_report: called as ``on_report(report, done, total)`` with each finished
@@ -425,7 +473,8 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         raise RematError(f"workers={workers} must be >= 1")
     s = model if isinstance(model, TrainStepSetup) else train_step_setup(
         model, batch=batch, seq=seq, dtype=dtype, groups=groups, mesh=mesh, rules=rules,
-        loss_chunks=loss_chunks, microbatches=microbatches, api=api)
+        loss_chunks=loss_chunks, microbatches=microbatches, api=api, target=target, attention=attention,
+        mem_fraction=mem_fraction)
     name = model if isinstance(model, str) else "custom config"
     if policies is not None:  # bad input fails before any trace or compile
         labels = [p if isinstance(p, str) else str(p) for p in policies]

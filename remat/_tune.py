@@ -76,6 +76,7 @@ from remat._mesh import LOGICAL_RULES, Rules, batch_factor, make_mesh
 from remat._report import Report
 from remat._residuals import residual_rows
 from remat._sweep import TrainStepSetup, default_policies, trace_policy, train_step_setup
+from remat._targets import TARGETS, Target, get_target, target_devices, target_mesh
 from remat.policies import get as get_policy
 
 _compat.hide_frames(__file__)
@@ -258,6 +259,11 @@ class TuneResult:
                                         "further"))
         if self.dropped_names:
             rows.append(("never residuals (left out)", ", ".join(self.dropped_names)))
+        r = self.report
+        rows.append(("compiled for", f"target {r.target}: {r.backend} ({r.device_kind})"))
+        if r.backend == "gpu":
+            rows.append(("train it with", "XLA_FLAGS=--xla_disable_hlo_passes=rematerialization: the program "
+                                          "measured (XLA:GPU's own rematerialization pass off)"))
         for k, v in rows:
             head.add_row(k, v)
         return head
@@ -567,9 +573,10 @@ class _CompileOracle:
 
     def __init__(self, model: str | models.ModelConfig, seq: int | None, dtype: str | None,
                  mesh: Any, rules: Rules | None, budget: int, max_compiles: int,
-                 compiler_options: dict[str, Any] | None, api: str = "linen"):
+                 compiler_options: dict[str, Any] | None, api: str = "linen", target: Target = TARGETS["cpu"],
+                 attention: str | None = None, mem_fraction: float | None = None):
         self.model, self.seq, self.dtype, self.mesh, self.rules = model, seq, dtype, mesh, rules
-        self.api = api
+        self.api, self.target, self.attention, self.mem_fraction = api, target, attention, mem_fraction
         self.budget, self.max_compiles, self.options = budget, max_compiles, compiler_options
         self.compiles = 0
         self._setups: dict[tuple, TrainStepSetup] = {}
@@ -588,7 +595,7 @@ class _CompileOracle:
                 self.model, batch=batch, seq=self.seq, dtype=self.dtype,
                 groups=parse_groups(config.groups) if config.groups else None, mesh=self.mesh,
                 rules=self.rules, loss_chunks=config.loss_chunks, microbatches=config.microbatches,
-                api=self.api)
+                api=self.api, target=self.target, attention=self.attention, mem_fraction=self.mem_fraction)
         return self._setups[key]
 
     def _trace(self, config: TuneConfig, batch: int) -> Any:
@@ -636,17 +643,22 @@ class _CompileOracle:
         return self._reports[(config, batch)]
 
 
-def tune(model: str | models.ModelConfig, budget: int | str, *, batch: int | str = 1, seq: int | None = None,
+def tune(model: str | models.ModelConfig, budget: int | str | None = None, *, batch: int | str = 1,
+         seq: int | None = None,
          dtype: str | None = None, mesh: Mapping[str, int] | None = None, rules: Rules | None = None,
          allow_offload: bool = False, groups: str | None = "sqrt", max_microbatches: int = 8,
          max_compiles: int | None = None, compiler_options: dict[str, Any] | None = None,
-         on_candidate: Callable[[Candidate], None] | None = None, api: str = "linen") -> TuneResult:
+         on_candidate: Callable[[Candidate], None] | None = None, api: str = "linen",
+         target: str | Target = "cpu", attention: str | None = None,
+         mem_fraction: float | None = None) -> TuneResult:
     """The configuration with the least recompute FLOPs whose train step fits
     ``budget`` bytes per device (see the module doc for how it searches).
 
     Args:
       model: a preset name or a ``ModelConfig``.
-      budget: bytes per device (int) or a size with its unit (``"40GiB"``, ``"4e10B"``).
+      budget: bytes per device (int) or a size with its unit (``"40GiB"``, ``"4e10B"``);
+        None: the target's usable memory (:meth:`remat.Target.usable_bytes`),
+        required on ``cpu``, which states none.
       batch: global sequences per step, or ``"auto"``: the largest batch that fits.
       seq, dtype, mesh, rules: as :func:`remat.train_step_setup`.
       allow_offload: let names be offloaded to host memory.
@@ -657,6 +669,7 @@ def tune(model: str | models.ModelConfig, budget: int | str, *, batch: int | str
       compiler_options: as :func:`remat.analyze`.
       on_candidate: called with each configuration as it is compiled.
       api: ``"linen"`` or ``"nnx"``, the Flax API of the model (:func:`remat.train_step_setup`).
+      target, attention, mem_fraction: as :func:`remat.train_step_setup`.
 
     Returns:
       A :class:`TuneResult`.
@@ -671,22 +684,29 @@ def tune(model: str | models.ModelConfig, budget: int | str, *, batch: int | str
     from remat._format import parse_bytes
 
     t0 = time.perf_counter()
+    tgt = get_target(target)
+    if budget is None:
+        budget = tgt.usable_bytes(mem_fraction)
+        if budget is None:
+            raise RematError(f"target {tgt.name!r} states no device memory: give a budget (bytes per device)")
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     if budget_bytes <= 0:
         raise RematError(f"budget={budget!r} must be a positive size")
     if allow_offload:
         try:
-            check_offload(get_policy("minimal_offloaded"))
+            check_offload(get_policy("minimal_offloaded"), target_devices(tgt, 1)[0])
         except OffloadUnsupportedError as e:
             raise OffloadUnsupportedError(f"allow_offload: {e}. Tune without offloading.") from e
     config = models.get_config(model) if isinstance(model, str) else model
     if max_compiles is None:
         max_compiles = 40 if batch == "auto" else DEFAULT_MAX_COMPILES
-    oracle = _CompileOracle(model, seq, dtype, mesh, rules, budget_bytes, max_compiles, compiler_options, api)
+    oracle = _CompileOracle(model, seq, dtype, mesh, rules, budget_bytes, max_compiles, compiler_options, api,
+                            tgt, attention, mem_fraction)
     if on_candidate is not None:
         inner = oracle.compiled
         oracle.compiled = lambda c, b, r: _tap(inner(c, b, r), on_candidate)  # type: ignore[method-assign]
-    factor = batch_factor(make_mesh(mesh), tuple(rules or LOGICAL_RULES)) if mesh else 1
+    on = make_mesh(mesh) if tgt.platform == "cpu" else target_mesh(tgt, mesh)
+    factor = batch_factor(on, tuple(rules or LOGICAL_RULES)) if mesh else 1
     batches: list[Candidate] = []
     if batch == "auto":
         batch, batches = _largest_batch(oracle, budget_bytes, factor, groups, max_microbatches)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -176,9 +177,21 @@ def _run_defaults(args: argparse.Namespace) -> None:
             raise RematError("--policy is required (or a MaxText YAML as --model that sets remat_policy)")
         args.policy = d["policy"]
     if args.batch is None:
+        args.batch = max(1, int(d["per_device_batch_size"] * _device_count(args))) if d else 1
+
+
+def _device_count(args: argparse.Namespace) -> int:
+    """The devices the step runs on: the target's (``--devices``, or the
+    ``--mesh`` sizes' product), or JAX's on ``cpu``."""
+    if getattr(args, "target", "cpu") == "cpu":
         import jax
 
-        args.batch = max(1, int(d["per_device_batch_size"] * jax.device_count())) if d else 1
+        return jax.device_count()
+    from remat._mesh import parse_mesh
+
+    if args.devices:
+        return args.devices
+    return math.prod(parse_mesh(args.mesh).values()) if args.mesh else 1
 
 
 def _add_step_options(p: argparse.ArgumentParser) -> None:
@@ -195,14 +208,33 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
                    help="accumulate gradients over this many micro-batches of batch/microbatches (default 1)")
     _add_api(p)
     _add_mesh_options(p)
+    _add_target_options(p)
+
+
+def _add_target_options(p: argparse.ArgumentParser) -> None:
+    """``--target``, ``--attention`` and ``--mem-fraction``: what the step is compiled for."""
+    from remat._targets import target_names
+
+    p.add_argument("--target", default="cpu", choices=target_names(),
+                   help="compile for this accelerator (see `remat targets`): a GPU target compiles "
+                        "deviceless on this host with XLA:GPU (pip install 'remat[gpu]'), its memory and "
+                        "rates in the report; default cpu, this host's XLA:CPU")
+    p.add_argument("--attention", choices=("xla", "dot_product_attention", "cudnn"),
+                   help="the model's attention: xla (einsum, tags scores and probs), dot_product_attention "
+                        "(jax.nn's, cuDNN on a GPU backend), cudnn (cuDNN flash attention for a GPU target); "
+                        "default: cudnn on a GPU target where cuDNN takes the model, else the preset's")
+    p.add_argument("--mem-fraction", type=float,
+                   help="the fraction of device memory the runtime may allocate (default 0.75, JAX's; "
+                        "NVIDIA's recipes use 0.94)")
 
 
 def _add_rates(p: argparse.ArgumentParser) -> None:
     """``--host-bandwidth`` and ``--peak-flops``: the rates of the transfer/compute figures."""
     p.add_argument("--host-bandwidth", type=float, help="host-link bytes per second each way for the offload "
-                                                         "transfer time (default 64e9, PCIe Gen5 x16)")
-    p.add_argument("--peak-flops", type=float, help="device FLOPs per second for the compute time (default "
-                                                     "989e12, H200 dense bf16)")
+                                                         "transfer time (default: the target's; on cpu 64e9, "
+                                                         "PCIe Gen5 x16, assumed)")
+    p.add_argument("--peak-flops", type=float, help="device FLOPs per second for the compute time (default: "
+                                                     "the target's; on cpu 989e12, H200 dense bf16, assumed)")
 
 
 def _add_api(p: argparse.ArgumentParser, default: str | None = "linen") -> None:
@@ -214,7 +246,9 @@ def _add_mesh_options(p: argparse.ArgumentParser) -> None:
     """``--mesh`` and ``--devices``, shared by ``inspect``, ``sweep`` and ``train``."""
     p.add_argument("--mesh", help="device mesh AXIS=SIZE,... over the axes data, fsdp, tensor (their product "
                                   "= the device count), e.g. data=2,fsdp=4; memory is then per device")
-    p.add_argument("--devices", type=int, help="simulate this many CPU devices (set before JAX starts)")
+    p.add_argument("--devices", type=int, help="with --target cpu: simulate this many CPU devices (set "
+                                               "before JAX starts); with another target: that many of its "
+                                               "devices (the --mesh sizes multiply to it)")
     p.add_argument("--distributed", action="store_true",
                    help="join a multi-process run (jax.distributed.initialize); the options below, or JAX's "
                         "environment (JAX_COORDINATOR_ADDRESS, SLURM, Cloud TPU, MPI) say where")
@@ -232,7 +266,12 @@ def _step_kwargs(args: argparse.Namespace) -> dict:
     return {"batch": args.batch, "seq": args.seq, "dtype": args.dtype,
             "groups": parse_groups(args.groups) if args.groups else None,
             "mesh": parse_mesh(args.mesh) if args.mesh else None, "loss_chunks": args.loss_chunks,
-            "microbatches": args.microbatches, "api": args.api}
+            "microbatches": args.microbatches, "api": args.api, **_target_kwargs(args)}
+
+
+def _target_kwargs(args: argparse.Namespace) -> dict:
+    """``target``/``attention``/``mem_fraction`` for the Python API."""
+    return {"target": args.target, "attention": args.attention, "mem_fraction": args.mem_fraction}
 
 
 def _print_wide(renderable: object, width: int = 150) -> None:
@@ -339,7 +378,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                                    "MaxText YAML's per_device_batch_size x devices, else 1)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
     p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
-    p.add_argument("--budget", required=True, help="memory per device, with its unit: 80GiB, 512MiB, 4e10B")
+    p.add_argument("--budget", help="memory per device, with its unit: 80GiB, 512MiB, 4e10B (default: the "
+                                    "target's usable memory; required on cpu)")
     p.add_argument("--allow-offload", action="store_true", help="let checkpoint names be offloaded to host")
     p.add_argument("--groups", default="sqrt",
                    help="the nested grouping the search may use: 'sqrt', 'G,K' or 'none' (default sqrt)")
@@ -348,6 +388,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH ('-': stdout only)")
     _add_api(p)
     _add_mesh_options(p)
+    _add_target_options(p)
 
     def run(args: argparse.Namespace) -> int:
         from remat._mesh import parse_mesh
@@ -357,12 +398,12 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
             args.batch = None if args.batch is None else _positive_int("--batch", args.batch)
             _run_defaults(args)
         batch = args.batch
-        with Console(stderr=True).status(f"tuning the {args.model} train step for {args.budget} ..."):
+        with Console(stderr=True).status(f"tuning the {args.model} train step on {args.target} ..."):
             result = tune(args.model, args.budget, batch=batch, seq=args.seq, dtype=args.dtype,
                           mesh=parse_mesh(args.mesh) if args.mesh else None, allow_offload=args.allow_offload,
                           groups=None if args.groups == "none" else args.groups,
                           max_microbatches=args.max_microbatches, max_compiles=args.max_compiles,
-                          api=args.api)
+                          api=args.api, **_target_kwargs(args))
         return _emit(result, args.json, width=160)
 
     p.set_defaults(func=run)
@@ -385,14 +426,56 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_sweep(sub)
     _add_tune(sub)
+    _add_targets(sub)
     return parser
+
+
+def _add_targets(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("targets", help="list the accelerators --target compiles for",
+                       description="The targets of --target: each device's memory, what the runtime may "
+                                   "allocate of it, its peak dense bf16 rate, HBM and host-link bandwidth, "
+                                   "and where the figures come from.")
+
+    def run(args: argparse.Namespace) -> int:
+        from remat._format import format_bytes
+        from remat._targets import TARGETS
+
+        t = Table(title="remat targets (--target)", caption="usable = memory x fraction - runtime reserve")
+        for col in ("name", "device", "memory", "usable", "bf16 peak", "HBM", "host link", "source"):
+            t.add_column(col, overflow="fold")
+        for x in TARGETS.values():
+            t.add_row(x.name, x.device_kind, format_bytes(x.memory_bytes), format_bytes(x.usable_bytes()),
+                      f"{x.peak_flops_per_s / 1e12:.4g} TFLOP/s", f"{x.hbm_bytes_per_s / 1e12:.3g} TB/s",
+                      f"{x.host_link_bytes_per_s / 1e9:.3g} GB/s", x.source)
+        _print_wide(t, width=200)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _check_devices(args: argparse.Namespace) -> None:
+    """On a target other than cpu, ``--devices`` must be the ``--mesh`` sizes' product."""
+    from remat._mesh import parse_mesh
+
+    if args.devices is not None and args.mesh and math.prod(parse_mesh(args.mesh).values()) != args.devices:
+        raise RematError(f"--mesh {args.mesh} has {math.prod(parse_mesh(args.mesh).values())} devices, but "
+                         f"--devices {args.devices}: make the sizes multiply to {args.devices}")
+    if args.devices is not None and args.devices > 1 and not args.mesh:
+        raise RematError(f"--devices {args.devices} on target {args.target}: give the mesh too, e.g. "
+                         f"--mesh fsdp={args.devices}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``remat`` command. Returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "devices", None) is not None:
+        target = getattr(args, "target", "cpu")
+        if target != "cpu":
+            from remat._targets import prepare_environment
+
+            prepare_environment(target)  # before JAX starts: the CUDA plugin registers without a driver
+            _check_devices(args)
+        elif getattr(args, "devices", None) is not None:
             from remat._mesh import set_cpu_devices
 
             set_cpu_devices(args.devices)

@@ -18,7 +18,8 @@ def test_wheel_installs_one_top_level_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names if not n.startswith("remat-")} == {"remat"}
     for path in ("remat/__init__.py", "remat/py.typed", "remat/policies/__init__.py",
-                 "remat/policies/vocab.py", "remat/models/__init__.py", "remat/models/transformer.py"):
+                 "remat/policies/vocab.py", "remat/models/__init__.py", "remat/models/transformer.py",
+                 "remat/targets/h100_sxm.txtpb"):
         assert path in names, path
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),

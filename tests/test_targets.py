@@ -1,0 +1,234 @@
+"""Hardware targets (remat._targets): the table, names and errors, devices and
+meshes, and deviceless compilation for NVIDIA GPUs on this (CPU-only) machine.
+
+The GPU tests need JAX's CUDA plugin (``pip install 'remat[gpu]'``) and are
+skipped without it; ``tests/conftest.py`` sets ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK``
+before JAX starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from remat import RematError
+from remat import _targets as targets
+from remat._memory import default_compiler_options
+from remat._targets import (
+    TARGETS,
+    get_target,
+    prepare_environment,
+    target_devices,
+    target_mesh,
+    target_names,
+    xla_remat_limit_bytes,
+)
+
+HAS_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and \
+    importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+needs_plugin = pytest.mark.skipif(not HAS_PLUGIN, reason="JAX's CUDA plugin is not installed (remat[gpu])")
+GPU_TARGETS = [n for n, t in TARGETS.items() if t.platform == "gpu"]
+
+
+def test_names_and_table():
+    assert target_names() == ["cpu", "h100", "h100-pcie", "h200", "a100-80gb", "a100-40gb", "b200"]
+    for name, t in TARGETS.items():
+        assert t.name == name and t.platform in ("cpu", "gpu") and t.peak_flops_per_s > 0
+        assert get_target(name) is t and get_target(t) is t
+    cpu = TARGETS["cpu"]
+    assert (cpu.spec_file, cpu.memory_bytes, cpu.usable_bytes()) == (None, None, None)
+    assert "assumed" in cpu.source
+
+
+@pytest.mark.parametrize("name", GPU_TARGETS)
+def test_spec_file_matches_table(name):
+    t = TARGETS[name]
+    text = t.spec_text()
+    first = text.splitlines()[0]
+    assert first.startswith("# Source: openxla/xla xla/backends/gpu/target_config/specs/" + t.spec_file)
+    assert re.search(r"@ [0-9a-f]{40} \(Apache-2.0", first) and first.split("@ ")[1][:40] in t.source
+    assert "collective_memory_granularity:" not in text  # unknown to jax 0.10.2's proto
+    assert int(re.search(r"device_memory_size: (\d+)", text).group(1)) == t.memory_bytes
+    assert f'device_description_str: "{t.device_kind}"' in text
+
+
+def test_usable_bytes():
+    h100 = get_target("h100")
+    assert h100.usable_bytes() == int(84942979072 * 0.75) - (1 << 30) == 62633492480
+    assert h100.usable_bytes(1.0) == 84942979072 - (1 << 30)
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(RematError, match=rf"mem_fraction {bad}: must be in \(0, 1\]"):
+            h100.usable_bytes(bad)
+
+
+def test_unknown_name():
+    with pytest.raises(RematError) as e:
+        get_target("h10")
+    assert str(e.value) == ("unknown target 'h10'; did you mean 'h100'? valid: cpu, h100, h100-pcie, h200, "
+                            "a100-80gb, a100-40gb, b200")
+    with pytest.raises(RematError) as e:
+        target_devices("tpu-v5", 1)
+    assert str(e.value) == ("unknown target 'tpu-v5'; valid: cpu, h100, h100-pcie, h200, a100-80gb, "
+                            "a100-40gb, b200")
+
+
+def test_cpu_devices_and_mesh():
+    have = jax.devices("cpu")
+    assert target_devices("cpu", 1) == have[:1]
+    mesh = target_mesh("cpu", {"data": 1})
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    n = len(have) + 1
+    with pytest.raises(RematError) as e:
+        target_devices("cpu", n)
+    assert str(e.value) == (f"target cpu: {n} devices asked, but JAX has {len(have)} CPU device(s); "
+                            f"simulate {n} CPU devices with --devices {n} (remat._mesh.set_cpu_devices({n}) "
+                            "before any JAX computation)")
+    with pytest.raises(RematError, match="device count 0 must be an integer >= 1"):
+        target_devices("cpu", 0)
+    with pytest.raises(RematError, match=r"mesh axes \['pipe'\] unknown; valid: data, fsdp, tensor"):
+        target_mesh("h100", {"pipe": 2})
+    with pytest.raises(RematError, match=r"sizes \{'fsdp': 0\} must be integers >= 1"):
+        target_mesh("cpu", {"fsdp": 0})
+
+
+def test_prepare_environment(monkeypatch):
+    monkeypatch.delenv("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", raising=False)
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    prepare_environment("cpu")
+    assert "JAX_SKIP_CUDA_CONSTRAINTS_CHECK" not in os.environ
+    prepare_environment("h100")
+    assert os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] == "1"
+    assert "JAX_PLATFORMS" not in os.environ
+    monkeypatch.setenv("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "yes")
+    prepare_environment("h200")
+    assert os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] == "yes"
+
+
+def test_compiler_options_and_xla_limit():
+    assert default_compiler_options("gpu") == {"xla_disable_hlo_passes": "rematerialization"}
+    mem = 84942979072
+    assert xla_remat_limit_bytes("h100", 0, 0) == mem * 80 // 100 * 95 // 100
+    assert xla_remat_limit_bytes("h100", 10 << 30, 2 << 30, alias_bytes=2 << 30) == \
+        (mem * 80 // 100 - (10 << 30)) * 95 // 100
+    assert xla_remat_limit_bytes("h100", mem, 0) == 0
+    with pytest.raises(RematError, match="target 'cpu': XLA's rematerialization limit is a GPU figure"):
+        xla_remat_limit_bytes("cpu", 0, 0)
+    with pytest.raises(RematError, match="'argument_bytes': -1"):
+        xla_remat_limit_bytes("h100", -1, 0)
+
+
+def test_no_plugin_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("jax_plugins") else real(name, *a))
+    with pytest.raises(RematError) as e:
+        target_devices("h100", 1)
+    assert str(e.value) == ("target 'h100' needs JAX's CUDA plugin to compile for a GPU without one: "
+                            "pip install 'remat[gpu]'")
+
+
+@needs_plugin
+def test_plugin_not_registered_error(monkeypatch):
+    """JAX started before JAX_SKIP_CUDA_CONSTRAINTS_CHECK was set: the plugin is
+    installed but not registered, and JAX says so with NotImplementedError."""
+    from jax.experimental import topologies
+
+    def not_registered(*args, **kwargs):
+        raise NotImplementedError("topology not implemented for cuda")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", not_registered)
+    with pytest.raises(RematError, match=r"Set JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 in the environment "
+                                         r"before JAX starts .*pip install 'remat\[gpu\]'"):
+        target_devices("a100-40gb", 3)  # a count no other test caches
+
+
+def test_attached_gpus_preferred(monkeypatch):
+    """Real GPUs of the target's kind are used as they are; other kinds are not."""
+    monkeypatch.setattr(targets, "_plugin_missing", lambda: False)
+    fake = [types.SimpleNamespace(platform="gpu", device_kind=k, id=i)
+            for i, k in enumerate(["NVIDIA H200", "NVIDIA H200", "NVIDIA A100-SXM4-80GB"])]
+    monkeypatch.setattr(jax, "devices", lambda *a: fake)
+    assert target_devices("h200", 2) == fake[:2]
+    assert target_devices("a100-80gb", 1) == fake[2:]
+
+
+@needs_plugin
+@pytest.mark.parametrize("name", GPU_TARGETS)
+def test_compile_only_device_kind(name):
+    (dev,) = target_devices(name, 1)
+    assert (dev.platform, dev.device_kind) == ("gpu", TARGETS[name].device_kind)
+    assert target_devices(name, 1) == [dev]  # cached
+
+
+def _train_step(x, w_qkv, w_o):
+    """A bf16 matmul + cuDNN attention loss, and its gradient."""
+    def loss(w_qkv, w_o):
+        b, s, _ = x.shape
+        q, k, v = jnp.split((x @ w_qkv).reshape(b, s, 3 * 4, 32), 3, axis=2)
+        a = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return jnp.mean((a.reshape(b, s, 128) @ w_o).astype(jnp.float32) ** 2)
+
+    return jax.value_and_grad(loss, argnums=(0, 1))(w_qkv, w_o)
+
+
+@needs_plugin
+@pytest.mark.parametrize("n", [1, 2])
+def test_compile_h100_deviceless(n):
+    mesh = target_mesh("h100", {"fsdp": n})
+    assert mesh.devices.size == n and mesh.devices.flat[0].device_kind == "NVIDIA H100 80GB HBM3"
+
+    def sds(shape, *spec):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec(*spec)))
+
+    args = (sds((2 * n, 256, 128), "fsdp"), sds((128, 384), "fsdp"), sds((128, 128), "fsdp"))
+    compiled = jax.jit(_train_step).lower(*args).compile(default_compiler_options("gpu"))
+    memory = compiled.memory_analysis()
+    assert memory.temp_size_in_bytes > 0
+    assert memory.argument_size_in_bytes == (2 * 256 * 128 + (128 * 384 + 128 * 128) // n) * 2
+    hlo = compiled.as_text()
+    assert "__cudnn$fmha" in hlo
+    assert ("all-gather" in hlo) == (n > 1)
+
+
+@needs_plugin
+def test_compile_b200_matmul():
+    (dev,) = target_devices("b200", 1)
+    x = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(dev))
+    compiled = jax.jit(jax.grad(lambda a, b: jnp.sum((a @ b).astype(jnp.float32)))).lower(x, x).compile()
+    assert compiled.memory_analysis().output_size_in_bytes == 256 * 256 * 2
+
+
+LATE = """
+import jax
+from remat import RematError
+from remat._targets import target_devices
+{before}
+try:
+    print(target_devices("h100", 1)[0].device_kind)
+except RematError as e:
+    print("RematError:", e)
+"""
+
+
+@needs_plugin
+@pytest.mark.parametrize(("before", "expect"), [
+    ("", "NVIDIA H100 80GB HBM3"),  # JAX imported, no backend yet: target_devices sets the variable in time
+    ("jax.devices()", "RematError: target 'h100': JAX did not register its CUDA plugin (topology not "
+                      "implemented for cuda). Set JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1"),
+])
+def test_environment_in_a_fresh_process(before, expect):
+    """Without the variable in the environment, as a user's script starts."""
+    unset = ("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "JAX_PLATFORMS")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    out = subprocess.run([sys.executable, "-c", LATE.format(before=before)], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.startswith(expect), out
