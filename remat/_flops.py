@@ -5,7 +5,12 @@ Backend independent, over the jaxpr through :func:`remat._jaxpr.walk`:
 ``dot_general`` costs ``2 * prod(output shape) * prod(contracting sizes)``;
 ``conv_general_dilated`` ``2 * prod(output shape) * prod(kernel shape) /
 output features``; every elementwise arithmetic op (transcendentals included)
-one FLOP per output element; every reduction one per input element. A
+one FLOP per output element; every reduction one per input element;
+cuDNN flash attention (``jax.nn.dot_product_attention(implementation="cudnn")``,
+``q[B, T, N, H]``, ``k[B, S, K, H]``) ``4 * B * N * T * S * H`` forward (its
+two matmuls over the whole ``T x S``, as the einsum attention counts them)
+and 2.5 times that backward (the scores recomputed, then four matmuls:
+Dao 2023, "FlashAttention-2", section 3). A
 ``scan`` body counts ``length`` times, each ``cond`` its most expensive
 branch, a ``while_loop`` (unknown trip count) once, with a note.
 Recomputation is visible in the jaxpr (the ``remat`` equations of the
@@ -38,6 +43,10 @@ _REDUCTIONS = frozenset("""
 """.split())
 
 
+_FLASH_ATTENTION = {"dot_product_attention_fwd_wrapper": 4, "dot_product_attention_bwd_wrapper": 10}
+"""FLOPs per ``B * N * T * S * H`` of JAX's cuDNN attention primitives."""
+
+
 def _eqn_flops(eqn: Any) -> int:
     prim = eqn.primitive.name
     if prim == "dot_general":
@@ -48,6 +57,9 @@ def _eqn_flops(eqn: Any) -> int:
         rhs = eqn.invars[1].aval
         out_feat = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
         return 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs.shape) // out_feat
+    if prim in _FLASH_ATTENTION:
+        (b, t, n, h), s = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape[1]
+        return _FLASH_ATTENTION[prim] * b * n * t * s * h
     if prim in _ELEMENTWISE:
         return math.prod(eqn.outvars[0].aval.shape)
     if prim in _REDUCTIONS:

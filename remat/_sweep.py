@@ -33,6 +33,7 @@ from rich.table import Table
 from remat import _compat, models
 from remat import policies as registry
 from remat._analysis import Traced, analyze, compile_traced, measure, trace, trace_without_remat
+from remat._apply import check_offload
 from remat._errors import RematError
 from remat._format import format_bytes, format_flops
 from remat._jaxpr import checkpoint_names
@@ -107,6 +108,16 @@ class TrainStepSetup:
     api: str = "linen"
     target: Target = TARGETS["cpu"]
     mem_fraction: float | None = None
+
+    def device(self) -> jax.Device:
+        """A device the step is compiled for (the mesh's, else JAX's default)."""
+        return self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+
+    def can_offload(self) -> bool:
+        """Whether the target's devices have host memory (``pinned_host``) to
+        offload to: compile-only GPU devices have none (JAX 0.10), and a
+        compile for them drops an offload without a word."""
+        return "pinned_host" in {m.kind for m in self.device().addressable_memories()}
 
     def step_args(self) -> tuple[Any, jax.ShapeDtypeStruct, Any]:
         """``(state, tokens, rng)`` for ``make_train_step(model)``."""
@@ -292,8 +303,11 @@ def inspect_policy(s: TrainStepSetup, policy: str | Policy, *,
     Raises:
       remat.policies.PolicySpecError / UnknownPolicyError: a bad spec.
       remat.MissingCheckpointNameError: the policy names a tag the model does not emit.
+      remat.OffloadUnsupportedError: an offload on a target without host memory
+        (a GPU target's compile-only devices have none).
     """
     label = policy if isinstance(policy, str) else str(policy)
+    check_offload(registry.get(policy), s.device())
     with s.context():
         report = s.finish(analyze(s.step(policy), *s.step_args(), label=label,
                                   donate_argnums=0, compiler_options=compiler_options,
@@ -301,17 +315,19 @@ def inspect_policy(s: TrainStepSetup, policy: str | Policy, *,
     return report if s.groups else never_kept(policy, report)
 
 
-def default_policies(emitted: Sequence[str]) -> list[str]:
+def default_policies(emitted: Sequence[str], offload: bool = True) -> list[str]:
     """Every registered preset that applies to a model emitting the checkpoint
     names ``emitted`` (``vocab.missing_names`` of its saved/offloaded names is
     empty), one name per distinct :class:`Policy` value (registry order: the
-    first name of equal policies wins, e.g. ``none`` over ``save_everything``).
+    first name of equal policies wins, e.g. ``none`` over ``save_everything``);
+    with ``offload=False``, none that offloads.
     """
     seen: set[Policy] = set()
     out = []
     for name in registry.names():
         p = registry.get(name)
-        if p in seen or registry.vocab.missing_names(p.names, frozenset(emitted)):
+        if p in seen or registry.vocab.missing_names(p.names, frozenset(emitted)) or (
+                p.offloads and not offload):
             continue
         seen.add(p)
         out.append(name)
@@ -350,6 +366,8 @@ class SweepResult:
       frontier: indices into ``reports`` on the Pareto frontier (peak bytes
         vs FLOPs), by peak bytes.
       wall_seconds: the whole sweep, setup included.
+      notes: what the sweep left out and why (e.g. the offload presets on a
+        target whose devices have no host memory).
       same_cost: indices into ``reports`` grouped by identical figures (peak,
         temporaries, residuals on device and host, FLOPs): policies that cost
         the same, e.g. ``full`` and ``save_iteration_input``, or two that lower
@@ -364,6 +382,7 @@ class SweepResult:
     frontier: tuple[int, ...]
     wall_seconds: float
     same_cost: tuple[tuple[int, ...], ...] = ()
+    notes: tuple[str, ...] = ()
 
     def groups(self) -> list[tuple[int, ...]]:
         """The report indices per cost (see ``same_cost``), sorted by peak
@@ -378,7 +397,7 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: the fields, reports via :meth:`Report.to_dict`, frontier as labels."""
         return {"model": self.model, "batch": self.batch, "seq": self.seq,
-                "wall_seconds": self.wall_seconds,
+                "wall_seconds": self.wall_seconds, "notes": list(self.notes),
                 "frontier": [self.reports[i].label for i in self.frontier],
                 "same_cost": [[self.reports[i].label for i in g] for g in self.groups()],
                 "reports": [r.to_dict() for r in self.reports]}
@@ -412,6 +431,8 @@ class SweepResult:
         if limit is not None:
             t.title += f"\ntarget {r0.target} ({r0.device_kind}): {format_bytes(limit)} usable per device"
             t.caption += "; x = does not fit the usable memory"
+        for note in self.notes:
+            t.caption += f"; {note}"
         for col, just in (("", "center"), ("policy", "left"), ("peak", "right"),
                           *((("headroom", "right"),) if limit is not None else ()), ("temp", "right"),
                           ("residuals", "right"), ("on host", "right"), ("transfer/compute", "right"),
@@ -483,10 +504,14 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         if len(set(labels)) != len(labels):
             raise RematError(f"duplicated policies in {labels}")
         for p in policies:
-            registry.get(p)
+            check_offload(registry.get(p), s.device())
     base = _baseline(s)
+    notes: list[str] = []
     if policies is None:
-        policies = default_policies(sorted(checkpoint_names(base.traced.jaxpr)))
+        policies = default_policies(sorted(checkpoint_names(base.traced.jaxpr)), offload=s.can_offload())
+        if not s.can_offload():
+            notes.append(f"offload presets left out: the {s.target.name} devices have no host memory to "
+                         "offload to")
     labels = [p if isinstance(p, str) else str(p) for p in policies]
 
     reports: list[Report | None] = [None] * len(labels)
@@ -530,7 +555,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         cost = (r.peak_bytes, r.temp_bytes, r.residual_bytes, r.host_residual_bytes, r.flops)
         by_cost.setdefault(cost, []).append(i)
     return SweepResult(name, s.batch, s.seq, done, pareto_frontier(done), time.perf_counter() - t0,
-                       tuple(tuple(g) for g in by_cost.values()))
+                       tuple(tuple(g) for g in by_cost.values()), tuple(notes))
 
 
 def plot_sweep(result: SweepResult, path: str | None = None) -> Any:

@@ -223,6 +223,10 @@ def _add_target_options(p: argparse.ArgumentParser) -> None:
                    help="the model's attention: xla (einsum, tags scores and probs), dot_product_attention "
                         "(jax.nn's, cuDNN on a GPU backend), cudnn (cuDNN flash attention for a GPU target); "
                         "default: cudnn on a GPU target where cuDNN takes the model, else the preset's")
+    p.add_argument("--xla-remat", action="store_true",
+                   help="on a GPU target, let XLA:GPU's own rematerialization pass run (off by default, as "
+                        "in NVIDIA's MaxText recipes: above ~80%% of device memory it silently changes the "
+                        "program being compared); train with the same setting")
     p.add_argument("--mem-fraction", type=float,
                    help="the fraction of device memory the runtime may allocate (default 0.75, JAX's; "
                         "NVIDIA's recipes use 0.94)")
@@ -269,6 +273,16 @@ def _step_kwargs(args: argparse.Namespace) -> dict:
             "microbatches": args.microbatches, "api": args.api, **_target_kwargs(args)}
 
 
+def _compiler_options(args: argparse.Namespace) -> dict | None:
+    """None (the platform's defaults), or XLA's own defaults with ``--xla-remat``."""
+    if not args.xla_remat:
+        return None
+    if args.target == "cpu":
+        raise RematError("--xla-remat is XLA:GPU's rematerialization pass: give a GPU --target "
+                         "(see `remat targets`)")
+    return {}
+
+
 def _target_kwargs(args: argparse.Namespace) -> dict:
     """``target``/``attention``/``mem_fraction`` for the Python API."""
     return {"target": args.target, "attention": args.attention, "mem_fraction": args.mem_fraction}
@@ -312,7 +326,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
         _run_defaults(args)
         with Console().status(f"compiling the {args.model} train step under {args.policy!r} ..."):
-            report = inspect_policy(train_step_setup(args.model, **_step_kwargs(args)), args.policy)
+            report = inspect_policy(train_step_setup(args.model, **_step_kwargs(args)), args.policy,
+                                    compiler_options=_compiler_options(args))
         return _emit(report.with_rates(args.host_bandwidth, args.peak_flops), args.json)
 
     p.set_defaults(func=run)
@@ -350,7 +365,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                 bar.update(task, description=f"compiled {getattr(r, 'label', '')}", completed=done,
                            total=total)
 
-            result = sweep(args.model, specs, workers=args.workers, on_report=advance, **_step_kwargs(args))
+            result = sweep(args.model, specs, workers=args.workers, on_report=advance,
+                           compiler_options=_compiler_options(args), **_step_kwargs(args))
         result = result.with_rates(args.host_bandwidth, args.peak_flops)
         _print_wide(result.table(), width=160)
         if args.json:
@@ -403,7 +419,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                           mesh=parse_mesh(args.mesh) if args.mesh else None, allow_offload=args.allow_offload,
                           groups=None if args.groups == "none" else args.groups,
                           max_microbatches=args.max_microbatches, max_compiles=args.max_compiles,
-                          api=args.api, **_target_kwargs(args))
+                          api=args.api, compiler_options=_compiler_options(args), **_target_kwargs(args))
         return _emit(result, args.json, width=160)
 
     p.set_defaults(func=run)
