@@ -7,7 +7,14 @@ registry of presets and the checkpoint-name vocabulary (:mod:`remat.policies.voc
 from remat import _compat
 from remat.policies import presets as _presets  # noqa: F401  (registers the presets)
 from remat.policies import vocab
-from remat.policies.policy import DotsRule, Policy, UnsupportedJaxModeError
+from remat.policies.policy import (
+    DotsRule,
+    OpaquePolicy,
+    Policy,
+    PolicyNotTextError,
+    UnsupportedJaxModeError,
+    require_text,
+)
 from remat.policies.registry import (
     PolicySpecError,
     UnknownPolicyError,
@@ -21,7 +28,9 @@ _compat.hide_frames(__file__)
 
 __all__ = [
     "DotsRule",
+    "OpaquePolicy",
     "Policy",
+    "PolicyNotTextError",
     "PolicySpecError",
     "UnknownPolicyError",
     "UnsupportedJaxModeError",
@@ -29,5 +38,6 @@ __all__ = [
     "get",
     "names",
     "register",
+    "require_text",
     "vocab",
 ]

@@ -28,9 +28,11 @@ register("full", Policy(), doc="""
     remat_policy=full; JAX nothing_saveable.""")
 
 # -- JAX's jax.checkpoint_policies -----------------------------------------------------
-register("everything_saveable", Policy(remat=False), doc="""
-    JAX's everything_saveable: 'as if jax.checkpoint were not being used at
-    all', hence the same policy as 'none'.""")
+register("everything_saveable", Policy(everything=True), doc="""
+    JAX's everything_saveable, applied under jax.checkpoint as JAX applies it:
+    every residual kept, as with 'none', but the function is still a
+    checkpoint (JAX rounds its outputs as the backward pass sees them, and
+    logs its residuals), unlike 'none', which applies no jax.checkpoint.""")
 register("nothing_saveable", Policy(), doc="""
     JAX's nothing_saveable: recompute everything; the same policy as 'full'.""")
 register("dots_saveable", Policy(dots="all"), doc="""
@@ -80,7 +82,9 @@ register("minimal_offloaded", Policy(offload=_MINIMAL), doc="""
 
 # -- Praxis's AutodiffCheckpointType (praxis/layers/checkpoint_policy.py) ----------------
 register("save_nothing", Policy(), doc="Praxis SAVE_NOTHING: the same as 'full'.")
-register("save_everything", Policy(remat=False), doc="Praxis SAVE_EVERYTHING: the same as 'none'.")
+register("save_everything", Policy(everything=True), doc="""
+    Praxis SAVE_EVERYTHING (Praxis applies jax.checkpoint_policies.everything_saveable
+    under its remat): the same as everything_saveable.""")
 register("save_qkv_out_proj", Policy(save=_QKV | {v.OUT_PROJ}), doc="""
     Praxis SAVE_QKV_OUT_PROJ: keep the query/key/value (or fused qkv) and out
     projections; the same names as MaxText's save_dot_except_mlp.""")

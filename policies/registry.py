@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Callable
+from typing import Any
 
 from remat import _compat
 from remat._errors import RematError
-from remat.policies.policy import Policy
+from remat.policies.policy import OpaquePolicy, Policy, require_text
 
 _compat.hide_frames(__file__)
 
@@ -57,7 +59,7 @@ def register(name: str, policy: Policy | str, *, doc: str, overwrite: bool = Fal
     Args:
       name: lower-case identifier (``[a-z][a-z0-9_]*``), not a grammar keyword
         (``save``, ``offload``, ``dots``, ``offload_dots``).
-      policy: a :class:`Policy` or a spec string.
+      policy: a :class:`Policy` or a spec string (not a JAX policy callable).
       doc: one paragraph: what it keeps, and the source it follows.
       overwrite: replace an existing entry instead of raising.
 
@@ -67,6 +69,7 @@ def register(name: str, policy: Policy | str, *, doc: str, overwrite: bool = Fal
     Raises:
       ValueError: an invalid or reserved name, an empty doc, or a name
         already registered while ``overwrite`` is False.
+      PolicyNotTextError: ``policy`` is a JAX policy callable.
     """
     if not _PRESET_RE.match(name) or name in _KEYWORDS:
         raise RematError(
@@ -75,6 +78,7 @@ def register(name: str, policy: Policy | str, *, doc: str, overwrite: bool = Fal
         raise RematError(f"policy {name!r} needs a doc")
     if name in _REGISTRY and not overwrite:
         raise RematError(f"policy {name!r} is already registered; pass overwrite=True to replace it")
+    require_text(policy, f"register({name!r})")
     resolved = get(policy)
     _REGISTRY[name] = _Entry(resolved, " ".join(doc.split()))
     return resolved
@@ -101,8 +105,11 @@ def describe(name: str) -> str:
     return _lookup(name).doc
 
 
-def get(spec: str | Policy) -> Policy:
-    """Resolve a preset name, a spec string or a :class:`Policy` to a :class:`Policy`.
+def get(spec: str | Policy | Callable[..., Any]) -> Policy:
+    """Resolve a preset name, a spec string or a :class:`Policy` to a
+    :class:`Policy`; a JAX policy object or callable (what
+    ``jax.checkpoint(policy=...)`` takes) to an :class:`OpaquePolicy`, applied
+    as it is.
 
     Example:
       >>> from remat.policies import get
@@ -119,14 +126,16 @@ def get(spec: str | Policy) -> Policy:
         position.
       ValueError: the terms conflict (a name both saved and offloaded, ``none``
         combined with anything).
-      TypeError: ``spec`` is neither a string nor a :class:`Policy` (``None``
-        is rejected: write ``"full"`` or ``"none"``).
+      TypeError: ``spec`` is neither a string, a :class:`Policy` nor a
+        callable (``None`` is rejected: write ``"full"`` or ``"none"``).
     """
     if isinstance(spec, Policy):
         return spec
+    if callable(spec):
+        return OpaquePolicy.of(spec)
     if not isinstance(spec, str):
         raise TypeError(
-            f"a remat policy is a name, a spec string or a Policy, got {spec!r}; "
+            f"a remat policy is a name, a spec string, a Policy or a JAX policy callable, got {spec!r}; "
             "for no remat write 'none', for recompute-everything write 'full'")
     result: Policy | None = None
     pos = 0
@@ -145,7 +154,8 @@ def get(spec: str | Policy) -> Policy:
 def written_names(spec: str | Policy) -> frozenset[str]:
     """The checkpoint names written out in ``save:``/``offload:`` terms of a
     spec string (names that come from a preset term are not), or every name
-    of a :class:`Policy`.
+    of a :class:`Policy` (every name a JAX policy object lists, too: the
+    user wrote them out).
 
     Raises:
       The errors of :func:`get` for a bad spec.

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         NeverKeptError,
         NeverKeptWarning,
         OffloadUnsupportedError,
+        RematTargetError,
         ScanCarryOffloadError,
         checkpoint,
         checkpoint_names,
@@ -42,7 +43,14 @@ if TYPE_CHECKING:
     from remat._scan import scan_layers
     from remat._sweep import SweepResult, TrainStepSetup, inspect_policy, plot_sweep, sweep, train_step_setup
     from remat._tune import TuneConfig, TuneResult, tune
-    from remat.policies import Policy, PolicySpecError, UnknownPolicyError, UnsupportedJaxModeError
+    from remat.policies import (
+        OpaquePolicy,
+        Policy,
+        PolicyNotTextError,
+        PolicySpecError,
+        UnknownPolicyError,
+        UnsupportedJaxModeError,
+    )
 
 _EXPORTS = {
     "CorpusError": "remat._data",
@@ -50,10 +58,13 @@ _EXPORTS = {
     "NeverKeptError": "remat._apply",
     "NeverKeptWarning": "remat._apply",
     "OffloadUnsupportedError": "remat._apply",
+    "OpaquePolicy": "remat.policies",
     "PeakBuffer": "remat._memory",
     "Policy": "remat.policies",
+    "PolicyNotTextError": "remat.policies",
     "PolicySpecError": "remat.policies",
     "RematError": "remat._errors",
+    "RematTargetError": "remat._apply",
     "Report": "remat._report",
     "ResidualRow": "remat._residuals",
     "ScanCarryOffloadError": "remat._apply",
@@ -84,10 +95,13 @@ __all__ = [
     "NeverKeptError",
     "NeverKeptWarning",
     "OffloadUnsupportedError",
+    "OpaquePolicy",
     "PeakBuffer",
     "Policy",
+    "PolicyNotTextError",
     "PolicySpecError",
     "RematError",
+    "RematTargetError",
     "Report",
     "ResidualRow",
     "ScanCarryOffloadError",

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from remat import _compat
-from remat._apply import without_remat
+from remat._apply import collect_notes, without_remat
 from remat._buffers import DumpFormatError, PeakDump, read_dump
 from remat._errors import RematError
 from remat._flops import count_dots, count_flops
@@ -103,10 +103,11 @@ def trace(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], label: st
     to its input's under a mesh."""
     t0 = time.perf_counter()
     pinned = {} if out_shardings is None else {"out_shardings": out_shardings}
-    traced = jax.jit(fn, donate_argnums=donate_argnums, **pinned).trace(*args, **kwargs)
+    with collect_notes() as notes:  # a policy remat cannot check (a JAX callable) says so
+        traced = jax.jit(fn, donate_argnums=donate_argnums, **pinned).trace(*args, **kwargs)
     lowered = traced.lower()
     return Traced(traced, lowered, label or getattr(fn, "__name__", "fn"), time.perf_counter() - t0,
-                  device=argument_device((args, kwargs)))
+                  tuple(notes), device=argument_device((args, kwargs)))
 
 
 def argument_device(tree: Any) -> Any:

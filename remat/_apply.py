@@ -19,11 +19,13 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,7 @@ from remat import _compat, _jaxpr
 from remat._call import ArgSplitter, Statics
 from remat._errors import RematError
 from remat._residuals import output_names, residual_rows
-from remat.policies import Policy, get, vocab
+from remat.policies import OpaquePolicy, Policy, get, vocab
 from remat.policies.registry import written_names
 from remat.policies.vocab import missing_names
 
@@ -205,7 +207,7 @@ def check_names(policy: Policy, jaxpr: Any, where: str, label: str | None = None
             "e.g. a matmul output before its nonlinearity.")
         err.names = frozenset(never)
         raise err
-    written = never & written_names(label if label is not None else policy)
+    written = never & written_names(policy if label is None or isinstance(policy, OpaquePolicy) else label)
     if written:
         warnings.warn(
             f"{where}: remat policy {_quote(policy, label)} names {', '.join(sorted(written))}, which "
@@ -237,6 +239,37 @@ _VALIDATED: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary
 dropped by the user is freed with it): the checks already passed."""
 
 
+_NOTES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("remat_notes", default=None)
+
+
+@contextlib.contextmanager
+def collect_notes() -> Iterator[list[str]]:
+    """Within this context, the wrappers add to the yielded list a note for
+    each policy they apply that remat cannot check (an :class:`OpaquePolicy`
+    that is not ``known``): :func:`remat.analyze` puts them in its report."""
+    notes: list[str] = []
+    token = _NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _NOTES.reset(token)
+
+
+def opaque_note(policy: Policy, where: str) -> str | None:
+    """The note for a policy remat cannot check, or None."""
+    if not isinstance(policy, OpaquePolicy) or policy.known:
+        return None
+    return (f"{where}: remat policy {policy} is a callable remat cannot see into, so its checkpoint names "
+            "are not checked: if it matches nothing, it silently recomputes everything (as 'full'); "
+            "compare residual_bytes with the report of 'full'")
+
+
+def _note_opaque(policy: Policy, where: str) -> None:
+    notes, note = _NOTES.get(), opaque_note(policy, where)
+    if notes is not None and note is not None and note not in notes:
+        notes.append(note)
+
+
 def validate_once(policy: Policy, owner: Any, key: Any, make: Probe, dynamic: Any, where: str,
                   label: str | None = None, *, carry_outputs: int = 0) -> None:
     """Check, once per ``owner`` (the wrapped function or module class) and
@@ -245,13 +278,15 @@ def validate_once(policy: Policy, owner: Any, key: Any, make: Probe, dynamic: An
     policy fits what it wraps (:func:`check_names` on the :func:`probe_jaxpr`
     of ``make`` on the abstract ``dynamic`` inputs). A policy without names is
     never traced; an unhashable key or an owner that cannot be weakly
-    referenced is checked every time.
+    referenced is checked every time. A policy remat cannot check (a custom
+    JAX policy callable) gets a note in :func:`collect_notes`, every time.
 
     Raises:
       MissingCheckpointNameError, NeverKeptError, ScanCarryOffloadError: see
         :func:`check_names`.
       OffloadUnsupportedError: see :func:`check_offload`.
     """
+    _note_opaque(policy, where)
     try:
         seen: set[Any] | None = _VALIDATED.setdefault(owner, set())
         if key in seen:  # type: ignore[operator]
@@ -283,7 +318,9 @@ def check_offload(policy: Policy, device: jax.Device | None = None) -> None:
         return
     device = device or jax.devices()[0]
     kinds = sorted(m.kind for m in device.addressable_memories())
-    fallbacks = (f"to keep those values on device instead, use {str(policy.on_device())!r} "
+    fallbacks = ("to keep those values on device instead, build the JAX policy with "
+                 "names_which_can_be_offloaded=[] (or use a spec string)" if isinstance(policy, OpaquePolicy)
+                 else f"to keep those values on device instead, use {str(policy.on_device())!r} "
                  f"(Policy.on_device()), or to recompute them, {str(policy.without_offload())!r}")
     if "pinned_host" not in kinds:
         raise OffloadUnsupportedError(
@@ -362,10 +399,10 @@ def _warn_prng(where: str) -> None:
             stacklevel=4)
 
 
-def label(policy: str | Policy) -> str:
+def label(policy: str | Policy | Callable[..., Any]) -> str:
     """How a policy argument is named in messages: the user's own string
     (e.g. ``"minimal"``), else the canonical spec."""
-    return policy if isinstance(policy, str) else str(policy)
+    return policy if isinstance(policy, str) else str(get(policy))
 
 
 @contextlib.contextmanager
@@ -382,7 +419,12 @@ def traced_flag_hint(where: str, traced: Sequence[str]) -> Iterator[None]:
         raise
 
 
-def checkpoint(fn: F, policy: str | Policy, *, static_argnames: str | Sequence[str] = (),
+PolicyLike = str | Policy | Callable[..., Any]
+"""A preset name, a spec string, a :class:`Policy`, or a JAX policy object or
+callable (applied as it is, see :class:`remat.policies.OpaquePolicy`)."""
+
+
+def checkpoint(fn: F, policy: PolicyLike, *, static_argnames: str | Sequence[str] = (),
                static_argnums: int | Sequence[int] = (), prevent_cse: bool | Sequence[Any] = True) -> F:
     """``jax.checkpoint`` with a policy name, spec string or :class:`Policy`.
 
@@ -399,7 +441,10 @@ def checkpoint(fn: F, policy: str | Policy, *, static_argnames: str | Sequence[s
 
     Args:
       fn: the function to rematerialize; arrays in, arrays out.
-      policy: e.g. ``"minimal"``, ``"save:out_proj + dots:no_batch"``.
+      policy: e.g. ``"minimal"``, ``"save:out_proj + dots:no_batch"``, or a
+        JAX policy (``jax.checkpoint_policies.dots_saveable``, a predicate
+        ``fn(prim, *args, **params)``), passed to ``jax.checkpoint`` as it
+        is; the names of JAX's name-based policies are checked as a spec's.
       static_argnames: parameters of ``fn`` that are trace-time constants
         (Python values such as ``deterministic``), by name, wherever the
         caller passes them; hashable values only. Needs an inspectable
@@ -457,6 +502,63 @@ def module_fields(module: nn.Module, cls: type[nn.Module]) -> dict[str, Any]:
             if f.init and f.name not in ("parent", "name")}
 
 
+class RematTargetError(RematError, flax.errors.TransformTargetError):
+    """A remat wrapper got something other than what it wraps (a module
+    instance, a bound method, a function, a class of the other Flax API).
+    Also a ``flax.errors.TransformTargetError``, as ``nn.remat`` raises for a
+    module instance; the message names what was passed and what is expected."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+
+
+def check_target(target: Any, base: type, api: str) -> None:
+    """Raise :class:`RematTargetError` unless ``target`` is a subclass of
+    ``base`` (``nn.Module`` for ``api="remat.remat"``, ``nnx.Module`` for
+    ``remat.nnx...``), or a ``functools.partial`` of one.
+
+    Raises:
+      RematTargetError: naming what was passed and what to pass instead.
+    """
+    if isinstance(target, functools.partial):
+        target = target.func
+    if isinstance(target, type) and issubclass(target, base):
+        return
+    kind = f"a {'linen nn.Module' if base is nn.Module else 'Flax NNX nnx.Module'} subclass (the class)"
+    if isinstance(target, type):
+        other = ("a Flax NNX module class; for NNX use remat.nnx" if base is nn.Module
+                 and _is_nnx_class(target) else
+                 "a linen module class; for linen use remat.remat / remat.scan_layers"
+                 if issubclass(target, nn.Module) else f"not a subclass of {base.__module__}.{base.__name__}")
+        got = f"the class {target.__qualname__}, {other}"
+    elif isinstance(target, (nn.Module,)) or type(target).__module__.startswith("flax.") or hasattr(
+            type(target), "__flax_module__") or _is_nnx_instance(target):
+        got = (f"an instance of {type(target).__qualname__} (a module object, not its class); pass the "
+               f"class, e.g. {api}({type(target).__qualname__}, ...), and build the module from the result")
+    elif inspect.ismethod(target):
+        owner = type(target.__self__).__qualname__
+        got = (f"the bound method {owner}.{target.__func__.__name__}; pass the class and name the method: "
+               f"{api}({owner}, ..., methods=[{target.__func__.__name__!r}])")
+    elif callable(target):
+        name = getattr(target, "__qualname__", type(target).__qualname__)
+        got = f"the callable {name}; for a function use remat.checkpoint (jax.checkpoint with a policy)"
+    else:
+        got = f"{type(target).__qualname__} {target!r:.80}"
+    raise RematTargetError(f"{api} takes {kind}, got {got}")
+
+
+def _is_nnx_class(cls: type) -> bool:
+    from flax import nnx
+
+    return issubclass(cls, nnx.Module)
+
+
+def _is_nnx_instance(x: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Module)
+
+
 def remat(module_cls: M, policy: str | Policy, *, static_argnames: str | Sequence[str] = (),
           static_argnums: int | Sequence[int] = (), prevent_cse: bool = True,
           methods: Sequence[str] | None = None) -> M:
@@ -479,7 +581,12 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: str | Sequenc
       prevent_cse: as in :func:`checkpoint` (a bool).
       methods: the methods to wrap; default ``["__call__"]``.
 
+    Nested, ``remat.remat(remat.remat(C, p), q)`` runs ``C.setup`` once per
+    call, as ``nn.remat(nn.remat(C))`` does.
+
     Raises:
+      RematTargetError: ``module_cls`` is not a linen module class (an
+        instance, a function, an NNX class); also a Flax ``TransformTargetError``.
       RematError: a static name that is not a parameter of a wrapped method,
         or ``self`` (0) in ``static_argnums``.
       MissingCheckpointNameError: at first trace, a policy name the module
@@ -487,6 +594,7 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: str | Sequenc
       NeverKeptError: at first trace, none of the policy's names is ever kept.
       TypeError: at call time, an unhashable value for a static argument.
     """
+    check_target(module_cls, nn.Module, "remat.remat")
     return remat_class(module_cls, policy, static_argnames, static_argnums, methods, functools.partial(
         _linen_remat, prevent_cse=prevent_cse))
 
@@ -503,11 +611,20 @@ def remat_class(module_cls: M, policy: str | Policy, static_argnames: str | Sequ
     split their arguments into static and traced ones (:class:`ArgSplitter`)
     and run ``body``; outside it, with remat switched off
     (:func:`without_remat`), they run as they are. ``"none"`` returns
-    ``module_cls`` itself. Shared by the linen and NNX ``remat``.
+    ``module_cls`` itself. Shared by the linen and NNX ``remat``. A
+    ``functools.partial`` of a class gives the same partial of the subclass.
+
+    The wrapped methods carry Flax's ``method_handler_wrapped`` mark, as the
+    methods of Flax's own transformed classes are entered: linen does not
+    run ``setup`` for them on the outer module, only inside the transform's
+    clone, so a nested remat runs ``setup`` once, as nested ``nn.remat`` does.
 
     Raises:
       RematError: a static name that is not a parameter of a wrapped method.
     """
+    if isinstance(module_cls, functools.partial):
+        inner = remat_class(module_cls.func, policy, static_argnames, static_argnums, methods, body)
+        return functools.partial(inner, *module_cls.args, **module_cls.keywords)  # type: ignore[return-value]
     pol = get(policy)
     if pol.is_none:
         return module_cls
@@ -526,6 +643,7 @@ def remat_class(module_cls: M, policy: str | Policy, static_argnames: str | Sequ
                 return body(module_cls, orig, pol, label(policy), self, call,
                             (dyn_args[1:], dyn_kwargs), where)
 
+        method.method_handler_wrapped = True  # type: ignore[attr-defined]
         return method
 
     overrides = {name: wrap(getattr(module_cls, name)) for name in methods or ["__call__"]}
@@ -552,8 +670,9 @@ def _linen_remat(cls: type[nn.Module], orig: Callable[..., Any], pol: Policy, po
     fields = module_fields(self, cls)
     validate_once(pol, cls, (pol, call, tuple(sorted(fields.items())), str(abstract(dynamic))),
                   module_probe(cls, fields, call), abstract(dynamic), where, policy_label)
-    return nn.remat(lambda mdl, dyn: call(mdl, dyn), policy=pol.to_jax(), prevent_cse=prevent_cse)(
-        self, dynamic)
+    run = lambda mdl, dyn: call(mdl, dyn)
+    run.method_handler_wrapped = True  # setup runs in the clone, when the method is entered
+    return nn.remat(run, policy=pol.to_jax(), prevent_cse=prevent_cse)(self, dynamic)
 
 
 def module_probe(cls: type[nn.Module], fields: dict[str, Any], call: Callable[[Any, Any], Any]) -> Probe:

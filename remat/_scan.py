@@ -24,7 +24,7 @@ import dataclasses
 import inspect
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from remat import _compat
 from remat._apply import (
     abstract,
+    check_target,
     label,
     module_fields,
     module_probe,
@@ -49,8 +50,15 @@ _compat.hide_frames(__file__)
 
 Groups = tuple[int, int] | Literal["sqrt"] | None
 """``None`` (one scan), ``(G, K)`` with ``G * K == num_layers``, or ``"sqrt"``."""
-PolicyArg = str | Policy | Sequence[tuple[int, "str | Policy"]]
-"""One policy for every layer, or ``(num_layers_i, policy_i)`` segments."""
+PolicyArg = str | Policy | Callable[..., Any] | Sequence[tuple[int, "str | Policy | Callable[..., Any]"]]
+"""One policy for every layer (a spec, a :class:`Policy` or a JAX policy
+callable), or ``(num_layers_i, policy_i)`` segments."""
+
+
+def is_single(policy: Any) -> bool:
+    """True for one policy (a spec string without segments, a :class:`Policy`,
+    a JAX policy callable, or None, which :func:`get` rejects), False for segments."""
+    return policy is None or isinstance(policy, (str, Policy)) or callable(policy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +101,8 @@ def plan(num_layers: int, policy: PolicyArg = "full", groups: Groups = None) -> 
         raise RematError(f"num_layers must be a positive int, got {num_layers!r}")
     if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
         policy = parse_segments(policy)
-    if policy is None or isinstance(policy, (str, Policy)):
-        parts = [(num_layers, get(policy))]  # get(None) raises, naming the valid forms
+    if is_single(policy):
+        parts = [(num_layers, get(policy))]  # type: ignore[arg-type]  # get(None) raises, naming the valid forms
     else:
         parts = [(n, get(p)) for n, p in policy]
         counts = [n for n, _ in parts]
@@ -152,8 +160,8 @@ def policy_names(policy: PolicyArg) -> frozenset[str]:
     """Every checkpoint name a policy (or its segments) saves or offloads."""
     if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
         policy = parse_segments(policy)
-    if policy is None or isinstance(policy, (str, Policy)):
-        return get(policy).names
+    if is_single(policy):
+        return get(policy).names  # type: ignore[arg-type]
     return frozenset().union(*(get(p).names for _, p in policy))
 
 
@@ -249,13 +257,16 @@ class LayerScan:
 
     @classmethod
     def of(cls, block_cls: type, num_layers: int, policy: PolicyArg, groups: Groups,
-           static_argnames: Sequence[str], broadcast_argnames: Sequence[str]) -> LayerScan:
-        """Check and plan (errors as :func:`scan_layers`)."""
+           static_argnames: Sequence[str], broadcast_argnames: Sequence[str], *,
+           base: type = nn.Module, api: str = "remat.scan_layers") -> LayerScan:
+        """Check and plan (errors as :func:`scan_layers`; ``block_cls`` must
+        subclass ``base``, else :class:`remat.RematTargetError` names ``api``)."""
+        check_target(block_cls, base, api)
         if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
             policy = parse_segments(policy)
         segments = plan(num_layers, policy, groups)
-        labels = ({get(policy): label(policy)} if isinstance(policy, (str, Policy))
-                  else {get(p): label(p) for _, p in policy})
+        labels = ({get(policy): label(policy)} if is_single(policy)  # type: ignore[arg-type]
+                  else {get(p): label(p) for _, p in policy})  # type: ignore[union-attr]
         orig = block_cls.__call__
         where = f"module {block_cls.__name__}"
         splitter = ArgSplitter(orig, static_argnames, where=where, method=True)
@@ -325,6 +336,7 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
         dropout mask); other streams are shared by all layers.
 
     Raises:
+      RematTargetError: ``block_cls`` is not a linen module class.
       ValueError: bad ``num_layers``/``groups``/segments (see :func:`plan`), a
         static or broadcast name that is not a parameter of the block.
       MissingCheckpointNameError: at first trace, a name the policy saves or
@@ -358,6 +370,12 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
         return scan(group, g)(child, x, bcast)[0]
 
     class ScannedLayers(block_cls):  # type: ignore[valid-type, misc]
+        def setup(self) -> None:
+            """Nothing: the block's own ``setup`` runs in each scanned layer
+            (``segment_i``), not on the stack, whose variables are the
+            stacked ones (a parameter made in the block's ``setup`` would
+            otherwise be looked up at the stack's scope with the stack's shape)."""
+
         @nn.compact
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
             static, x, dynamic = spec.split(self, args, kwargs)

@@ -33,7 +33,8 @@ from rich.table import Table
 from remat import _compat, models
 from remat import policies as registry
 from remat._analysis import Traced, analyze, compile_traced, measure, trace, trace_without_remat
-from remat._apply import check_offload
+from remat._apply import PolicyLike, check_offload
+from remat._apply import label as label_of
 from remat._errors import RematError
 from remat._format import format_bytes, format_flops
 from remat._jaxpr import checkpoint_names
@@ -259,7 +260,7 @@ def default_attention(config: models.ModelConfig, target: Target) -> str:
     return "cudnn" if cudnn else config.attention
 
 
-def trace_policy(s: TrainStepSetup, policy: str | Policy, label: str) -> Traced:
+def trace_policy(s: TrainStepSetup, policy: PolicyLike, label: str) -> Traced:
     """Trace and lower ``s``'s train step under ``policy`` (in ``s.context()``)."""
     with s.context():
         return trace(s.step(policy), s.step_args(), {}, label, donate_argnums=0,
@@ -274,7 +275,7 @@ def _baseline(s: TrainStepSetup) -> Traced:
                                    out_shardings=s.out_shardings)
 
 
-def never_kept(policy: str | Policy, report: Report) -> Report:
+def never_kept(policy: PolicyLike, report: Report) -> Report:
     """``report`` with a note naming each checkpoint name of ``policy`` that
     the step emits but never keeps for the backward pass (JAX drops a value
     the backward pass does not read, e.g. ``mlpwo``, whose only use is an
@@ -293,12 +294,13 @@ def never_kept(policy: str | Policy, report: Report) -> Report:
     return dataclasses.replace(report, notes=(*report.notes, note))
 
 
-def inspect_policy(s: TrainStepSetup, policy: str | Policy, *,
+def inspect_policy(s: TrainStepSetup, policy: PolicyLike, *,
                    compiler_options: dict[str, Any] | None = None) -> Report:
     """The :class:`Report` of ``s``'s train step under ``policy``, measured
     against the step with no ``jax.checkpoint`` at all (compiled too, unless
     it is the same program), with a note for each name of the policy that is
-    never kept (:func:`never_kept`).
+    never kept (:func:`never_kept`). ``policy`` may be a JAX policy callable,
+    applied as it is (a note says when remat cannot check it).
 
     Raises:
       remat.policies.PolicySpecError / UnknownPolicyError: a bad spec.
@@ -306,7 +308,7 @@ def inspect_policy(s: TrainStepSetup, policy: str | Policy, *,
       remat.OffloadUnsupportedError: an offload on a target without host memory
         (a GPU target's compile-only devices have none).
     """
-    label = policy if isinstance(policy, str) else str(policy)
+    label = label_of(policy)
     check_offload(registry.get(policy), s.device())
     with s.context():
         report = s.finish(analyze(s.step(policy), *s.step_args(), label=label,
@@ -319,14 +321,17 @@ def default_policies(emitted: Sequence[str], offload: bool = True) -> list[str]:
     """Every registered preset that applies to a model emitting the checkpoint
     names ``emitted`` (``vocab.missing_names`` of its saved/offloaded names is
     empty), one name per distinct :class:`Policy` value (registry order: the
-    first name of equal policies wins, e.g. ``none`` over ``save_everything``);
-    with ``offload=False``, none that offloads.
+    first name of equal policies wins, e.g. ``full`` over ``save_nothing``),
+    without ``everything_saveable``: it keeps what ``none`` keeps (a
+    ``jax.checkpoint`` that saves every residual), so it would cost one more
+    compile for a point on top of ``none``'s; sweep it by name. With
+    ``offload=False``, none that offloads.
     """
     seen: set[Policy] = set()
     out = []
     for name in registry.names():
         p = registry.get(name)
-        if p in seen or registry.vocab.missing_names(p.names, frozenset(emitted)) or (
+        if p in seen or p.everything or registry.vocab.missing_names(p.names, frozenset(emitted)) or (
                 p.offloads and not offload):
             continue
         seen.add(p)
@@ -454,7 +459,7 @@ class SweepResult:
         return t
 
 
-def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[str | Policy] | None = None,
+def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[PolicyLike] | None = None,
           *, batch: int = 1, seq: int | None = None, dtype: str | None = None, groups: Any = None,
           mesh: Mesh | Mapping[str, int] | None = None, rules: Rules | None = None,
           loss_chunks: int | None = None, microbatches: int = 1, api: str = "linen",
@@ -471,8 +476,9 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
     Args:
       model: a preset name, a ``ModelConfig`` or a :class:`TrainStepSetup`
         (then ``batch``/``seq``/``dtype``/``groups`` are ignored).
-      policies: preset names, spec strings or Policies; default
-        :func:`default_policies` of the model.
+      policies: preset names, spec strings, Policies or JAX policy callables
+        (applied as they are; one remat cannot check gets a note in its
+        report); default :func:`default_policies` of the model.
       batch, seq, dtype, groups, mesh, rules, loss_chunks, microbatches, api, target,
         attention, mem_fraction: see :func:`train_step_setup`.
       workers: compile threads (>= 1).
@@ -498,7 +504,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         mem_fraction=mem_fraction)
     name = model if isinstance(model, str) else "custom config"
     if policies is not None:  # bad input fails before any trace or compile
-        labels = [p if isinstance(p, str) else str(p) for p in policies]
+        labels = [label_of(p) for p in policies]
         if not labels:
             raise RematError("no policies to sweep")
         if len(set(labels)) != len(labels):
@@ -512,7 +518,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[s
         if not s.can_offload():
             notes.append(f"offload presets left out: the {s.target.name} devices have no host memory to "
                          "offload to")
-    labels = [p if isinstance(p, str) else str(p) for p in policies]
+    labels = [label_of(p) for p in policies]
 
     reports: list[Report | None] = [None] * len(labels)
     with ThreadPoolExecutor(max_workers=workers) as pool:

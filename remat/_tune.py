@@ -78,6 +78,7 @@ from remat._residuals import residual_rows
 from remat._sweep import TrainStepSetup, default_policies, trace_policy, train_step_setup
 from remat._targets import TARGETS, Target, get_target, target_devices, target_mesh
 from remat.policies import get as get_policy
+from remat.policies import require_text
 
 _compat.hide_frames(__file__)
 
@@ -113,6 +114,11 @@ class TuneConfig:
     groups: str | None = None
     loss_chunks: int = 1
     microbatches: int = 1
+
+    def __post_init__(self) -> None:
+        """Raises :class:`remat.policies.PolicyNotTextError` for a policy callable:
+        a tune point is written out as flags."""
+        require_text(self.policy, "TuneConfig.policy (remat tune writes it as --policy)")
 
     def flags(self) -> str:
         """The command-line flags that reproduce it (for ``remat train``,

@@ -29,9 +29,10 @@ def policy_table_markdown() -> str:
     lines = ["| policy | saves on device | offloads to host | what it is |", "|---|---|---|---|"]
     for name in policies.names():
         p = policies.get(name)
-        saves = "everything" if p.is_none else ", ".join(
-            [f"`{n}`" for n in sorted(p.save)] + ([f"matmuls ({p.dots})"] if p.dots else [])
-        ) or "layer inputs"
+        saves = ", ".join([f"`{n}`" for n in sorted(p.save)] + ([f"matmuls ({p.dots})"] if p.dots else [])
+                          ) or "layer inputs"
+        if p.is_none or p.everything:
+            saves = "everything" if p.is_none else "everything, under jax.checkpoint"
         offloads = ", ".join([f"`{n}`" for n in sorted(p.offload)]
                              + ([f"matmuls ({p.offload_dots})"] if p.offload_dots else [])) or "-"
         lines.append(f"| `{name}` | {saves} | {offloads} | {policies.describe(name)} |")
@@ -59,7 +60,8 @@ def _policies(args: argparse.Namespace) -> int:
     for col in ("name", "saves", "offloads", "doc"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        saves = "everything" if r["spec"] == "none" else ", ".join(r["saves"]) or "layer inputs"
+        saves = ("everything" if r["spec"] == "none" else "everything, under jax.checkpoint"
+                 if r["spec"] == "everything_saveable" else ", ".join(r["saves"]) or "layer inputs")
         table.add_row(r["name"], saves, ", ".join(r["offloads"]) or "-", r["doc"])
     _print_wide(table)
     return 0

@@ -43,6 +43,7 @@ from remat._apply import (
     MethodCall,
     Probe,
     abstract,
+    check_target,
     remat_class,
     remat_disabled,
     traced_flag_hint,
@@ -69,12 +70,15 @@ def _value(v: Any) -> Any:
     return v.get_value() if isinstance(v, nnx.Variable) else v
 
 
-def _pure(graphdef: Any, call: Callable[[Any, Any], Any]) -> Callable[..., Any]:
+def _pure(graphdef: Any, call: Callable[[Any, Any], Any],
+          statics: dict[str, Any] | None = None) -> Callable[..., Any]:
     """``fn(state, dynamic) -> (outputs, changed)``: merge a copy of the module,
     run ``call(module, dynamic)``, and return, besides its outputs, the
     variables the call assigned or created (an ``nnx.State`` of those only: a
     parameter the call does not touch is not returned, so no copy of it is
-    made)."""
+    made). The copy's plain (static) attributes after the call, which no JAX
+    transform carries out, go to ``statics["after"]`` (:func:`_static_attrs`),
+    at trace time."""
 
     def fn(state: nnx.State, dynamic: Any) -> tuple[Any, nnx.State]:
         before = {path: _value(v) for path, v in nnx.to_flat_state(state)}
@@ -82,9 +86,97 @@ def _pure(graphdef: Any, call: Callable[[Any, Any], Any]) -> Callable[..., Any]:
         out = call(module, dynamic)
         changed = [(path, v) for path, v in nnx.to_flat_state(nnx.state(module))
                    if path not in before or _value(v) is not before[path]]
+        if statics is not None:
+            statics["after"] = _static_attrs(module)
         return out, nnx.from_flat_state(changed)
 
     return fn
+
+
+_INTERNAL = frozenset({"_pytree__state", "_pytree__nodes", "_object__state"})
+Statics = dict[tuple[Any, ...], dict[str, Any]]
+"""Per graph node path: its plain (static) attributes, see :func:`_static_attrs`."""
+
+
+def _static_attrs(root: Any) -> Statics:
+    """Per graph node of ``root`` (by path): its plain Python attributes, the
+    static ones (``self.calls = 0``: not a Variable, not a submodule, not
+    data), which live in the graph definition, not in the state."""
+    out = {}
+    for path, node in nnx.iter_graph(root):
+        if not isinstance(node, nnx.Module):
+            continue
+        data = getattr(node, "_pytree__nodes", {})
+        out[tuple(path)] = {
+            k: v for k, v in vars(node).items()
+            if k not in _INTERNAL and not data.get(k) and not isinstance(v, nnx.Variable)
+            and not nnx.graph.is_graph_node(v)}
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return a is b or (type(a) is type(b) and bool(a == b))
+    except Exception:  # arrays and other values without a plain == answer
+        return False
+
+
+def _static_changes(before: Statics, after: Statics) -> list[tuple[tuple[Any, ...], str, Any]]:
+    """``(node path, attribute, new value)`` for each static attribute the call
+    assigned (``_DELETED`` as the value of one it deleted)."""
+    out = []
+    for path, attrs in after.items():
+        old = before.get(path, {})
+        out += [(path, k, v) for k, v in attrs.items() if k not in old or not _same(old[k], v)]
+        out += [(path, k, _DELETED) for k in old if k not in attrs]
+    return out
+
+
+_DELETED = object()
+
+
+def _write_statics(module: nnx.Module, before: Statics, statics: dict[str, Any],
+                   where: str, *, stacked: bool = False, prefix: str = "") -> None:
+    """Write the plain attributes the call changed back to ``module``, as NNX
+    writes them back (``nnx.remat(graph_updates=True)``, or no transform).
+
+    Raises:
+      RematError: a traced value (an array computed in the call) assigned to a
+        plain attribute, which would leak a tracer; or, with ``stacked`` (a
+        layer scan), any change: one plain attribute cannot hold a value per
+        layer.
+    """
+    changes = _static_changes(before, statics.get("after", before))
+    if not changes:
+        return
+    live = {tuple(p): n for p, n in nnx.iter_graph(module)}
+    names = ", ".join(prefix + "/".join(map(str, (*p, k))) for p, k, _ in changes)
+    if stacked:
+        raise RematError(
+            f"{where}: a layer changed the plain Python attribute(s) {names}, which one stacked module "
+            "cannot hold per layer; keep such state in an nnx.Variable (e.g. nnx.BatchStat or a Variable "
+            "subclass of your own), which is stacked and written back per layer")
+    traced = [prefix + "/".join(map(str, (*p, k))) for p, k, v in changes
+              if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(v))]
+    if traced:
+        raise RematError(
+            f"{where}: the call assigned a traced array to the plain Python attribute(s) "
+            f"{', '.join(traced)}, which cannot leave jax.checkpoint; make it an nnx.Variable "
+            "(e.g. self.x = nnx.Variable(value), or nnx.BatchStat), which is written back")
+    for path, k, v in changes:
+        node = live.get(path)
+        if node is None:
+            raise RematError(f"{where}: the call created the submodule {prefix + '/'.join(map(str, path))}; "
+                             "create submodules in __init__")
+        try:
+            if v is _DELETED:
+                delattr(node, k)
+            else:
+                setattr(node, k, v)
+        except flax.errors.TraceContextError as e:
+            raise RematError(
+                f"{where}: the call changed the plain attribute(s) {names} of a live NNX module that a plain "
+                "JAX transform closes over; use the nnx transforms (nnx.jit, nnx.grad, ...)") from e
 
 
 def _probe(fn: Callable[..., Any]) -> Probe:
@@ -126,9 +218,10 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: str | Sequenc
     ``static_argnums``), or by position (``self`` is 0); arguments pass
     through as given, and defaults the caller never passed stay Python
     values; a method may
-    assign variables (RNG counters advance, counters and statistics update),
-    which are written back to the module after the call. ``"none"`` returns
-    ``module_cls`` itself.
+    assign variables (RNG counters advance, counters and statistics update)
+    and plain Python attributes (``self.calls += 1``), which are written back
+    to the module after the call, as without remat or under
+    ``nnx.remat(graph_updates=True)``. ``"none"`` returns ``module_cls`` itself.
 
     Example::
 
@@ -146,14 +239,18 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: str | Sequenc
       methods: the methods to wrap; default ``["__call__"]``.
 
     Raises:
+      RematTargetError: ``module_cls`` is not an ``nnx.Module`` class (an
+        instance, a bound method, a function, a linen class).
       RematError: a static name that is not a parameter of a wrapped method;
         at call time, a change to a live module that a plain JAX transform
-        closes over (the message says how to thread the state).
+        closes over (the message says how to thread the state), or a traced
+        array assigned to a plain attribute (it cannot leave the checkpoint).
       MissingCheckpointNameError: at first trace, a policy name the module
         never emits.
       NeverKeptError: at first trace, none of the policy's names is ever kept.
       TypeError: at call time, an unhashable value for a static argument.
     """
+    check_target(module_cls, nnx.Module, "remat.nnx.remat")
     return remat_class(module_cls, policy, static_argnames, static_argnums, methods, functools.partial(
         _nnx_remat, prevent_cse=prevent_cse))
 
@@ -161,11 +258,13 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: str | Sequenc
 def _nnx_remat(cls: type[nnx.Module], orig: Callable[..., Any], pol: Policy, policy_label: str,
                self: nnx.Module, call: MethodCall, dynamic: Any, where: str, *, prevent_cse: bool) -> Any:
     graphdef, state = nnx.split(self)
-    fn = _pure(graphdef, call)
+    before, statics = _static_attrs(self), {}
+    fn = _pure(graphdef, call, statics)
     validate_once(pol, cls, (pol, call, _signature(state), str(abstract(dynamic))),
                   _probe(fn), abstract({"state": state, "args": dynamic}), where, policy_label)
     out, changed = jax.checkpoint(fn, policy=pol.to_jax(), prevent_cse=prevent_cse)(state, dynamic)
     _update(self, changed, where)
+    _write_statics(self, before, statics, where)
     return out
 
 
@@ -268,8 +367,12 @@ def scan_layers(block_cls: type[nnx.Module], *, num_layers: int, policy: PolicyA
         first trace, as for :func:`remat.scan_layers`.
       TypeError: at call time, an argument neither static nor broadcast, or an
         unhashable static value.
+      RematTargetError: ``block_cls`` is not an ``nnx.Module`` class.
+      RematError: at call time, a layer changed a plain Python attribute
+        (one stacked module cannot hold it per layer: use an ``nnx.Variable``).
     """
-    spec = LayerScan.of(block_cls, num_layers, policy, groups, static_argnames, broadcast_argnames)
+    spec = LayerScan.of(block_cls, num_layers, policy, groups, static_argnames, broadcast_argnames,
+                        base=nnx.Module, api="remat.nnx.scan_layers")
     segments, orig, where, carry_name = spec.segments, spec.orig, spec.where, spec.carry_name
     axes = dict(layer_axes or {})
 
@@ -296,7 +399,8 @@ def scan_layers(block_cls: type[nnx.Module], *, num_layers: int, policy: PolicyA
             static, x, dynamic = spec.split(self, args, kwargs)
             graphdef, stacked = nnx.split(self.block)
             state = _move_layer_axis(stacked, axes, to_front=True)
-            fn = _pure(graphdef, lambda m, d: orig(m, **static, **d))
+            before, statics = _static_attrs(self.block), {}
+            fn = _pure(graphdef, lambda m, d: orig(m, **static, **d), statics)
             one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state)
             for seg in segments:
                 validate_once(
@@ -315,6 +419,8 @@ def scan_layers(block_cls: type[nnx.Module], *, num_layers: int, policy: PolicyA
             changed = parts[0] if len(parts) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
             _update(self.block, _move_layer_axis(changed, axes, to_front=False),
                     f"module {type(self).__name__}", prefix="block/")
+            _write_statics(self.block, before, statics, f"module {type(self).__name__}", stacked=True,
+                           prefix="block/")
             return x
 
     ScannedLayers.__name__ = ScannedLayers.__qualname__ = f"Scanned{block_cls.__name__}"

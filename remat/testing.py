@@ -90,7 +90,7 @@ def assert_policy_parity(fn: Callable[..., Any], policy: str | Policy | Sequence
         return jax.jit(lambda *a: (f(*a), jax.grad(_loss(f), argnums=argnums)(*a)))(*args)
 
     want = outputs_and_grads(fn)
-    for p in [policy] if isinstance(policy, (str, Policy)) else policy:
+    for p in [policy] if isinstance(policy, (str, Policy)) or callable(policy) else policy:
         got = outputs_and_grads(checkpoint(fn, p))
         for what, w, g in zip(("outputs", "gradients"), want, got, strict=True):
             rt, at = _tolerance(w, rtol, atol)

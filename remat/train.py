@@ -76,6 +76,7 @@ from remat._report import Report
 from remat._scan import plan
 from remat.models import from_hf_config, get_config
 from remat.models.nnx import check_api, model_for_api
+from remat.policies import require_text
 from remat.step import (
     OptimizerConfig,
     init_train_state,
@@ -153,6 +154,7 @@ class TrainConfig(OptimizerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_api(self.api)
+        require_text(self.policy, "TrainConfig.policy (stored in run.json)")
         for name in ("batch", "eval_every", "eval_windows", "ckpt_every", "microbatches"):
             if getattr(self, name) < 1:
                 raise RematError(f"{name} must be >= 1, got {getattr(self, name)!r}")

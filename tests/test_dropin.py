@@ -327,3 +327,208 @@ def test_flax_remat_cases_give_nn_remat_values():
             seen.clear()
             wrapped.apply(wrapped.init(jax.random.key(0), x, True), x, False)
             assert seen and all(s == static for s in seen), (wrapped, argnums, seen)
+
+
+# -- issue 24: JAX's policy objects and names, Flax module targets and state ---------------------------
+
+
+def test_jax_policy_objects_and_callables_are_applied_unchanged():
+    cp = jax.checkpoint_policies
+    f = lambda x: jnp.sin(checkpoint_name(jnp.sin(x) * 2.0, "h"))
+    custom = lambda prim, *_, **__: str(prim) == "sin"  # a predicate on primitives, as JAX's tests write
+    for pol in (cp.dots_saveable, cp.save_only_these_names("h"), custom, cp.everything_saveable,
+                cp.save_from_both_policies(cp.dots_saveable, cp.save_only_these_names("h"))):
+        control = jax.grad(jax.checkpoint(f, policy=pol))(1.5)
+        chex.assert_trees_all_close(jax.grad(remat.checkpoint(f, pol))(1.5), control)
+        eqn = next(e for e in jax.make_jaxpr(remat.checkpoint(f, pol))(1.5).jaxpr.eqns
+                   if e.primitive.name == "remat2")
+        assert eqn.params["policy"] is pol  # applied unchanged
+    x = jnp.ones((2, 3))
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.tanh(nn.Dense(3)(x))
+
+    v = M().init(jax.random.key(0), x)
+    chex.assert_trees_all_close(remat.remat(M, cp.dots_saveable)().apply(v, x),
+                                nn.remat(M, policy=cp.dots_saveable)().apply(v, x))
+    stack = remat.scan_layers(M, num_layers=2, policy=custom)
+    sv = stack().init(jax.random.key(0), x)
+    assert stack().apply(sv, x).shape == x.shape
+
+
+def test_jax_name_policies_are_checked_and_opaque_ones_get_a_note():
+    cp = jax.checkpoint_policies
+    f = lambda x: jnp.sin(checkpoint_name(jnp.sin(x), "h"))
+    jax.grad(jax.checkpoint(f, policy=cp.save_only_these_names("typo")))(1.0)  # JAX: silently full
+    for pol in (cp.save_only_these_names("typo"),
+                cp.save_and_offload_only_these_names(names_which_can_be_saved=["typo"],
+                                                     names_which_can_be_offloaded=[],
+                                                     offload_src="device", offload_dst="pinned_host")):
+        with pytest.raises(remat.MissingCheckpointNameError, match="typo"):
+            jax.grad(remat.checkpoint(f, pol))(1.0)
+    assert remat.policies.get(cp.save_only_these_names("h")).known
+    opaque = remat.policies.get(lambda prim, *_, **__: False)
+    assert not opaque.known
+    report = remat.analyze(jax.grad(remat.checkpoint(f, opaque.fn)), 1.0, baseline=None)
+    assert any("remat cannot see into" in n for n in report.notes), report.notes
+    assert not any("cannot see into" in n for n in remat.analyze(
+        jax.grad(remat.checkpoint(f, cp.save_only_these_names("h"))), 1.0, baseline=None).notes)
+
+
+def test_a_callable_where_a_policy_must_be_text_says_so():
+    cp = jax.checkpoint_policies
+    with pytest.raises(remat.PolicyNotTextError, match="cannot be combined with '\\+'"):
+        remat.policies.get(cp.dots_saveable) + remat.policies.get("full")
+    with pytest.raises(TypeError, match="needs a policy as text"):
+        remat.train.TrainConfig(policy=cp.dots_saveable)
+    from remat._tune import TuneConfig
+
+    with pytest.raises(remat.RematError, match="TuneConfig.policy .* needs a policy as text"):
+        TuneConfig(policy=cp.dots_saveable)
+    with pytest.raises(remat.PolicyNotTextError, match="register\\('mine'\\) needs a policy as text"):
+        remat.policies.register("mine", cp.dots_saveable, doc="x")
+
+
+def test_everything_saveable_is_jax_policy_under_checkpoint():
+    none, every = remat.policies.get("none"), remat.policies.get("everything_saveable")
+    assert every != none and str(every) == "everything_saveable" and not every.is_none
+    assert remat.policies.get("save_everything") == every
+    assert every + remat.policies.get("minimal") == every
+    with pytest.raises(remat.RematError, match="'none' cannot be combined"):
+        none + every
+    with pytest.raises(remat.RematError, match="cannot be combined with the offloads"):
+        remat.policies.get("everything_saveable + offload:h")
+    # JAX's "excess precision" test: under jit, in bfloat16, the output equals the value inside the VJP
+    @jax.custom_vjp
+    def dot(x):
+        return jnp.dot(x, x)
+
+    dot.defvjp(lambda x: (dot(x), None), lambda _, g: (g,))
+
+    @jax.custom_vjp
+    def foo(x):
+        return jnp.float32(1.0) * x.astype("float32")
+
+    foo.defvjp(lambda x: (foo(x), x), lambda x, _: (jnp.float32(1.0) * x.astype("float32"),))
+    x = (jnp.bfloat16(1) + jnp.finfo(jnp.bfloat16).eps) * jnp.eye(2, dtype=jnp.bfloat16)
+
+    def forward_and_inside(wrap):
+        y, vjp = jax.vjp(jax.jit(wrap(lambda x: foo(dot(x)))), x)
+        return y, vjp(jnp.ones_like(y))[0]
+
+    y, inside = forward_and_inside(lambda f: jax.checkpoint(f, policy=lambda *_, **__: True))  # the control
+    chex.assert_trees_all_equal(y, inside.astype(y.dtype))
+    for name in ("everything_saveable", "save_everything"):
+        got_y, got_inside = forward_and_inside(lambda f, name=name: remat.checkpoint(f, name))
+        chex.assert_trees_all_equal(got_y, y)
+        chex.assert_trees_all_equal(got_inside, inside)
+    eqns = jax.make_jaxpr(remat.checkpoint(jnp.sin, "everything_saveable"))(1.0).jaxpr.eqns
+    assert [e.primitive.name for e in eqns] == ["remat2"]
+    assert jax.make_jaxpr(remat.checkpoint(jnp.sin, "none"))(1.0).jaxpr.eqns[0].primitive.name == "sin"
+
+
+def test_scan_layers_with_a_parameter_made_in_setup():
+    class B(nn.Module):
+        def setup(self):
+            self.p = self.param("p", nn.initializers.ones, (1,))
+
+        def __call__(self, x):
+            return x * self.p
+
+    x = jnp.ones((1,))
+    stack = remat.scan_layers(B, num_layers=2, policy="full")
+    v = stack().init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, v) == {"params": {"p": (2, 1)}}  # a leading [num_layers] axis
+    chex.assert_trees_all_close(stack().apply(v, x), x)
+
+
+def test_nested_remat_runs_setup_once_as_nn_remat():
+    seen = []
+
+    class C(nn.Module):
+        def setup(self):
+            seen.append(self.scope.path)
+            self.d = nn.Dense(2)
+
+        def __call__(self, x):
+            return self.d(x)
+
+    def paths(cls):
+        class P(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return cls(name="c")(x)
+
+        seen.clear()
+        x = jnp.ones((1, 2))
+        P().apply(P().init(jax.random.key(0), x), x)
+        return seen.count(("c",))
+
+    control = paths(nn.remat(nn.remat(C)))
+    assert paths(remat.remat(remat.remat(C, "full"), "dots")) == control == 2  # init and apply, once each
+
+
+def test_wrong_targets_get_a_clear_error():
+    import flax.errors
+    from flax import nnx
+
+    with pytest.raises(flax.errors.TransformTargetError):  # the control
+        nn.remat(nn.Dense(2))
+    with pytest.raises(flax.errors.TransformTargetError, match="an instance of Dense .* pass the class"):
+        remat.remat(nn.Dense(2), "full")
+    with pytest.raises(remat.RematTargetError, match="takes a linen nn.Module subclass"):
+        remat.scan_layers(nn.Dense(2), num_layers=2)
+
+    class Blk(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(2, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.lin(x)
+
+    b = Blk(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="bound methods"):  # the control
+        nnx.remat(b.__call__)
+    with pytest.raises(remat.RematTargetError, match="an instance of .*Blk"):
+        remat.nnx.remat(b, "full")
+    with pytest.raises(ValueError, match="the bound method .*Blk.__call__; pass the class"):
+        remat.nnx.remat(b.__call__, "full")
+    with pytest.raises(remat.RematTargetError, match="a linen module class; for linen use remat.remat"):
+        remat.nnx.remat(nn.Dense, "full")
+    with pytest.raises(remat.RematTargetError, match="for a function use remat.checkpoint"):
+        remat.remat(jnp.sin, "full")
+
+
+def test_nnx_plain_attribute_changes_are_written_back():
+    from flax import nnx
+
+    class Counting(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(2, 2, rngs=rngs)
+            self.calls = 0
+
+        def __call__(self, x):
+            self.calls += 1
+            return self.lin(x)
+
+    x = jnp.ones((1, 2))
+    control = Counting(nnx.Rngs(0))
+    nnx.remat(lambda m, x: m(x), graph_updates=True)(control, x)
+    nnx.remat(lambda m, x: m(x), graph_updates=True)(control, x)
+    got = remat.nnx.remat(Counting, "full")(nnx.Rngs(0))
+    got(x)
+    got(x)
+    assert got.calls == control.calls == 2
+
+    class Leaky(Counting):
+        def __call__(self, x):
+            self.last = self.lin(x).sum()  # a traced array in a plain attribute
+            return x
+
+    with pytest.raises(remat.RematError, match="traced array to the plain Python attribute"):
+        remat.nnx.remat(Leaky, "full")(nnx.Rngs(0))(x)
+    stack = remat.nnx.scan_layers(Counting, num_layers=2)(rngs=nnx.Rngs(0))
+    with pytest.raises(remat.RematError, match="block/calls"):
+        stack(x)

@@ -30,7 +30,7 @@ MINIMAL = QKV_ALL | {OUT, WI, WI0, WI1, WO}
 EXPECTED = {
     "none": (set(), set(), None, None, False),
     "full": (set(), set(), None, None, True),
-    "everything_saveable": (set(), set(), None, None, False),
+    "everything_saveable": (set(), set(), None, None, True),  # JAX's policy under jax.checkpoint
     "nothing_saveable": (set(), set(), None, None, True),
     "dots_saveable": (set(), set(), "all", None, True),
     "dots_with_no_batch_dims_saveable": (set(), set(), "no_batch", None, True),
@@ -45,7 +45,7 @@ EXPECTED = {
     "qkv_proj_offloaded": (set(), {Q, K, V}, None, None, True),
     "minimal_offloaded": (set(), MINIMAL, None, None, True),
     "save_nothing": (set(), set(), None, None, True),
-    "save_everything": (set(), set(), None, None, False),
+    "save_everything": (set(), set(), None, None, True),
     "save_qkv_out_proj": (QKV_ALL | {OUT}, set(), None, None, True),
     "save_context": ({CTX}, set(), None, None, True),
     "save_context_and_out_proj": ({CTX, OUT}, set(), None, None, True),
@@ -54,13 +54,14 @@ EXPECTED = {
     "save_iteration_input": ({"decoder_layer_input"}, set(), None, None, True),
     "selective": (MINIMAL | {CTX, "attn_norm", "mlp_norm"}, set(), None, None, True),
 }
+EVERYTHING = {"everything_saveable", "save_everything"}  # jax.checkpoint_policies.everything_saveable
 
 
 def test_registry_matches_the_written_table():
     assert set(policies.names()) == set(EXPECTED)
     for name, (save, offload, dots, offload_dots, rem) in EXPECTED.items():
-        assert policies.get(name) == Policy(save=save, offload=offload, dots=dots,
-                                            offload_dots=offload_dots, remat=rem), name
+        assert policies.get(name) == Policy(save=save, offload=offload, dots=dots, offload_dots=offload_dots,
+                                            remat=rem, everything=name in EVERYTHING), name
         assert policies.describe(name)
 
 
@@ -104,7 +105,7 @@ names_st = st.sets(st.sampled_from(vocab.ALL_NAMES) | st.from_regex(r"[a-z_][a-z
 @st.composite
 def policy_st(draw):
     if draw(st.booleans()) and draw(st.booleans()):
-        return Policy(remat=False)
+        return Policy(remat=False) if draw(st.booleans()) else Policy(everything=True)
     save = draw(names_st)
     offload = draw(names_st) - save
     dots = draw(st.sampled_from([None, "all", "no_batch"]))
@@ -178,7 +179,8 @@ def every_name(w, x):
 ARGS = (jax.ShapeDtypeStruct((9, D, D), jnp.float32), jax.ShapeDtypeStruct((4, D), jnp.float32))
 
 
-@pytest.mark.parametrize("name", [n for n, e in EXPECTED.items() if not e[2] and not e[3] and e[4]])
+@pytest.mark.parametrize("name", [n for n, e in EXPECTED.items()
+                                  if not e[2] and not e[3] and e[4] and n not in EVERYTHING])
 def test_named_presets_keep_exactly_their_names(name):
     save, offload, *_ = EXPECTED[name]
     assert saved_names(every_name, name, *ARGS) == {"device": frozenset(save), "host": frozenset(offload)}
