@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from remat._residuals import ResidualRow
     from remat._scan import scan_layers
     from remat._sweep import SweepResult, TrainStepSetup, inspect_policy, plot_sweep, sweep, train_step_setup
+    from remat._targets import TARGETS, Target, target_devices, target_mesh
     from remat._tune import TuneConfig, TuneResult, tune
     from remat.policies import (
         OpaquePolicy,
@@ -69,6 +70,10 @@ _EXPORTS = {
     "ResidualRow": "remat._residuals",
     "ScanCarryOffloadError": "remat._apply",
     "SweepResult": "remat._sweep",
+    "TARGETS": "remat._targets",
+    "Target": "remat._targets",
+    "target_devices": "remat._targets",
+    "target_mesh": "remat._targets",
     "TrainStepSetup": "remat._sweep",
     "TuneConfig": "remat._tune",
     "TuneResult": "remat._tune",
@@ -90,6 +95,7 @@ _EXPORTS = {
 _SUBMODULES = ("models", "nnx", "policies", "step", "testing", "train")
 
 __all__ = [
+    "TARGETS",
     "CorpusError",
     "MissingCheckpointNameError",
     "NeverKeptError",
@@ -106,6 +112,7 @@ __all__ = [
     "ResidualRow",
     "ScanCarryOffloadError",
     "SweepResult",
+    "Target",
     "TrainStepSetup",
     "TuneConfig",
     "TuneResult",
@@ -124,6 +131,8 @@ __all__ = [
     "set_cpu_devices",
     "step",
     "sweep",
+    "target_devices",
+    "target_mesh",
     "testing",
     "train",
     "train_step_setup",

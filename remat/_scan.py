@@ -156,13 +156,19 @@ def parse_segments(text: str) -> list[tuple[int, str]]:
     return out
 
 
-def policy_names(policy: PolicyArg) -> frozenset[str]:
-    """Every checkpoint name a policy (or its segments) saves or offloads."""
+def segment_policies(policy: PolicyArg) -> list[Policy]:
+    """The :class:`Policy` of a policy, or of each of its segments (a list, or
+    a string such as ``"8x minimal; 24x full"``)."""
     if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
         policy = parse_segments(policy)
     if is_single(policy):
-        return get(policy).names  # type: ignore[arg-type]
-    return frozenset().union(*(get(p).names for _, p in policy))
+        return [get(policy)]  # type: ignore[arg-type]
+    return [get(p) for _, p in policy]
+
+
+def policy_names(policy: PolicyArg) -> frozenset[str]:
+    """Every checkpoint name a policy (or its segments) saves or offloads."""
+    return frozenset().union(*(p.names for p in segment_policies(policy)))
 
 
 def parse_groups(text: str) -> str | tuple[int, int]:

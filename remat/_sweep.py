@@ -50,7 +50,7 @@ from remat._mesh import (
     sharded_abstract,
 )
 from remat._report import HOST_LINK_BYTES_PER_S, PEAK_FLOPS_PER_S, Report
-from remat._scan import policy_names
+from remat._scan import policy_names, segment_policies
 from remat._targets import TARGETS, Target, get_target, target_mesh
 from remat.models.nnx import check_api, model_for_api
 from remat.policies import Policy
@@ -300,7 +300,10 @@ def inspect_policy(s: TrainStepSetup, policy: PolicyLike, *,
     against the step with no ``jax.checkpoint`` at all (compiled too, unless
     it is the same program), with a note for each name of the policy that is
     never kept (:func:`never_kept`). ``policy`` may be a JAX policy callable,
-    applied as it is (a note says when remat cannot check it).
+    applied as it is (a note says when remat cannot check it). On a GPU
+    target, a step that does not fit the usable memory with XLA:GPU's own
+    rematerialization pass off (the default) is compiled once more with it
+    on, and a note says whether the pass would make it fit.
 
     Raises:
       remat.policies.PolicySpecError / UnknownPolicyError: a bad spec.
@@ -309,11 +312,20 @@ def inspect_policy(s: TrainStepSetup, policy: PolicyLike, *,
         (a GPU target's compile-only devices have none).
     """
     label = label_of(policy)
-    check_offload(registry.get(policy), s.device())
+    for p in segment_policies(policy):
+        check_offload(p, s.device())
     with s.context():
         report = s.finish(analyze(s.step(policy), *s.step_args(), label=label,
                                   donate_argnums=0, compiler_options=compiler_options,
                                   out_shardings=s.out_shardings))
+        if report.fits is False and report.backend == "gpu" and compiler_options is None:
+            with_pass = s.finish(analyze(s.step(policy), *s.step_args(), label=label, donate_argnums=0,
+                                         compiler_options={}, baseline=None, out_shardings=s.out_shardings))
+            verdict = ("fits only with it" if with_pass.fits else "does not fit even with it")
+            report = dataclasses.replace(report, notes=(
+                *report.notes, f"with XLA:GPU's own rematerialization pass on (--xla-remat) the peak is "
+                               f"{format_bytes(with_pass.peak_bytes)}: {verdict} (the pass recomputes values "
+                               "the policy keeps; train with the setting you measured)"))
     return report if s.groups else never_kept(policy, report)
 
 
@@ -510,7 +522,8 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[P
         if len(set(labels)) != len(labels):
             raise RematError(f"duplicated policies in {labels}")
         for p in policies:
-            check_offload(registry.get(p), s.device())
+            for seg in segment_policies(p):
+                check_offload(seg, s.device())
     base = _baseline(s)
     notes: list[str] = []
     if policies is None:

@@ -711,8 +711,10 @@ def tune(model: str | models.ModelConfig, budget: int | str | None = None, *, ba
     if on_candidate is not None:
         inner = oracle.compiled
         oracle.compiled = lambda c, b, r: _tap(inner(c, b, r), on_candidate)  # type: ignore[method-assign]
-    on = make_mesh(mesh) if tgt.platform == "cpu" else target_mesh(tgt, mesh)
-    factor = batch_factor(on, tuple(rules or LOGICAL_RULES)) if mesh else 1
+    factor = 1
+    if mesh:
+        on = make_mesh(mesh) if tgt.platform == "cpu" else target_mesh(tgt, mesh)
+        factor = batch_factor(on, tuple(rules or LOGICAL_RULES))
     batches: list[Candidate] = []
     if batch == "auto":
         batch, batches = _largest_batch(oracle, budget_bytes, factor, groups, max_microbatches)

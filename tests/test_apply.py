@@ -324,7 +324,8 @@ def test_new_user_mistakes_get_clear_errors():
                        match="remat: in module Block.__call__, the arguments x, deterministic are traced; "
                              "name the Python flags among them"):
         traced.init(RNGS, X, deterministic=True)
-    with pytest.raises(TypeError, match="a remat policy is a name, a spec string or a Policy, got None"):
+    with pytest.raises(TypeError, match="a remat policy is a name, a spec string, a Policy or a JAX policy "
+                                        "callable, got None; for no remat write 'none'"):
         stack(None)
     with pytest.raises(remat.MissingCheckpointNameError,
                        match=r"remat policy 'save_qkv_proj' \(save:key_proj,qkv_proj,query_proj,value_proj\)"

@@ -21,17 +21,18 @@ from remat import cli
 PUBLIC = {
     "remat": [
         "CorpusError", "MissingCheckpointNameError", "NeverKeptError", "NeverKeptWarning",
-        "OffloadUnsupportedError", "PeakBuffer", "Policy", "PolicySpecError", "RematError", "Report",
-        "ResidualRow",
-        "ScanCarryOffloadError", "SweepResult", "TrainStepSetup", "TuneConfig", "TuneResult",
+        "OffloadUnsupportedError", "OpaquePolicy", "PeakBuffer", "Policy", "PolicyNotTextError",
+        "PolicySpecError", "RematError", "RematTargetError", "Report", "ResidualRow",
+        "ScanCarryOffloadError", "SweepResult", "TARGETS", "Target", "TrainStepSetup", "TuneConfig",
+        "TuneResult",
         "UnknownPolicyError", "UnsupportedJaxModeError", "analyze", "checkpoint", "checkpoint_names",
         "inspect_policy", "models", "nnx", "plot_sweep", "policies", "remat", "scan_layers",
-        "set_cpu_devices", "step", "sweep",
+        "set_cpu_devices", "step", "sweep", "target_devices", "target_mesh",
         "testing", "train", "train_step_setup", "tune", "without_remat",
     ],
     "remat.policies": [
-        "DotsRule", "Policy", "PolicySpecError", "UnknownPolicyError", "UnsupportedJaxModeError", "describe",
-        "get", "names", "register", "vocab",
+        "DotsRule", "OpaquePolicy", "Policy", "PolicyNotTextError", "PolicySpecError", "UnknownPolicyError",
+        "UnsupportedJaxModeError", "describe", "get", "names", "register", "require_text", "vocab",
     ],
     "remat.models": [
         "PUBLISHED_PARAMS", "Attention", "Block", "Mlp", "ModelConfig", "Transformer",
@@ -62,7 +63,7 @@ def test_public_names_are_a_snapshot(module):
 def test_every_public_error_is_a_remat_error_and_a_value_error():
     errors = [getattr(remat, n) for n in remat.__all__ if n.endswith("Error")]
     errors.append(remat.testing.NoMemoryAnalysisError)
-    assert len(errors) == 10
+    assert len(errors) == 12
     assert all(issubclass(e, remat.RematError) and issubclass(e, ValueError) for e in errors)
 
 

@@ -320,3 +320,16 @@ def test_cli_sweep_and_targets_on_h100(capsys, tmp_path):
     assert cli.main(["inspect", "--model", "tiny", "--policy", "full", "--target", "h100", "--devices",
                      "4"]) == 2
     assert "--devices 4 on target h100: give the mesh too, e.g. --mesh fsdp=4" in capsys.readouterr().err
+
+
+def test_a_maxtext_batch_default_counts_the_targets_devices():
+    """per_device_batch_size x the target's devices, not JAX's (this host's CPU) count."""
+    import argparse
+
+    from remat import cli
+
+    count = lambda **kw: cli._device_count(argparse.Namespace(**{"devices": None, "mesh": None, **kw}))
+    assert count(target="h100", devices=8, mesh="fsdp=8") == 8
+    assert count(target="h100", mesh="data=2,fsdp=4") == 8
+    assert count(target="h100") == 1
+    assert count(target="cpu") == jax.device_count()
