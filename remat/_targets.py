@@ -239,16 +239,23 @@ def get_target(name: str | Target) -> Target:
 
 def prepare_environment(target: str | Target) -> None:
     """Make a GPU ``target`` compilable here: set ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``
-    unless the environment already sets it. Call it before JAX initialises its
-    backends (before any computation or ``jax.devices()``; importing JAX is
-    fine). Nothing for ``cpu``; ``JAX_PLATFORMS`` is left alone, so a real GPU
-    stays usable.
+    unless the environment already sets it. Also for ``cpu`` on a machine
+    without an NVIDIA driver (no ``/proc/driver/nvidia``), where the CUDA
+    plugin's check (installed with ``remat[gpu]``) can only fail, printing a
+    traceback at every JAX start. Call it before JAX initialises its backends
+    (before any computation or ``jax.devices()``; importing JAX is fine).
+    ``JAX_PLATFORMS`` is left alone, and a machine with a driver keeps the
+    check for ``cpu``, so a real GPU is used as before.
 
     Raises:
       RematError: an unknown target name.
     """
-    if get_target(target).platform == "gpu":
+    if get_target(target).platform == "gpu" or not os.path.exists(NVIDIA_DRIVER):
         os.environ.setdefault(SKIP_CHECK_VAR, "1")
+
+
+NVIDIA_DRIVER = "/proc/driver/nvidia"
+"""Where Linux's NVIDIA kernel driver shows itself; absent on a machine without one."""
 
 
 def _plugin_missing() -> bool:

@@ -488,10 +488,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         target = getattr(args, "target", "cpu")
-        if target != "cpu":
-            from remat._targets import prepare_environment
+        from remat._targets import prepare_environment
 
-            prepare_environment(target)  # before JAX starts: the CUDA plugin registers without a driver
+        prepare_environment(target)  # before JAX starts: the CUDA plugin registers without a driver
+        if target != "cpu":
             _check_devices(args)
         elif getattr(args, "devices", None) is not None:
             from remat._mesh import set_cpu_devices

@@ -105,8 +105,13 @@ def test_cpu_devices_and_mesh():
 def test_prepare_environment(monkeypatch):
     monkeypatch.delenv("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", raising=False)
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(targets, "NVIDIA_DRIVER", "/")  # a machine with a driver: cpu keeps the check
     prepare_environment("cpu")
     assert "JAX_SKIP_CUDA_CONSTRAINTS_CHECK" not in os.environ
+    monkeypatch.setattr(targets, "NVIDIA_DRIVER", "/no/such/driver")  # none: the check can only fail
+    prepare_environment("cpu")
+    assert os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] == "1"
+    monkeypatch.delenv("JAX_SKIP_CUDA_CONSTRAINTS_CHECK")
     prepare_environment("h100")
     assert os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] == "1"
     assert "JAX_PLATFORMS" not in os.environ
