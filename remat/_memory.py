@@ -52,8 +52,8 @@ the executable is only measured, never run."""
 NO_XLA_REMAT: dict[str, Any] = {"xla_disable_hlo_passes": "rematerialization"}
 """XLA options :func:`analyze` uses on a GPU unless told otherwise: XLA:GPU's
 own rematerialization pass off. That pass runs when its estimate of the peak
-exceeds a limit (about 80% of device memory less the inputs and outputs; see
-:func:`remat._targets.xla_remat_limit_bytes`) and then silently recomputes
+exceeds a limit (about 80% of device memory less the inputs and outputs:
+``GetSchedulerMemoryLimit`` in XLA's ``gpu_hlo_schedule.cc``) and then silently recomputes
 values, so the compiled program is no longer the policy being compared;
 NVIDIA's MaxText GPU recipes train with ``--xla_disable_hlo_passes=rematerialization``
 in ``XLA_FLAGS`` too, which is what a measured program must be trained with."""

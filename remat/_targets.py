@@ -63,7 +63,6 @@ __all__ = [
     "target_devices",
     "target_mesh",
     "target_names",
-    "xla_remat_limit_bytes",
 ]
 
 SKIP_CHECK_VAR = "JAX_SKIP_CUDA_CONSTRAINTS_CHECK"
@@ -336,46 +335,3 @@ def target_mesh(target: str | Target, axes: Mapping[str, int]) -> Mesh:
     if bad:
         raise RematError(f"mesh {dict(axes)}: sizes {bad} must be integers >= 1")
     return make_mesh(axes, devices=target_devices(target, math.prod(axes.values())))
-
-
-_SCHEDULER_MEMORY_PERCENT = 80  # gpu_hlo_schedule.cc: device_memory_size() * 80 / 100
-_SLOP_FACTOR_PERCENT = 95  # debug_options_flags.cc: set_xla_gpu_memory_limit_slop_factor(95)
-
-
-def xla_remat_limit_bytes(target: str | Target, argument_bytes: int, output_bytes: int,
-                          alias_bytes: int = 0) -> int:
-    """The memory limit, bytes per device, that XLA:GPU gives its scheduler
-    and rematerialization pass for a program on ``target``:
-    ``(device_memory_size x 80 / 100 - io) x 95 / 100`` with ``io =
-    argument_bytes + output_bytes - alias_bytes`` (donated outputs counted
-    once), and 0 if ``io`` exceeds the first term, in integer arithmetic as
-    XLA does. The remat pass (``xla/hlo/transforms/simplifiers/
-    hlo_rematerialization.cc``) subtracts the outputs once more and recomputes
-    values when its own peak estimate of the entry computation (roughly the
-    live parameters plus ``memory_analysis().temp_size_in_bytes``) exceeds
-    what is left; so a temp near this limit means XLA may have changed the
-    program, unless :data:`remat._memory.NO_XLA_REMAT` disabled the pass. An estimate of
-    when it acts, not a replica of its accounting.
-
-    Source: openxla/xla ``xla/service/gpu/gpu_hlo_schedule.cc``,
-    ``GetSchedulerMemoryLimit`` (@ 1a677b5c9447394d184ffb7c3ec84f44d93d6ecb),
-    with the default ``xla_gpu_memory_limit_slop_factor`` of 95
-    (``xla/debug_options_flags.cc``); an ``XLA_FLAGS`` override of the slop
-    factor or of the module's ``device_memory_size`` changes it.
-
-    Raises:
-      RematError: ``target`` is ``cpu`` (XLA:CPU has no such pass) or
-        unknown, or a negative byte count.
-    """
-    t = get_target(target)
-    if t.memory_bytes is None:
-        raise RematError(f"target {t.name!r}: XLA's rematerialization limit is a GPU figure; GPU targets: "
-                         f"{', '.join(n for n in TARGETS if TARGETS[n].platform == 'gpu')}")
-    sizes = {"argument_bytes": argument_bytes, "output_bytes": output_bytes, "alias_bytes": alias_bytes}
-    negative = {k: v for k, v in sizes.items() if v < 0}
-    if negative:
-        raise RematError(f"xla_remat_limit_bytes: {negative} must be >= 0")
-    base = t.memory_bytes * _SCHEDULER_MEMORY_PERCENT // 100
-    io = int(argument_bytes) + int(output_bytes) - int(alias_bytes)
-    return 0 if io > base else (base - io) * _SLOP_FACTOR_PERCENT // 100
-

@@ -30,7 +30,6 @@ from remat._targets import (
     target_devices,
     target_mesh,
     target_names,
-    xla_remat_limit_bytes,
 )
 
 HAS_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and \
@@ -120,17 +119,8 @@ def test_prepare_environment(monkeypatch):
     assert os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] == "yes"
 
 
-def test_compiler_options_and_xla_limit():
+def test_compiler_options_on_gpu():
     assert default_compiler_options("gpu") == {"xla_disable_hlo_passes": "rematerialization"}
-    mem = 84942979072
-    assert xla_remat_limit_bytes("h100", 0, 0) == mem * 80 // 100 * 95 // 100
-    assert xla_remat_limit_bytes("h100", 10 << 30, 2 << 30, alias_bytes=2 << 30) == \
-        (mem * 80 // 100 - (10 << 30)) * 95 // 100
-    assert xla_remat_limit_bytes("h100", mem, 0) == 0
-    with pytest.raises(RematError, match="target 'cpu': XLA's rematerialization limit is a GPU figure"):
-        xla_remat_limit_bytes("cpu", 0, 0)
-    with pytest.raises(RematError, match="'argument_bytes': -1"):
-        xla_remat_limit_bytes("h100", -1, 0)
 
 
 def test_no_plugin_error(monkeypatch):
