@@ -29,17 +29,19 @@ biases."""
 MlpActivation = Literal["silu", "gelu_tanh"]
 """The llama family's gated MLP activation: ``"silu"`` (SwiGLU: Llama, Mistral,
 Qwen) or ``"gelu_tanh"`` (GeGLU with the tanh approximation: Gemma)."""
-AttentionImpl = Literal["xla", "dot_product_attention", "cudnn"]
+AttentionImpl = Literal["xla", "dot_product_attention", "cudnn", "pallas"]
 """``"xla"``: einsum attention that tags ``attn_scores`` and ``attn_probs``;
 ``"dot_product_attention"``: ``jax.nn.dot_product_attention`` (cuDNN flash
 attention when the default backend is a GPU), which tags only its output
 ``context``; ``"cudnn"``: the same with ``implementation="cudnn"`` always, for
 a GPU target compiled from a host without one (the kernel follows the target,
-not the host)."""
+not the host); ``"pallas"``: JAX's Pallas TPU flash attention
+(``jax.experimental.pallas.ops.tpu.flash_attention``) for a TPU target, which
+also tags only ``context``."""
 
 FAMILIES: tuple[str, ...] = ("gpt2", "llama")
 MLP_ACTIVATIONS: tuple[str, ...] = ("silu", "gelu_tanh")
-ATTENTION_IMPLS: tuple[str, ...] = ("xla", "dot_product_attention", "cudnn")
+ATTENTION_IMPLS: tuple[str, ...] = ("xla", "dot_product_attention", "cudnn", "pallas")
 _DTYPE_ALIASES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
     "f16": "float16", "fp16": "float16", "float16": "float16",
@@ -100,7 +102,8 @@ class ModelConfig:
         ``"bf16"``/``"f32"``/``"f16"`` are accepted and normalised to a numpy dtype).
         Norm statistics and softmax run in float32 whatever this is.
       param_dtype: dtype of the parameters (float32 by default).
-      attention: ``"xla"``, ``"dot_product_attention"`` or ``"cudnn"`` (see :data:`AttentionImpl`).
+      attention: ``"xla"``, ``"dot_product_attention"``, ``"cudnn"`` or
+        ``"pallas"`` (see :data:`AttentionImpl`).
       rope_theta: RoPE base frequency (Su et al. 2021), llama only.
       norm_eps: epsilon of LayerNorm / RMSNorm.
       loss_chunks: compute the logits and the cross-entropy of a train step in

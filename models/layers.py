@@ -199,6 +199,8 @@ def attention(cfg: ModelConfig, x_BxTxD: jax.Array, *, query: Layer, key: Layer,
         k_BxSxKxH = rope(k_BxSxKxH, cfg.rope_theta)
     if cfg.attention == "xla":
         ctx_BxTxNxH = _einsum_attention(cfg, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, dropout)
+    elif cfg.attention == "pallas":
+        ctx_BxTxNxH = pallas_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
     else:
         ctx_BxTxNxH = jax.nn.dot_product_attention(
             q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True, implementation=attention_implementation(cfg))
@@ -223,6 +225,41 @@ def _einsum_attention(cfg: ModelConfig, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Arr
     probs_BxKxGxTxS = probs_BxNxTxS.reshape(b, k, g, t, s)
     ctx_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH)
     return ctx_BxTxKxGxH.reshape(b, t, n, h)
+
+
+PALLAS_BLOCK = 128
+"""The block size of the Pallas TPU flash attention's default ``BlockSizes``
+(``jax.experimental.pallas.ops.tpu.flash_attention``): the sequence length
+must be a multiple of it."""
+
+
+def pallas_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array) -> jax.Array:
+    """Causal flash attention (Dao et al. 2022) with JAX's Pallas TPU kernel,
+    ``jax.experimental.pallas.ops.tpu.flash_attention`` (``[B, N, T, H]``
+    layout, scale ``H**-0.5``), as MaxText's ``attention_kernel: flash`` on TPU.
+
+    The kernel takes as many key/value heads as query heads, so grouped
+    keys and values are repeated (query head ``k * G + g`` with kv head
+    ``k``, as :func:`_einsum_attention` groups them). Under a mesh
+    (``jax.set_mesh``) the kernel runs per shard in ``jax.shard_map``, split
+    as flax's logical-axis rules split the activations' batch and heads (a
+    Pallas call is not partitioned by XLA). Needs ``T`` and ``S`` multiples of
+    :data:`PALLAS_BLOCK`; compiles for TPU only.
+
+    Returns:
+      ``[B, T, N, H]`` in the queries' dtype.
+    """
+    from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
+
+    n, k, h = q_BxTxNxH.shape[2], k_BxSxKxH.shape[2], q_BxTxNxH.shape[3]
+    k_BxNxSxH = jnp.repeat(k_BxSxKxH, n // k, axis=2).transpose(0, 2, 1, 3)
+    v_BxNxSxH = jnp.repeat(v_BxSxKxH, n // k, axis=2).transpose(0, 2, 1, 3)
+    q_BxNxTxH = q_BxTxNxH.transpose(0, 2, 1, 3)
+    kernel = partial(flash_attention, causal=True, sm_scale=h ** -0.5)
+    if not jax.sharding.get_abstract_mesh().empty:
+        spec = nn.logical_to_mesh_axes(("activation_batch", "activation_heads", None, None))
+        kernel = jax.shard_map(kernel, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    return kernel(q_BxNxTxH, k_BxNxSxH, v_BxNxSxH).transpose(0, 2, 1, 3)
 
 
 class Attention(nn.Module):

@@ -24,6 +24,8 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import math
+import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from remat import _compat
+from remat import _cache, _compat
 from remat._apply import collect_notes, without_remat
 from remat._buffers import DumpFormatError, PeakDump, read_dump
 from remat._errors import RematError
@@ -46,8 +48,75 @@ from remat._residuals import host_traffic, residual_rows
 
 _compat.hide_frames(__file__)
 
-__all__ = ["Traced", "analyze", "compile_and_analyze", "compile_traced", "count_checkpoints", "measure",
-           "trace", "trace_without_remat"]
+__all__ = ["Figures", "OutOfMemory", "Traced", "analyze", "compile_and_analyze", "compile_figures",
+           "compile_traced", "count_checkpoints", "measure", "out_of_memory", "trace", "trace_without_remat"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OutOfMemory:
+    """A compile the backend refused for lack of device memory: on TPU a
+    step that does not fit is a compile error (``RESOURCE_EXHAUSTED``), not
+    a figure. Read from libtpu's message by :func:`out_of_memory`.
+
+    Attributes:
+      needed_bytes: what the message says the step needs, bytes per device.
+      available_bytes: what it says is available, bytes per device.
+      temporaries_only: ``needed_bytes`` counts the HLO temporaries alone
+        (libtpu's "total memory required for HLO temporaries (X) exceeds
+        available HBM (Y)"), not the arguments; False for "Used X of Y hbm".
+      message: the message's first line.
+    """
+
+    needed_bytes: int
+    available_bytes: int
+    temporaries_only: bool
+    message: str
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE = r"([\d.]+)([KMGTP]?)"
+_OUT_OF_MEMORY = (
+    (re.compile(rf"memory required for HLO temporaries \({_SIZE}\) exceeds available HBM \({_SIZE}\)"), True),
+    (re.compile(rf"Used {_SIZE} of {_SIZE} hbm"), False),
+)
+"""libtpu's out-of-memory messages (sizes in binary units: the v5p's
+"available HBM (95.74G)" is 95.74 GiB of its 96 GiB)."""
+
+
+def out_of_memory(error: BaseException) -> OutOfMemory | None:
+    """The :class:`OutOfMemory` a compile error states, or None for any other error."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    for pattern, temporaries in _OUT_OF_MEMORY:
+        if m := pattern.search(text):
+            needed, available = (round(float(m[i]) * _UNITS[m[i + 1]]) for i in (1, 3))
+            return OutOfMemory(needed, available, temporaries, text.strip().splitlines()[0])
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+    """What the analysis keeps of one compile (:func:`compile_figures`; stored
+    by :mod:`remat._cache` across runs).
+
+    Attributes:
+      memory: :func:`remat._memory.compiled_memory` of the executable
+        (bytes per device), None where the backend gives none or the compile
+        failed for lack of memory.
+      devices: how many devices the program spans.
+      out_of_memory: the backend's refusal, where it refused.
+    """
+
+    memory: dict[str, int] | None
+    devices: int
+    out_of_memory: OutOfMemory | None = None
+
+    @classmethod
+    def of(cls, compiled: Any) -> Figures:
+        """The figures of a ``jax.stages.Compiled`` executable."""
+        devices = max((len(s.device_set) for s in jax.tree.leaves(compiled.input_shardings)), default=1)
+        return cls(compiled_memory(compiled), devices)
 
 
 def cse_notes(jaxpr: jcore.Jaxpr) -> list[str]:
@@ -84,6 +153,10 @@ class Traced:
     device: Any = None
     """A device the step is compiled for: its arguments' (a target's
     compile-only device under a target mesh), else JAX's default device."""
+    devices: int = 1
+    """How many devices its arguments span."""
+    argument_bytes: int = 0
+    """Its arguments' bytes per device (each one's shard under its sharding)."""
 
     @property
     def platform(self) -> str:
@@ -106,8 +179,14 @@ def trace(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], label: st
     with collect_notes() as notes:  # a policy remat cannot check (a JAX callable) says so
         traced = jax.jit(fn, donate_argnums=donate_argnums, **pinned).trace(*args, **kwargs)
     lowered = traced.lower()
+    leaves = jax.tree.leaves((args, kwargs))
+    shardings = [getattr(x, "sharding", None) for x in leaves]
+    devices = max((len(sh.device_set) for sh in shardings if sh is not None), default=1)
+    per_device = sum(math.prod(sh.shard_shape(x.shape) if sh is not None else x.shape) * x.dtype.itemsize
+                     for x, sh in zip(leaves, shardings, strict=True) if hasattr(x, "shape"))
     return Traced(traced, lowered, label or getattr(fn, "__name__", "fn"), time.perf_counter() - t0,
-                  tuple(notes), device=argument_device((args, kwargs)))
+                  tuple(notes), device=argument_device((args, kwargs)), devices=devices,
+                  argument_bytes=per_device)
 
 
 def argument_device(tree: Any) -> Any:
@@ -147,6 +226,36 @@ def compile_traced(t: Traced, compiler_options: dict[str, Any] | None) -> tuple[
     return compiled, seconds, dump
 
 
+def compile_figures(t: Traced,
+                    compiler_options: dict[str, Any] | None) -> tuple[Figures, float, PeakDump | str]:
+    """:func:`compile_traced` for measurement: the :class:`Figures` of the
+    compile, its time and its dump, from the cache of earlier runs when the
+    same program was compiled the same way (:mod:`remat._cache`; the time
+    is then the original compile's). A compile the backend refuses for lack
+    of memory (:func:`out_of_memory`) is a result, not an error. Safe in a
+    worker thread, as :func:`compile_traced`.
+
+    Raises:
+      Whatever else the compile raises.
+    """
+    options = dict(default_compiler_options(t.platform) if compiler_options is None else compiler_options)
+    key = _cache.compile_key(t.lowered.as_text(debug_info=True), options, t.device, t.devices)
+    if (hit := _cache.load(key)) is not None:
+        f = hit["figures"]
+        oom = f["out_of_memory"] and OutOfMemory(**f["out_of_memory"])
+        return Figures(f["memory"], f["devices"], oom), hit["seconds"], hit["dump"]
+    t0 = time.perf_counter()
+    try:
+        compiled, seconds, dump = compile_traced(t, options)
+        figures = Figures.of(compiled)
+    except jax.errors.JaxRuntimeError as e:
+        if (oom := out_of_memory(e)) is None:
+            raise
+        figures, seconds, dump = Figures(None, t.devices, oom), time.perf_counter() - t0, oom.message
+    _cache.store(key, dataclasses.asdict(figures), seconds, dump)
+    return figures, seconds, dump
+
+
 def _peak_fields(dump: PeakDump | str, rows: Sequence[Any], closed: Any, peak: int,
                  devices: int) -> tuple[dict[str, Any], list[str]]:
     """The Report's peak-by-term fields and notes (:func:`remat._memory.peak_terms`)."""
@@ -167,7 +276,13 @@ def _peak_fields(dump: PeakDump | str, rows: Sequence[Any], closed: Any, peak: i
 
 
 def measure(t: Traced, compiled: Any, compile_seconds: float, dump: PeakDump | str = "not dumped") -> Report:
-    """The :class:`Report` of a traced and compiled step (see :func:`analyze`)."""
+    """The :class:`Report` of a traced and compiled step (see :func:`analyze`):
+    ``compiled`` is the executable or its :class:`Figures`. A compile refused
+    for lack of memory gives a report that does not fit: ``peak_bytes`` is
+    what the backend's message says is needed (plus the arguments where it
+    counts the temporaries only), ``limit_bytes`` what it says is available,
+    ``peak_source`` ``"out-of-memory error"``, and a note quotes the message."""
+    figures = compiled if isinstance(compiled, Figures) else Figures.of(compiled)
     closed = t.traced.jaxpr
     jaxpr = closed.jaxpr
     rows = residual_rows(jaxpr)
@@ -179,9 +294,21 @@ def measure(t: Traced, compiled: Any, compile_seconds: float, dump: PeakDump | s
     host_residual_bytes = sum(r.device_bytes for r in rows if r.memory_kind == "host")
     backend = t.platform
 
-    mem = compiled_memory(compiled)
+    mem = figures.memory
+    oom = figures.out_of_memory
     fields: dict[str, int | None]
-    if mem is not None:
+    limit = None
+    if oom is not None:
+        fields = {"temp": oom.needed_bytes if oom.temporaries_only else None, "argument": t.argument_bytes,
+                  "output": None, "alias": None, "host_temp": None}
+        peak = oom.needed_bytes + (t.argument_bytes if oom.temporaries_only else 0)
+        peak_source = "out-of-memory error"
+        limit = oom.available_bytes
+        what = ("for its temporaries (peak_bytes adds the arguments)" if oom.temporaries_only else "in all")
+        notes.append(f"does not fit: the {backend} compiler refused the step, which needs "
+                     f"{format_bytes(oom.needed_bytes)} {what} of {format_bytes(oom.available_bytes)} "
+                     f"available ({oom.message})")
+    elif mem is not None:
         fields = dict(mem)
         peak = fields["argument"] + fields["output"] + fields["temp"] - fields["alias"]  # type: ignore[operator]
         peak_source = "memory_analysis"
@@ -197,7 +324,7 @@ def measure(t: Traced, compiled: Any, compile_seconds: float, dump: PeakDump | s
         peak_source = "residual estimate"
         notes.append(f"the {backend} backend gives no memory_analysis() (or all zeros): peak_bytes = "
                      "arguments + outputs + device residuals, a lower bound")
-    devices = max((len(s.device_set) for s in jax.tree.leaves(compiled.input_shardings)), default=1)
+    devices = figures.devices
     host_size = sum(r.size_bytes for r in rows if r.memory_kind == "host")
     per_device = host_residual_bytes / host_size if host_size else 1 / devices
     host_transfer_bytes = round(host_traffic(jaxpr) * per_device)
@@ -224,7 +351,7 @@ def measure(t: Traced, compiled: Any, compile_seconds: float, dump: PeakDump | s
         dots_forward=dots, dots_forward_batched=batched, dots_kept=dots_kept,
         checkpoint_names=tuple(sorted(checkpoint_names(jaxpr))),
         trace_seconds=t.trace_seconds, compile_seconds=compile_seconds, notes=tuple(notes),
-        devices=devices, **peak_fields)
+        devices=devices, limit_bytes=limit, **peak_fields)
 
 
 def compile_and_analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
@@ -316,10 +443,10 @@ def analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,
         raise TypeError(f"baseline must be 'no_remat', a Report, an int (FLOPs) or None, "
                         f"got {type(baseline).__name__}")
     t = trace(fn, args, kwargs, label, donate_argnums, out_shardings)
-    report = measure(t, *compile_traced(t, compiler_options))
+    report = measure(t, *compile_figures(t, compiler_options))
     if baseline == "no_remat":
         b = trace_without_remat(fn, args, kwargs, donate_argnums, out_shardings)
-        baseline = report if b.program == t.program else measure(b, *compile_traced(b, compiler_options))
+        baseline = report if b.program == t.program else measure(b, *compile_figures(b, compiler_options))
     if baseline is not None:
         report = report.with_baseline(baseline)
     return report

@@ -307,12 +307,15 @@ class OffloadUnsupportedError(RematError):
 
 def check_offload(policy: Policy, device: jax.Device | None = None) -> None:
     """Raise :class:`OffloadUnsupportedError` if ``policy`` offloads and the
-    backend cannot: the device has no ``pinned_host`` memory (otherwise
-    nothing moves, or the compiler crashes), or the backend fails
-    :func:`offload_probe`. The message names the backend, the JAX version
-    and the explicit fallbacks: :meth:`Policy.on_device` (keep the offloaded
-    values on device) or recompute them (the policy without its offloads).
-    Never a silent change of policy.
+    backend cannot: the device lists memories without ``pinned_host``
+    (otherwise nothing moves, or the compiler crashes), or the backend fails
+    :func:`offload_probe`. A compile-only GPU device lists no memories at
+    all (JAX 0.10): there the probe alone decides, and it checks that the
+    compiled program holds the offloaded value in host memory. The message
+    names the backend, the JAX version and the explicit fallbacks:
+    :meth:`Policy.on_device` (keep the offloaded values on device) or
+    recompute them (the policy without its offloads). Never a silent change
+    of policy.
     """
     if not policy.offloads:
         return
@@ -322,11 +325,11 @@ def check_offload(policy: Policy, device: jax.Device | None = None) -> None:
                  "names_which_can_be_offloaded=[] (or use a spec string)" if isinstance(policy, OpaquePolicy)
                  else f"to keep those values on device instead, use {str(policy.on_device())!r} "
                  f"(Policy.on_device()), or to recompute them, {str(policy.without_offload())!r}")
-    if "pinned_host" not in kinds:
+    if kinds and "pinned_host" not in kinds:
         raise OffloadUnsupportedError(
             f"remat policy {str(policy)!r} offloads to 'pinned_host', but backend "
             f"{device.platform!r} ({device.device_kind}) has memories {kinds}; {fallbacks}")
-    failure = offload_probe(device.platform)
+    failure = offload_probe(device)
     if failure:
         raise OffloadUnsupportedError(
             f"remat policy {str(policy)!r} offloads to 'pinned_host', but on backend {device.platform!r} "
@@ -339,8 +342,8 @@ PROBE_NAME = "offload_probe"
 
 
 @functools.cache
-def _probe(platform: str, version: str, remat3: bool) -> str | None:
-    """:func:`offload_probe`, once per backend, JAX version and ``jax_remat3`` setting."""
+def _probe(device: jax.Device, version: str, remat3: bool) -> str | None:
+    """:func:`offload_probe`, once per device, JAX version and ``jax_remat3`` setting."""
     policy = jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=[PROBE_NAME],
         offload_src="device", offload_dst="pinned_host")
@@ -351,40 +354,48 @@ def _probe(platform: str, version: str, remat3: bool) -> str | None:
     def loss(c: jax.Array, ws: jax.Array) -> jax.Array:
         return jnp.sum(jax.lax.scan(jax.checkpoint(layer, policy=policy, prevent_cse=False), c, ws)[0])
 
-    on = jax.sharding.SingleDeviceSharding(jax.devices(platform)[0])
+    on = jax.sharding.SingleDeviceSharding(device)
     args = (jax.ShapeDtypeStruct((2, 8), jnp.float32, sharding=on),
             jax.ShapeDtypeStruct((2, 8, 8), jnp.float32, sharding=on))
     grad = jax.grad(loss, argnums=(0, 1))
     try:
         rows = residual_rows(jax.make_jaxpr(grad)(*args))
-        jax.jit(grad).lower(*args).compile()
+        compiled = jax.jit(grad).lower(*args).compile()
     except Exception as e:  # any failure to trace or compile is the answer
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
     if not any(r.name == PROBE_NAME and r.memory_kind == "host" for r in rows):
         return "the offloaded residual is not kept on host (JAX dropped it: is a mode such as jax_remat3 on?)"
+    analysis = compiled.memory_analysis()
+    if device.platform != "cpu" and analysis is not None and not analysis.host_temp_size_in_bytes:
+        return "the compiled program holds nothing in host memory (host_temp_size_in_bytes=0): XLA dropped it"
     return None
 
 
-def offload_probe(platform: str | None = None) -> str | None:
-    """Whether offloading works on a backend: a tiny program (a two-step
-    ``lax.scan`` whose layer offloads one checkpoint name to ``pinned_host``,
-    the shape public reports show failing to compile on some backends and
-    JAX versions) is traced, its residuals checked (the offloaded value must
-    be kept on host: a mode such as ``jax_remat3`` drops it) and compiled.
-    Run once per backend, JAX version and ``jax_remat3`` setting, cached for
-    the process, on a thread of its own (so on one device of the backend,
-    whatever trace or mesh the caller is in).
+def offload_probe(device: jax.Device | str | None = None) -> str | None:
+    """Whether offloading works on a device's backend: a tiny program (a
+    two-step ``lax.scan`` whose layer offloads one checkpoint name to
+    ``pinned_host``, the shape public reports show failing to compile on
+    some backends and JAX versions) is traced, its residuals checked (the
+    offloaded value must be kept on host: a mode such as ``jax_remat3``
+    drops it) and compiled for that device; off the CPU, the compiled
+    program must hold host memory (``memory_analysis().host_temp_size_in_bytes``;
+    XLA:CPU reports none). Run once per device, JAX version and
+    ``jax_remat3`` setting, cached for the process, on a thread of its own
+    (outside whatever trace or mesh the caller is in).
 
     Args:
-      platform: e.g. ``"cpu"``, ``"gpu"``; default the default backend.
+      device: a ``jax.Device`` (e.g. a target's compile-only device), a
+        platform (``"cpu"``, ``"gpu"``: its first device), or None (the
+        default backend's first device).
 
     Returns:
       None when it works, else why not (one line).
     """
-    platform = platform or jax.default_backend()
+    if not isinstance(device, jax.Device):
+        device = jax.devices(device)[0]
     # On a thread of its own: outside the caller's trace and mesh context (both thread-local).
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(_probe, platform, jax.__version__, bool(jax.config.jax_remat3)).result()
+        return pool.submit(_probe, device, jax.__version__, bool(jax.config.jax_remat3)).result()
 
 
 def _warn_prng(where: str) -> None:

@@ -10,7 +10,10 @@ cuDNN flash attention (``jax.nn.dot_product_attention(implementation="cudnn")``,
 ``q[B, T, N, H]``, ``k[B, S, K, H]``) ``4 * B * N * T * S * H`` forward (its
 two matmuls over the whole ``T x S``, as the einsum attention counts them)
 and 2.5 times that backward (the scores recomputed, then four matmuls:
-Dao 2023, "FlashAttention-2", section 3). A
+Dao 2023, "FlashAttention-2", section 3). A Pallas kernel
+(``pallas_call``, e.g. the TPU flash attention) counts its body once per
+grid point, so what it runs is counted, recomputation in its backward
+kernels included. A
 ``scan`` body counts ``length`` times, each ``cond`` its most expensive
 branch, a ``while_loop`` (unknown trip count) once, with a note.
 Recomputation is visible in the jaxpr (the ``remat`` equations of the

@@ -52,9 +52,24 @@ def call_body(eqn: Any) -> jcore.Jaxpr | None:
 
 def sub_jaxprs(eqn: Any) -> list[tuple[jcore.Jaxpr, int]]:
     """``(sub-jaxpr, trips)`` for every jaxpr in the parameters of ``eqn``;
-    ``trips`` is the scan length for a ``scan`` body and 1 otherwise (a
-    ``while`` body's trip count is unknown)."""
-    trips = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+    ``trips`` is the scan length for a ``scan`` body, the number of grid
+    points for a Pallas kernel (``pallas_call``: its body runs once per
+    point of ``grid_mapping.grid``, on one block), the number of shards for
+    a ``shard_map`` body (it runs on one shard, once per device of its
+    manual mesh axes), and 1 otherwise (a ``while`` body's trip count is
+    unknown). So FLOPs and host traffic counted through :func:`walk` stay
+    global, inside a ``shard_map`` too."""
+    name = eqn.primitive.name
+    if name == "scan":
+        trips = eqn.params["length"]
+    elif name == "pallas_call":
+        trips = math.prod(eqn.params["grid_mapping"].grid)
+    elif name == "shard_map":
+        mesh = eqn.params["mesh"]
+        manual = eqn.params.get("newly_manual_axes", eqn.params.get("manual_axes", mesh.axis_names))
+        trips = math.prod(mesh.shape[a] for a in manual)
+    else:
+        trips = 1
     return [(open_jaxpr(j), trips) for j in jcore.jaxprs_in_params(eqn.params)]
 
 

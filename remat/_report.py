@@ -56,7 +56,8 @@ class Report:
       peak_bytes: ``argument + output + temp - alias``; if the backend reports
         no memory analysis, ``argument + output + residual_bytes`` (a lower
         bound) computed from the abstract values.
-      peak_source: ``"memory_analysis"`` or ``"residual estimate"``.
+      peak_source: ``"memory_analysis"``, ``"residual estimate"`` or ``"out-of-memory error"``
+        (a compile the backend refused: see ``notes``).
       residual_bytes: device residuals per device, summed over the rows'
         ``device_bytes``.
       host_residual_bytes: host (offloaded) residuals per device, likewise.

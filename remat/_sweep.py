@@ -32,8 +32,8 @@ from rich.table import Table
 
 from remat import _compat, models
 from remat import policies as registry
-from remat._analysis import Traced, analyze, compile_traced, measure, trace, trace_without_remat
-from remat._apply import PolicyLike, check_offload
+from remat._analysis import Traced, analyze, compile_figures, measure, trace, trace_without_remat
+from remat._apply import OffloadUnsupportedError, PolicyLike, check_offload
 from remat._apply import label as label_of
 from remat._errors import RematError
 from remat._format import format_bytes, format_flops
@@ -51,7 +51,8 @@ from remat._mesh import (
 )
 from remat._report import HOST_LINK_BYTES_PER_S, PEAK_FLOPS_PER_S, Report
 from remat._scan import policy_names, segment_policies
-from remat._targets import TARGETS, Target, get_target, target_mesh
+from remat._targets import TARGETS, Target, get_target, prepare_environment, target_mesh
+from remat.models.layers import PALLAS_BLOCK
 from remat.models.nnx import check_api, model_for_api
 from remat.policies import Policy
 from remat.step import init_train_state, make_optimizer, make_train_step
@@ -115,10 +116,13 @@ class TrainStepSetup:
         return self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
 
     def can_offload(self) -> bool:
-        """Whether the target's devices have host memory (``pinned_host``) to
-        offload to: compile-only GPU devices have none (JAX 0.10), and a
-        compile for them drops an offload without a word."""
-        return "pinned_host" in {m.kind for m in self.device().addressable_memories()}
+        """Whether the target's devices can offload residuals to host memory
+        (:func:`remat._apply.check_offload`: its memories and a probe compile)."""
+        try:
+            check_offload(registry.get("minimal_offloaded"), self.device())
+        except OffloadUnsupportedError:
+            return False
+        return True
 
     def step_args(self) -> tuple[Any, jax.ShapeDtypeStruct, Any]:
         """``(state, tokens, rng)`` for ``make_train_step(model)``."""
@@ -200,10 +204,10 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
         target compiles deviceless, on this host's CPU, with ``remat[gpu]``);
         ``"cpu"`` is this host.
       attention: the model's attention (``ModelConfig.attention``: ``"xla"``,
-        ``"dot_product_attention"`` or ``"cudnn"``); None keeps the config's,
-        except on a GPU target, where a bf16/f16 model without attention
-        dropout and with a head_dim cuDNN takes (a multiple of 8, at most
-        128) gets ``"cudnn"``: the kernel follows the target, not the host.
+        ``"dot_product_attention"``, ``"cudnn"`` or ``"pallas"``); None keeps
+        the config's, except on a GPU or TPU target where a flash attention
+        kernel takes the model (:func:`default_attention`): the kernel
+        follows the target, not the host.
       mem_fraction: the fraction of device memory the runtime may allocate
         (None: the target's default, JAX's 0.75 on a GPU).
 
@@ -214,14 +218,15 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
     """
     config = models.get_config(model) if isinstance(model, str) else model
     tgt = get_target(target)
+    prepare_environment(tgt)  # before the first JAX computation below starts its backends
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype)
     if loss_chunks is not None:
         config = dataclasses.replace(config, loss_chunks=loss_chunks)
-    config = dataclasses.replace(config, attention=attention or default_attention(config, tgt))
-    tgt.usable_bytes(mem_fraction)  # checks the fraction
     if seq is None:
         seq = min(DEFAULT_SEQ, config.max_seq_len)
+    config = dataclasses.replace(config, attention=attention or default_attention(config, tgt, seq))
+    tgt.usable_bytes(mem_fraction)  # checks the fraction
     if batch < 1:
         raise RematError(f"batch={batch} must be >= 1")
     if not 1 <= seq <= config.max_seq_len:
@@ -250,14 +255,20 @@ def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: in
                           (state_shardings, whole), microbatches, api, tgt, mem_fraction)
 
 
-def default_attention(config: models.ModelConfig, target: Target) -> str:
+def default_attention(config: models.ModelConfig, target: Target, seq: int) -> str:
     """The attention a model gets on ``target`` unless one is asked for:
     ``"cudnn"`` (flash attention) on a GPU target where cuDNN takes the
     model (bf16 or f16, no attention dropout, head_dim a multiple of 8 and
-    at most 128), else the config's own."""
-    cudnn = (target.platform == "gpu" and config.dtype in (jnp.bfloat16, jnp.float16)
-             and config.attn_dropout == 0 and config.head_dim % 8 == 0 and config.head_dim <= 128)
-    return "cudnn" if cudnn else config.attention
+    at most 128); ``"pallas"`` (JAX's Pallas TPU flash attention) on a TPU
+    target where it takes the model (no attention dropout, ``seq`` a
+    multiple of :data:`remat.models.layers.PALLAS_BLOCK`); else the config's own."""
+    no_dropout = config.attn_dropout == 0
+    if target.platform == "gpu" and no_dropout and config.dtype in (jnp.bfloat16, jnp.float16) \
+            and config.head_dim % 8 == 0 and config.head_dim <= 128:
+        return "cudnn"
+    if target.platform == "tpu" and no_dropout and seq % PALLAS_BLOCK == 0:
+        return "pallas"
+    return config.attention
 
 
 def trace_policy(s: TrainStepSetup, policy: PolicyLike, label: str) -> Traced:
@@ -448,6 +459,9 @@ class SweepResult:
         if limit is not None:
             t.title += f"\ntarget {r0.target} ({r0.device_kind}): {format_bytes(limit)} usable per device"
             t.caption += "; x = does not fit the usable memory"
+        if any(r.peak_source == "out-of-memory error" for r in self.reports):
+            t.caption += ("; >= = the compiler refused the step for lack of memory: the need its message "
+                          "states")
         for note in self.notes:
             t.caption += f"; {note}"
         for col, just in (("", "center"), ("policy", "left"), ("peak", "right"),
@@ -461,7 +475,8 @@ class SweepResult:
             mark = ("*" if on_front else "") + ("!" if r.saving_unconfirmed else "") + (
                 "x" if r.fits is False else "")
             headroom = () if limit is None else (format_bytes(r.headroom_bytes),)
-            t.add_row(mark, self.group_label(group), format_bytes(r.peak_bytes), *headroom,
+            refused = ">= " if r.peak_source == "out-of-memory error" else ""
+            t.add_row(mark, self.group_label(group), refused + format_bytes(r.peak_bytes), *headroom,
                       format_bytes(r.temp_bytes), format_bytes(r.residual_bytes),
                       format_bytes(r.host_residual_bytes) if r.host_residual_bytes else "-",
                       f"{r.transfer_compute_ratio:.2f}" if r.host_transfer_bytes else "-",
@@ -540,7 +555,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[P
         def submit(t: Traced) -> tuple[Future, str | None]:
             if t.program in programs:
                 return programs[t.program]
-            f = programs[t.program] = (pool.submit(compile_traced, t, compiler_options), t.label)
+            f = programs[t.program] = (pool.submit(compile_figures, t, compiler_options), t.label)
             return f[0], None
 
         base_compile, _ = submit(base)

@@ -28,7 +28,23 @@ name            device_kind             memory    spec file (openxla/xla specs)
 ``a100-80gb``   NVIDIA A100-SXM4-80GB   79.3 GiB  ``a100_sxm_80.txtpb``
 ``a100-40gb``   NVIDIA A100-SXM4-40GB   39.4 GiB  ``a100_sxm_40.txtpb``
 ``b200``        NVIDIA B200             178 GiB   ``b200.txtpb`` (compiles to sm_100a)
+``tpu-v4``      TPU v4                  32 GiB    topology ``v4:AxBxC`` (megacore)
+``tpu-v5e``     TPU v5 lite             16 GiB    topology ``v5e:AxB``
+``tpu-v5p``     TPU v5                  96 GiB    topology ``v5p:AxBxC``
+``tpu-v6e``     TPU v6 lite             32 GiB    topology ``v6e:AxB``
 ==============  ======================  ========  ===================================
+
+A TPU target compiles deviceless the way MaxText's ``train_compile.py`` does:
+``jax.experimental.topologies.get_topology_desc(topology_name="v5p:2x2x2",
+platform="tpu")`` with ``libtpu`` installed (``pip install 'remat[tpu]'``,
+the version ``jax[tpu]`` pins). The topology follows from the device count
+(:func:`tpu_topology`). On a machine with no TPU attached,
+:func:`prepare_environment` sets what libtpu reads at start so that it needs
+no cloud metadata server and prints no errors about worker hostnames, and
+lets several processes load it (``ALLOW_MULTIPLE_LIBTPU_LOAD``: there is no
+chip to share). On TPU a program that does not fit is a compile error
+(``RESOURCE_EXHAUSTED``), not a figure: :mod:`remat._analysis` turns it
+into a result that does not fit.
 """
 
 from __future__ import annotations
@@ -36,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import glob
 import importlib.resources
 import importlib.util
 import math
@@ -57,12 +74,15 @@ __all__ = [
     "RUNTIME_RESERVE_BYTES",
     "SKIP_CHECK_VAR",
     "TARGETS",
+    "TPU_ENVIRONMENT",
     "Target",
     "get_target",
     "prepare_environment",
     "target_devices",
     "target_mesh",
     "target_names",
+    "tpu_attached",
+    "tpu_topology",
 ]
 
 SKIP_CHECK_VAR = "JAX_SKIP_CUDA_CONSTRAINTS_CHECK"
@@ -98,6 +118,21 @@ _PCIE_GEN5_X16 = 64e9  # bytes/s per direction (128 GB/s both ways)
 
 _SPEC_URL = "openxla/xla xla/backends/gpu/target_config/specs/{} @ {}"
 
+TPU_ENVIRONMENT: dict[str, str] = {
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_HOST_BOUNDS": "1,1,1",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+}
+"""What :func:`prepare_environment` sets (unless already set) for a TPU target
+on a machine with no TPU attached, before libtpu starts: no query of the
+Cloud TPU metadata server (``TPU_SKIP_MDS_QUERY``, which JAX's own
+``cloud_tpu_init`` sets where it finds no chips); one local worker and host,
+else libtpu logs an ``INVALID_ARGUMENT: unexpected worker hostname`` error
+and a "Failed to find host bounds" warning at start (the topology asked
+for still applies); and no exclusive ``/tmp/libtpu_lockfile``, so that two
+processes (two notebooks, pytest workers) can both compile."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -105,25 +140,35 @@ class Target:
 
     Attributes:
       name: the key in :data:`TARGETS`, e.g. ``"h100"``.
-      platform: ``"cpu"`` or ``"gpu"``.
+      platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``.
       device_kind: ``jax.Device.device_kind`` as XLA reports it, e.g.
-        ``"NVIDIA H100 80GB HBM3"`` (``"cpu"`` for the host).
+        ``"NVIDIA H100 80GB HBM3"``, ``"TPU v5"`` (``"cpu"`` for the host).
       memory_bytes: device memory, bytes; for a GPU the spec file's
-        ``device_memory_size`` (what XLA:GPU plans with). None for ``cpu``.
+        ``device_memory_size`` (what XLA:GPU plans with), for a TPU the
+        chip's HBM. None for ``cpu``.
       mem_fraction: the fraction of ``memory_bytes`` the runtime may
-        allocate by default (:data:`JAX_DEFAULT_MEM_FRACTION`).
+        allocate by default (:data:`JAX_DEFAULT_MEM_FRACTION` on a GPU; 1 on
+        a TPU, whose runtime has no such fraction).
       reserve_bytes: bytes the runtime keeps for itself on top
-        (:data:`RUNTIME_RESERVE_BYTES`); 0 for ``cpu``.
-      peak_flops_per_s: dense bf16 tensor-core FLOP/s (NVIDIA spec sheets;
-        for ``cpu`` the assumed H200 rate, as before).
-      hbm_bytes_per_s: device memory bandwidth, bytes per second (NVIDIA
-        spec sheets; assumed H200 for ``cpu``).
+        (:data:`RUNTIME_RESERVE_BYTES` on a GPU; on a TPU what libtpu keeps
+        back, from its own out-of-memory message; 0 for ``cpu``).
+      peak_flops_per_s: dense bf16 FLOP/s (NVIDIA spec sheets, Cloud TPU
+        system architecture pages; for ``cpu`` the assumed H200 rate, as before).
+      hbm_bytes_per_s: device memory bandwidth, bytes per second (same
+        sources; assumed H200 for ``cpu``).
       host_link_bytes_per_s: host link bandwidth per direction, bytes per
         second (PCIe Gen4 x16 about 32e9, Gen5 x16 about 64e9; assumed Gen5
         for ``cpu``).
       spec_file: the ``GpuTargetConfigProto`` text file under
-        ``remat/targets/``; None for ``cpu``.
+        ``remat/targets/``; None for ``cpu`` and TPUs.
       source: where the figures come from.
+      topology: a TPU's generation as ``get_topology_desc`` names it
+        (``"v5p"``); None elsewhere.
+      topology_dims: the number of torus dimensions of a TPU topology (3
+        for v4 and v5p, 2 for v5e and v6e); 0 elsewhere.
+      chip_config: ``get_topology_desc``'s ``chip_config_name``:
+        ``"megacore"`` for v4 (one JAX device per chip, its two TensorCores
+        together, as on a v4 VM), else ``"default"``.
     """
 
     name: str
@@ -137,6 +182,9 @@ class Target:
     host_link_bytes_per_s: float
     spec_file: str | None
     source: str
+    topology: str | None = None
+    topology_dims: int = 0
+    chip_config: str = "default"
 
     def usable_bytes(self, mem_fraction: float | None = None) -> int | None:
         """Bytes per device a program may use: ``memory_bytes x mem_fraction
@@ -163,7 +211,7 @@ class Target:
         """
         if self.spec_file is None:
             raise RematError(f"target {self.name!r} has no GPU spec file; GPU targets: "
-                             f"{', '.join(n for n in TARGETS if TARGETS[n].spec_file)}")
+                             f"{', '.join(_names('gpu'))}")
         return importlib.resources.files("remat").joinpath("targets", self.spec_file).read_text()
 
 
@@ -173,6 +221,21 @@ def _gpu(name: str, device_kind: str, memory_bytes: int, peak: float, hbm: float
                   mem_fraction=JAX_DEFAULT_MEM_FRACTION, reserve_bytes=RUNTIME_RESERVE_BYTES,
                   peak_flops_per_s=peak, hbm_bytes_per_s=hbm, host_link_bytes_per_s=link,
                   spec_file=spec_file, source=f"{_SPEC_URL.format(spec_file, commit)}; {sheet}")
+
+
+_TPU_SHEET = ("Cloud TPU docs, system architecture (per chip: HBM capacity, peak bf16 FLOP/s, HBM "
+              "bandwidth); usable HBM from libtpu {version}'s out-of-memory message, '... exceeds "
+              "available HBM ({usable}G)' (G: GiB); host link assumed PCIe Gen4 x16, not published per chip")
+
+
+def _tpu(name: str, device_kind: str, topology: str, dims: int, hbm_gib: int, usable_gib: float,
+         peak: float, hbm: float, chip_config: str = "default") -> Target:
+    gib = 1 << 30
+    return Target(name=name, platform="tpu", device_kind=device_kind, memory_bytes=hbm_gib * gib,
+                  mem_fraction=1.0, reserve_bytes=hbm_gib * gib - round(usable_gib * gib),
+                  peak_flops_per_s=peak, hbm_bytes_per_s=hbm, host_link_bytes_per_s=_PCIE_GEN4_X16,
+                  spec_file=None, source=_TPU_SHEET.format(version="0.0.42", usable=usable_gib),
+                  topology=topology, topology_dims=dims, chip_config=chip_config)
 
 
 TARGETS: dict[str, Target] = {
@@ -207,12 +270,17 @@ TARGETS: dict[str, Target] = {
                  "b200.txtpb", "300ec95ab85fa9f40af388054f7d43707407cb52",
                  "NVIDIA DGX/HGX B200 datasheet, per GPU: 2.25 PFLOPS dense bf16 (4.5 sparse), 8 TB/s, "
                  "PCIe Gen5 x16"),
+    "tpu-v4": _tpu("tpu-v4", "TPU v4", "v4", 3, 32, 30.75, 275e12, 1.2e12, chip_config="megacore"),
+    "tpu-v5e": _tpu("tpu-v5e", "TPU v5 lite", "v5e", 2, 16, 15.75, 197e12, 819e9),
+    "tpu-v5p": _tpu("tpu-v5p", "TPU v5", "v5p", 3, 96, 95.74, 459e12, 2.765e12),
+    "tpu-v6e": _tpu("tpu-v6e", "TPU v6 lite", "v6e", 2, 32, 31.25, 918e12, 1.64e12),
 }
 """Every target by name (see the module doc's table)."""
 
 # device_kind strings real GPUs of a target have been seen to report besides the
 # spec file's (cudaDeviceProp.name differs between boards and drivers).
-_OTHER_DEVICE_KINDS: dict[str, tuple[str, ...]] = {"h200": ("NVIDIA H200",)}
+_OTHER_DEVICE_KINDS: dict[str, tuple[str, ...]] = {"h200": ("NVIDIA H200",), "tpu-v5p": ("TPU v5p",),
+                                                   "tpu-v5e": ("TPU v5e",), "tpu-v6e": ("TPU v6e",)}
 
 
 def target_names() -> list[str]:
@@ -237,33 +305,84 @@ def get_target(name: str | Target) -> Target:
 
 
 def prepare_environment(target: str | Target) -> None:
-    """Make a GPU ``target`` compilable here: set ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``
-    unless the environment already sets it. Also for ``cpu`` on a machine
-    without an NVIDIA driver (no ``/proc/driver/nvidia``), where the CUDA
-    plugin's check (installed with ``remat[gpu]``) can only fail, printing a
-    traceback at every JAX start. Call it before JAX initialises its backends
-    (before any computation or ``jax.devices()``; importing JAX is fine).
-    ``JAX_PLATFORMS`` is left alone, and a machine with a driver keeps the
-    check for ``cpu``, so a real GPU is used as before.
+    """Make ``target`` compilable here; call it before JAX initialises its
+    backends (before any computation or ``jax.devices()``; importing JAX is
+    fine). Variables the environment already sets are left alone, and so is
+    ``JAX_PLATFORMS``.
+
+    - A GPU target: ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``, so that the CUDA
+      plugin registers without a driver. Also for every other target on a
+      machine without an NVIDIA driver (no ``/proc/driver/nvidia``), where
+      the plugin's check (installed with ``remat[gpu]``) can only fail,
+      printing a traceback at every JAX start; a machine with a driver keeps
+      the check, so a real GPU is used as before.
+    - A TPU target on a machine with no TPU attached (:func:`tpu_attached`):
+      :data:`TPU_ENVIRONMENT`. A TPU VM is left as it is.
 
     Raises:
       RematError: an unknown target name.
     """
-    if get_target(target).platform == "gpu" or not os.path.exists(NVIDIA_DRIVER):
+    t = get_target(target)
+    if t.platform == "gpu" or not os.path.exists(NVIDIA_DRIVER):
         os.environ.setdefault(SKIP_CHECK_VAR, "1")
+    if t.platform == "tpu" and not tpu_attached():
+        for k, v in TPU_ENVIRONMENT.items():
+            os.environ.setdefault(k, v)
+
+
+def tpu_attached() -> bool:
+    """Whether this machine has a TPU chip: the device files a Cloud TPU VM
+    has (``/dev/accel*`` on v4 and v5e, ``/dev/vfio/<n>`` on v5p and v6e;
+    JAX's ``hardware_utils`` reads the PCI bus for the same answer)."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def tpu_topology(target: str | Target, n: int) -> tuple[str, dict[str, Any]]:
+    """The ``get_topology_desc`` topology name and keyword arguments for
+    ``n`` chips of a TPU target: ``n`` a power of two; the torus dimensions
+    as equal as powers of two allow, ascending from 8 chips
+    (``tpu_topology("tpu-v5p", 8) == ("v5p:2x2x2", ...)``, 4 -> ``2x2x1``,
+    16 -> ``2x2x4``; ``"tpu-v5e"``: 8 -> ``2x4``),
+    as Cloud TPU slices are shaped. Fewer chips than a host holds (1 or 2)
+    get ``chips_per_host_bounds`` of the topology itself.
+
+    Raises:
+      RematError: not a TPU target; ``n`` not a power of two.
+    """
+    t = get_target(target)
+    if t.platform != "tpu":
+        raise RematError(f"target {t.name!r} is not a TPU; TPU targets: {', '.join(_names('tpu'))}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n & (n - 1):
+        raise RematError(f"target {t.name!r}: {n!r} chips; a TPU slice has a power of two (1, 2, 4, 8, ...)")
+    dims = [1] * t.topology_dims
+    while math.prod(dims) < n:
+        dims[dims.index(min(dims))] *= 2
+    if n >= 8:  # below, the x and y of a host's 2x2x1 (v4, v5p) or 2x2 come first
+        dims.sort()
+    kwargs: dict[str, Any] = {"chip_config_name": t.chip_config}
+    if n < 4:
+        kwargs["chips_per_host_bounds"] = (*dims, 1, 1)[:3]
+    return f"{t.topology}:{'x'.join(map(str, dims))}", kwargs
+
+
+def _names(platform: str) -> list[str]:
+    return [n for n, t in TARGETS.items() if t.platform == platform]
 
 
 NVIDIA_DRIVER = "/proc/driver/nvidia"
 """Where Linux's NVIDIA kernel driver shows itself; absent on a machine without one."""
 
 
-def _plugin_missing() -> bool:
+def _missing(platform: str) -> bool:
+    """Whether the package that compiles for ``platform`` deviceless is absent."""
+    if platform == "tpu":
+        return importlib.util.find_spec("libtpu") is None
     return (importlib.util.find_spec("jax_plugins") is None
             or importlib.util.find_spec("jax_plugins.xla_cuda12") is None)
 
 
 def _matches(target: Target, device: Any) -> bool:
-    return device.platform == "gpu" and device.device_kind in (
+    return device.platform == target.platform and device.device_kind in (
         target.device_kind, *_OTHER_DEVICE_KINDS.get(target.name, ()))
 
 
@@ -272,6 +391,9 @@ def _compile_only_devices(name: str, n: int) -> tuple[Any, ...]:
     from jax.experimental import topologies
 
     target = TARGETS[name]
+    if target.platform == "tpu":
+        topology, kwargs = tpu_topology(target, n)
+        return tuple(topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs).devices)
     try:
         topology = topologies.get_topology_desc(platform="cuda", target_config=target.spec_text(),
                                                 topology=f"1x1x{n}")
@@ -287,18 +409,20 @@ def _compile_only_devices(name: str, n: int) -> tuple[Any, ...]:
 def target_devices(target: str | Target, n: int) -> list[Any]:
     """``n`` devices to compile for ``target``, one host.
 
-    ``cpu``: the first ``n`` of ``jax.devices("cpu")``. A GPU target: the
-    attached GPUs of that kind when JAX has at least ``n`` of them, else
-    ``n`` compile-only devices from the target's spec file (cached per
-    target and ``n``): they compile and report ``memory_analysis()``, but
-    cannot run or hold arrays. Sets ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK``
-    first (:func:`prepare_environment`).
+    ``cpu``: the first ``n`` of ``jax.devices("cpu")``. A GPU or TPU
+    target: the attached devices of that kind when JAX has at least ``n``
+    of them, else ``n`` compile-only devices (cached per target and ``n``)
+    from the target's spec file (GPU) or its topology (TPU,
+    :func:`tpu_topology`): they compile and report ``memory_analysis()``,
+    but cannot run or hold arrays. Sets the environment first
+    (:func:`prepare_environment`).
 
     Raises:
       RematError: an unknown target; ``n < 1``; too few CPU devices (says
-        how to simulate more); the CUDA plugin not installed (names
-        ``pip install 'remat[gpu]'``) or not registered (names
-        ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK``).
+        how to simulate more); a TPU chip count that is not a power of two;
+        the CUDA plugin or libtpu not installed (names ``pip install
+        'remat[gpu]'`` or ``'remat[tpu]'``) or the plugin not registered
+        (names ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK``).
     """
     t = get_target(target)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -310,9 +434,12 @@ def target_devices(target: str | Target, n: int) -> list[Any]:
                              f"simulate {n} CPU devices with --devices {n} (remat._mesh.set_cpu_devices({n}) "
                              "before any JAX computation)")
         return list(devices[:n])
-    if _plugin_missing():
-        raise RematError(f"target {t.name!r} needs JAX's CUDA plugin to compile for a GPU without one: "
-                         "pip install 'remat[gpu]'")
+    if t.platform == "tpu":
+        tpu_topology(t, n)  # checks n
+    if _missing(t.platform):
+        what = ("libtpu to compile for a TPU without one: pip install 'remat[tpu]'" if t.platform == "tpu"
+                else "JAX's CUDA plugin to compile for a GPU without one: pip install 'remat[gpu]'")
+        raise RematError(f"target {t.name!r} needs {what}")
     prepare_environment(t)
     attached = [d for d in jax.devices() if _matches(t, d)]
     if len(attached) >= n:

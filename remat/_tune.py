@@ -66,7 +66,7 @@ from rich.console import Group
 from rich.table import Table
 
 from remat import _compat, models
-from remat._analysis import compile_traced, measure, trace_without_remat
+from remat._analysis import compile_figures, measure, trace_without_remat
 from remat._apply import NeverKeptError, OffloadUnsupportedError, check_offload
 from remat._errors import RematError
 from remat._flops import count_flops
@@ -636,7 +636,7 @@ class _CompileOracle:
                 raise _CapReached
             self.compiles += 1
             s = self.setup(config, batch)
-            report = self._by_program[t.program] = s.finish(measure(t, *compile_traced(t, self.options)))
+            report = self._by_program[t.program] = s.finish(measure(t, *compile_figures(t, self.options)))
         self._reports[(config, batch)] = report
         if not self.names:
             self.names = report.checkpoint_names

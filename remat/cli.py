@@ -216,15 +216,18 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
 def _add_target_options(p: argparse.ArgumentParser) -> None:
     """``--target``, ``--attention`` and ``--mem-fraction``: what the step is compiled for."""
     from remat._targets import target_names
+    from remat.models.config import ATTENTION_IMPLS
 
     p.add_argument("--target", default="cpu", choices=target_names(),
-                   help="compile for this accelerator (see `remat targets`): a GPU target compiles "
-                        "deviceless on this host with XLA:GPU (pip install 'remat[gpu]'), its memory and "
-                        "rates in the report; default cpu, this host's XLA:CPU")
-    p.add_argument("--attention", choices=("xla", "dot_product_attention", "cudnn"),
+                   help="compile for this accelerator (see `remat targets`): a GPU or TPU target compiles "
+                        "deviceless on this host with XLA:GPU (pip install 'remat[gpu]') or libtpu (pip "
+                        "install 'remat[tpu]'), its memory and rates in the report; default cpu, this host's "
+                        "XLA:CPU")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS,
                    help="the model's attention: xla (einsum, tags scores and probs), dot_product_attention "
-                        "(jax.nn's, cuDNN on a GPU backend), cudnn (cuDNN flash attention for a GPU target); "
-                        "default: cudnn on a GPU target where cuDNN takes the model, else the preset's")
+                        "(jax.nn's, cuDNN on a GPU backend), cudnn (cuDNN flash attention for a GPU target), "
+                        "pallas (Pallas flash attention for a TPU target, sequence a multiple of 128); "
+                        "default: the target's flash attention where it takes the model, else the preset's")
     p.add_argument("--xla-remat", action="store_true",
                    help="on a GPU target, let XLA:GPU's own rematerialization pass run (off by default, as "
                         "in NVIDIA's MaxText recipes: above ~80%% of device memory it silently changes the "
@@ -254,7 +257,8 @@ def _add_mesh_options(p: argparse.ArgumentParser) -> None:
                                   "= the device count), e.g. data=2,fsdp=4; memory is then per device")
     p.add_argument("--devices", type=int, help="with --target cpu: simulate this many CPU devices (set "
                                                "before JAX starts); with another target: that many of its "
-                                               "devices (the --mesh sizes multiply to it)")
+                                               "devices (the --mesh sizes multiply to it; without --mesh, "
+                                               "fsdp=N, as MaxText's default ici_fsdp_parallelism=-1)")
     p.add_argument("--distributed", action="store_true",
                    help="join a multi-process run (jax.distributed.initialize); the options below, or JAX's "
                         "environment (JAX_COORDINATOR_ADDRESS, SLURM, Cloud TPU, MPI) say where")
@@ -472,15 +476,16 @@ def _add_targets(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_devices(args: argparse.Namespace) -> None:
-    """On a target other than cpu, ``--devices`` must be the ``--mesh`` sizes' product."""
+    """On a target other than cpu, ``--devices`` must be the ``--mesh`` sizes'
+    product; without ``--mesh`` it means ``--mesh fsdp=N`` (all devices on
+    FSDP, as MaxText's default ``ici_fsdp_parallelism: -1``)."""
     from remat._mesh import parse_mesh
 
     if args.devices is not None and args.mesh and math.prod(parse_mesh(args.mesh).values()) != args.devices:
         raise RematError(f"--mesh {args.mesh} has {math.prod(parse_mesh(args.mesh).values())} devices, but "
                          f"--devices {args.devices}: make the sizes multiply to {args.devices}")
     if args.devices is not None and args.devices > 1 and not args.mesh:
-        raise RematError(f"--devices {args.devices} on target {args.target}: give the mesh too, e.g. "
-                         f"--mesh fsdp={args.devices}")
+        args.mesh = f"fsdp={args.devices}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,11 +2,13 @@
 (a ``[B]`` added to a ``[B, T]``) cannot pass silently; and, where JAX's CUDA
 plugin is installed, it registers without a GPU driver
 (``JAX_SKIP_CUDA_CONSTRAINTS_CHECK``, read when JAX first uses a backend), so
-``tests/test_targets.py`` compiles for GPU targets on a CPU-only machine."""
+``tests/test_targets.py`` compiles for GPU targets on a CPU-only machine; and
+no compile comes from the cache of earlier runs (``REMAT_CACHE_DIR`` empty)."""
 
 import os
 
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+os.environ["REMAT_CACHE_DIR"] = ""  # every test compiles: no results of earlier runs (remat._cache)
 
 import jax
 

@@ -8,6 +8,7 @@ before JAX starts.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import re
@@ -22,7 +23,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from remat import RematError
 from remat import _targets as targets
+from remat._flops import count_flops
 from remat._memory import default_compiler_options
+from remat._sweep import trace_policy
 from remat._targets import (
     TARGETS,
     get_target,
@@ -38,12 +41,17 @@ HAS_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and \
 needs_plugin = pytest.mark.skipif(not HAS_PLUGIN and not os.environ.get("CI"),
                                   reason="JAX's CUDA plugin is not installed (remat[gpu])")
 GPU_TARGETS = [n for n, t in TARGETS.items() if t.platform == "gpu"]
+TPU_TARGETS = [n for n, t in TARGETS.items() if t.platform == "tpu"]
+# CI installs remat[tpu] too: there a missing libtpu fails the TPU tests instead of skipping them.
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None and not os.environ.get("CI"),
+                                  reason="libtpu is not installed (remat[tpu])")
 
 
 def test_names_and_table():
-    assert target_names() == ["cpu", "h100", "h100-pcie", "h200", "a100-80gb", "a100-40gb", "b200"]
+    assert target_names() == ["cpu", "h100", "h100-pcie", "h200", "a100-80gb", "a100-40gb", "b200", "tpu-v4",
+                              "tpu-v5e", "tpu-v5p", "tpu-v6e"]
     for name, t in TARGETS.items():
-        assert t.name == name and t.platform in ("cpu", "gpu") and t.peak_flops_per_s > 0
+        assert t.name == name and t.platform in ("cpu", "gpu", "tpu") and t.peak_flops_per_s > 0
         assert get_target(name) is t and get_target(t) is t
     cpu = TARGETS["cpu"]
     assert (cpu.spec_file, cpu.memory_bytes, cpu.usable_bytes()) == (None, None, None)
@@ -74,12 +82,11 @@ def test_usable_bytes():
 def test_unknown_name():
     with pytest.raises(RematError) as e:
         get_target("h10")
-    assert str(e.value) == ("unknown target 'h10'; did you mean 'h100'? valid: cpu, h100, h100-pcie, h200, "
-                            "a100-80gb, a100-40gb, b200")
+    valid = "cpu, h100, h100-pcie, h200, a100-80gb, a100-40gb, b200, tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e"
+    assert str(e.value) == f"unknown target 'h10'; did you mean 'h100'? valid: {valid}"
     with pytest.raises(RematError) as e:
-        target_devices("tpu-v5", 1)
-    assert str(e.value) == ("unknown target 'tpu-v5'; valid: cpu, h100, h100-pcie, h200, a100-80gb, "
-                            "a100-40gb, b200")
+        target_devices("v5p", 1)
+    assert str(e.value) == f"unknown target 'v5p'; did you mean 'tpu-v5p'? valid: {valid}"
 
 
 def test_cpu_devices_and_mesh():
@@ -119,6 +126,57 @@ def test_prepare_environment(monkeypatch):
     assert os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] == "yes"
 
 
+def test_prepare_environment_for_tpu(monkeypatch):
+    """No TPU attached: libtpu needs no metadata server, logs no hostname
+    errors and takes no exclusive lock; a TPU VM is left as it is."""
+    for k in targets.TPU_ENVIRONMENT:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(targets, "tpu_attached", lambda: True)
+    prepare_environment("tpu-v5p")
+    assert not set(targets.TPU_ENVIRONMENT) & set(os.environ)
+    monkeypatch.setattr(targets, "tpu_attached", lambda: False)
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2")
+    prepare_environment("tpu-v5p")
+    assert {k: os.environ[k] for k in targets.TPU_ENVIRONMENT} == {
+        "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "10.0.0.2", "TPU_HOST_BOUNDS": "1,1,1",
+        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+@pytest.mark.parametrize(("name", "n", "topology", "kwargs"), [
+    ("tpu-v5p", 1, "v5p:1x1x1", {"chip_config_name": "default", "chips_per_host_bounds": (1, 1, 1)}),
+    ("tpu-v5p", 2, "v5p:2x1x1", {"chip_config_name": "default", "chips_per_host_bounds": (2, 1, 1)}),
+    ("tpu-v5p", 4, "v5p:2x2x1", {"chip_config_name": "default"}),
+    ("tpu-v5p", 8, "v5p:2x2x2", {"chip_config_name": "default"}),
+    ("tpu-v5p", 16, "v5p:2x2x4", {"chip_config_name": "default"}),
+    ("tpu-v5p", 64, "v5p:4x4x4", {"chip_config_name": "default"}),
+    ("tpu-v4", 8, "v4:2x2x2", {"chip_config_name": "megacore"}),
+    ("tpu-v5e", 1, "v5e:1x1", {"chip_config_name": "default", "chips_per_host_bounds": (1, 1, 1)}),
+    ("tpu-v5e", 8, "v5e:2x4", {"chip_config_name": "default"}),
+    ("tpu-v6e", 256, "v6e:16x16", {"chip_config_name": "default"}),
+])
+def test_tpu_topology(name, n, topology, kwargs):
+    assert targets.tpu_topology(name, n) == (topology, kwargs)
+
+
+def test_tpu_topology_errors():
+    with pytest.raises(RematError) as e:
+        targets.tpu_topology("tpu-v5p", 6)
+    assert str(e.value) == "target 'tpu-v5p': 6 chips; a TPU slice has a power of two (1, 2, 4, 8, ...)"
+    with pytest.raises(RematError) as e:
+        targets.tpu_topology("h100", 4)
+    assert str(e.value) == "target 'h100' is not a TPU; TPU targets: tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e"
+
+
+def test_no_libtpu_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(RematError) as e:
+        target_devices("tpu-v6e", 4)
+    assert str(e.value) == ("target 'tpu-v6e' needs libtpu to compile for a TPU without one: "
+                            "pip install 'remat[tpu]'")
+
+
 def test_compiler_options_on_gpu():
     assert default_compiler_options("gpu") == {"xla_disable_hlo_passes": "rematerialization"}
 
@@ -150,7 +208,7 @@ def test_plugin_not_registered_error(monkeypatch):
 
 def test_attached_gpus_preferred(monkeypatch):
     """Real GPUs of the target's kind are used as they are; other kinds are not."""
-    monkeypatch.setattr(targets, "_plugin_missing", lambda: False)
+    monkeypatch.setattr(targets, "_missing", lambda platform: False)
     fake = [types.SimpleNamespace(platform="gpu", device_kind=k, id=i)
             for i, k in enumerate(["NVIDIA H200", "NVIDIA H200", "NVIDIA A100-SXM4-80GB"])]
     monkeypatch.setattr(jax, "devices", lambda *a: fake)
@@ -263,21 +321,35 @@ def test_attention_follows_the_target():
     from remat.models import get_config
 
     bf16 = get_config("tiny", dtype="bf16")
-    assert default_attention(bf16, TARGETS["h100"]) == "cudnn"
-    assert default_attention(bf16, TARGETS["cpu"]) == bf16.attention == "xla"
-    assert default_attention(get_config("tiny"), TARGETS["h100"]) == "xla"  # f32: cuDNN takes bf16/f16
+    assert default_attention(bf16, TARGETS["h100"], 128) == "cudnn"
+    assert default_attention(bf16, TARGETS["cpu"], 128) == bf16.attention == "xla"
+    assert default_attention(get_config("tiny"), TARGETS["h100"], 128) == "xla"  # f32: cuDNN takes bf16/f16
+    assert default_attention(get_config("tiny"), TARGETS["tpu-v5p"], 256) == "pallas"
+    assert default_attention(get_config("tiny"), TARGETS["tpu-v5p"], 100) == "xla"  # not a multiple of 128
     assert remat.train_step_setup(bf16, seq=32, attention="xla").config.attention == "xla"
 
 
 @needs_plugin
-def test_offload_on_a_deviceless_gpu_is_an_error_not_a_silent_drop():
+def test_offload_on_a_deviceless_gpu_lowers_the_device_peak_by_the_host_bytes():
+    """Compile-only GPU devices list no memories, but XLA:GPU compiles the
+    offload: the compiled host figure holds the offloaded residuals, and the
+    device peak (compiled, not an estimate) falls by about as much against
+    the same values kept on device."""
     import remat
+    from remat import policies
+    from remat._analysis import compile_figures, measure
+    from remat._sweep import trace_policy
 
-    s = remat.train_step_setup("tiny", batch=2, seq=32, target="h100")
-    assert not s.can_offload()
-    with pytest.raises(remat.OffloadUnsupportedError, match=(
-            r"offloads to 'pinned_host', but backend 'gpu' \(NVIDIA H100 80GB HBM3\) has memories \[\]")):
-        remat.inspect_policy(s, "qkv_proj_offloaded")
+    cfg = remat.models.get_config("tiny", family="llama", dtype="bf16")
+    s = remat.train_step_setup(cfg, batch=8, seq=256, target="h100", mesh={"fsdp": 2}, attention="xla")
+    assert s.can_offload()
+    offload = policies.get("qkv_proj_offloaded")
+    offloaded, on_device = (s.finish(measure(t, *compile_figures(t, None)))
+                            for t in (trace_policy(s, p, str(p)) for p in (offload, offload.on_device())))
+    assert offloaded.peak_source == "memory_analysis"
+    assert offloaded.host_temp_bytes == offloaded.host_residual_bytes > 0
+    saved = on_device.peak_bytes - offloaded.peak_bytes
+    assert saved == pytest.approx(offloaded.host_residual_bytes, rel=0.05)
 
 
 def test_tune_needs_a_budget_on_cpu():
@@ -312,9 +384,9 @@ def test_cli_sweep_and_targets_on_h100(capsys, tmp_path):
     assert not any("offload" in p for p in default_policies(names, offload=False))
     assert cli.main(["inspect", "--model", "tiny", "--policy", "full", "--xla-remat"]) == 2
     assert "--xla-remat is XLA:GPU's rematerialization pass: give a GPU --target" in capsys.readouterr().err
-    assert cli.main(["inspect", "--model", "tiny", "--policy", "full", "--target", "h100", "--devices",
-                     "4"]) == 2
-    assert "--devices 4 on target h100: give the mesh too, e.g. --mesh fsdp=4" in capsys.readouterr().err
+    alone = argparse.Namespace(target="h100", devices=4, mesh=None)
+    cli._check_devices(alone)
+    assert alone.mesh == "fsdp=4"  # --devices alone: all on FSDP, as MaxText's default
 
 
 def test_a_maxtext_batch_default_counts_the_targets_devices():
@@ -328,3 +400,127 @@ def test_a_maxtext_batch_default_counts_the_targets_devices():
     assert count(target="h100", mesh="data=2,fsdp=4") == 8
     assert count(target="h100") == 1
     assert count(target="cpu") == jax.device_count()
+
+
+# -- TPU targets: compiled deviceless with libtpu --------------------------------------------------------
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name", TPU_TARGETS)
+def test_tpu_usable_memory_is_libtpus_own(name):
+    """The table's usable bytes are what libtpu itself says is available."""
+    from remat._analysis import out_of_memory
+
+    (dev,) = target_devices(name, 1)
+    assert (dev.platform, dev.device_kind) == ("tpu", TARGETS[name].device_kind)
+    arg = jax.ShapeDtypeStruct((1 << 30, 200), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(dev))
+    with pytest.raises(jax.errors.JaxRuntimeError) as e:
+        jax.jit(lambda a: jnp.sin(a) * 2 + jnp.cos(a[::-1])).lower(arg).compile()
+    oom = out_of_memory(e.value)
+    assert oom is not None and oom.temporaries_only
+    assert abs(oom.available_bytes - TARGETS[name].usable_bytes()) < 0.006 * (1 << 30)  # "95.74G": 2 decimals
+
+
+def test_out_of_memory_messages():
+    from remat._analysis import OutOfMemory, out_of_memory
+
+    text = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+            "(126.20G) exceeds available HBM (95.74G).")
+    assert out_of_memory(jax.errors.JaxRuntimeError(text)) == OutOfMemory(
+        round(126.20 * (1 << 30)), round(95.74 * (1 << 30)), True, text)
+    maxtext = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+               "Used 33.27G of 30.75G hbm. Exceeded hbm capacity by 2.52G.")
+    oom = out_of_memory(jax.errors.JaxRuntimeError(maxtext))
+    assert (oom.needed_bytes, oom.available_bytes, oom.temporaries_only) == (
+        round(33.27 * (1 << 30)), round(30.75 * (1 << 30)), False)
+    assert out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: something else")) is None
+    assert out_of_memory(ValueError("RESOURCE_EXHAUSTED: no sizes")) is None
+
+
+@needs_libtpu
+def test_inspect_on_tpu_with_pallas_flash_attention():
+    """A tiny bf16 model on 2 TPU v5p chips: Pallas flash attention by
+    default (seq a multiple of 128), the kernel's FLOPs counted over its
+    grid, the target's usable memory as the limit."""
+    import remat
+
+    s = remat.train_step_setup("tiny", batch=4, seq=128, dtype="bf16", target="tpu-v5p", mesh={"fsdp": 2})
+    assert s.config.attention == "pallas"
+    r = remat.inspect_policy(s, "minimal")
+    assert (r.backend, r.device_kind, r.target, r.devices) == ("tpu", "TPU v5", "tpu-v5p", 2)
+    assert r.limit_bytes == TARGETS["tpu-v5p"].usable_bytes() and r.fits
+    assert r.peak_source == "memory_analysis" and r.peak_bytes > r.argument_bytes
+    assert "context" in r.checkpoint_names and "attn_scores" not in r.checkpoint_names
+    # both backward kernels recompute the scores: more FLOPs than the einsum attention's backward pass
+    xla = remat.train_step_setup(s.config, batch=4, seq=128, target="tpu-v5p", mesh={"fsdp": 2},
+                                 attention="xla")
+    assert r.flops > count_flops(trace_policy(xla, "minimal", "minimal").traced.jaxpr)[0]
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_pallas_flash_attention_flops(shards):
+    """A Pallas kernel counts its body once per grid point, and a
+    ``shard_map`` body once per shard, so the count is global: forward 4
+    B N T S H (two matmuls) plus the softmax, backward 14 (the dK/dV
+    kernel and the dQ kernel each recompute the scores). Traced only."""
+    from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
+
+    b, n, t, h = 4, 2, 256, 64
+    q = jax.ShapeDtypeStruct((b, n, t, h), jnp.bfloat16)
+    mesh = jax.sharding.AbstractMesh((shards,), ("x",))
+    attn = jax.shard_map(lambda q, k, v: flash_attention(q, k, v, causal=True), mesh=mesh,
+                         in_specs=(PartitionSpec("x"),) * 3, out_specs=PartitionSpec("x"), check_vma=False)
+    loss = lambda q, k, v: attn(q, k, v).astype(jnp.float32).sum()
+    unit = b * n * t * t * h
+    forward = count_flops(jax.make_jaxpr(loss)(q, q, q))[0] / unit
+    both = count_flops(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q))[0] / unit
+    assert 4 < forward < 4.3 and 18 < both < 18.8, (forward, both)
+
+
+@needs_libtpu
+def test_a_step_libtpu_refuses_is_a_result(capsys):
+    """On TPU a step that does not fit is a compile error: inspect, sweep
+    and the CLI give a report that does not fit, with libtpu's figures."""
+    import remat
+    from remat import cli
+
+    s = remat.train_step_setup("tiny", batch=2048, seq=512, target="tpu-v5e")  # 4 GiB of f32 logits a layer
+    r = remat.inspect_policy(s, "full")
+    assert r.peak_source == "out-of-memory error" and r.fits is False
+    assert r.limit_bytes == TARGETS["tpu-v5e"].usable_bytes()
+    assert r.peak_bytes == r.temp_bytes + r.argument_bytes > r.limit_bytes
+    assert r.notes[0].startswith("does not fit: the tpu compiler refused the step, which needs ")
+    assert r.recompute_flops > 0  # the baseline's FLOPs come from its jaxpr
+    result = remat.sweep(s, policies=["full"])
+    assert [x.fits for x in result.reports] == [False]
+    assert cli.main(["inspect", "--model", "tiny", "--batch", "2048", "--seq", "512", "--target", "tpu-v5e",
+                     "--policy", "full"]) == 0
+    assert "does not fit" in capsys.readouterr().out
+
+
+def test_compiles_are_cached_across_runs(monkeypatch, tmp_path):
+    """A second compile of the same program comes from the cache folder:
+    the same figures and peak buffers, no compile."""
+    import remat
+    from remat import _analysis
+    from remat._sweep import trace_policy
+
+    monkeypatch.setenv("REMAT_CACHE_DIR", str(tmp_path))
+    s = remat.train_step_setup("tiny", batch=2, seq=32)
+    t = trace_policy(s, "minimal", "minimal")
+    first = _analysis.compile_figures(t, None)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(_analysis, "compile_traced", no_compile)
+    again = _analysis.compile_figures(trace_policy(s, "minimal", "minimal"), None)
+    assert again == first
+    assert _analysis.measure(t, *again) == _analysis.measure(t, *first)
+    (tmp_path / next(tmp_path.glob("*.json")).name).write_text("{truncated")  # a damaged entry is a miss
+    with pytest.raises(AssertionError, match="compiled again"):
+        _analysis.compile_figures(t, None)
+    monkeypatch.setenv("REMAT_CACHE_DIR", "")  # off
+    with pytest.raises(AssertionError, match="compiled again"):
+        _analysis.compile_figures(t, None)

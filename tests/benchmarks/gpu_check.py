@@ -6,8 +6,11 @@ For each policy (``none`` if it fits, ``full``, ``minimal``, ``selective``,
 ``minimal_offloaded``, ``qkv_proj_offloaded`` and the ``remat tune`` pick at
 ``--budget``), each in a fresh process:
 
-- the peak predicted by the CPU compile that users get (``remat inspect`` with
-  ``JAX_PLATFORMS=cpu``, run beside the GPU work) and by a compile on the GPU;
+- the peak predicted by the CPU compile (``remat inspect`` with
+  ``JAX_PLATFORMS=cpu``, run beside the GPU work), by the deviceless compile
+  for the attached GPU's kind that users without that GPU get (``remat
+  inspect --target h100`` with the GPU hidden: ``CUDA_VISIBLE_DEVICES=""``)
+  and by a compile on the GPU itself;
 - the measured ``device.memory_stats()["peak_bytes_in_use"]`` after training
   steps on random tokens;
 - the median step time over ``--steps`` (>= 10) steps after 2 warm-up steps;
@@ -16,7 +19,12 @@ For each policy (``none`` if it fits, ``full``, ``minimal``, ``selective``,
   recompute) over the step time and ``--peak-flops`` (989e12, H200 dense
   bf16); hardware FLOPs utilisation, HFU: the FLOPs the step executes
   (recompute included, from the jaxpr) likewise;
-- the bytes that cross the host link, and the transfer/compute figures.
+- the bytes that cross the host link, and the transfer/compute figures;
+- the ratio of the measured peak to each prediction.
+
+The measured steps run with XLA:GPU's own rematerialization pass off
+(``XLA_FLAGS=--xla_disable_hlo_passes=rematerialization``), as every
+prediction compiles them, and with the preset's attention in all four.
 
 The JSON (``--out``) is rewritten after each policy, so a run cut short keeps
 what it measured; one table is printed at the end. The GPU machine may run
@@ -112,6 +120,7 @@ def run_one(job: dict[str, Any], device: Any = None) -> dict[str, Any]:
     s = remat.train_step_setup(job["model"], batch=job["batch"], seq=job["seq"], dtype=job["dtype"],
                                groups=parse_groups(job["groups"]) if job.get("groups") else None,
                                loss_chunks=job.get("loss_chunks"), microbatches=job.get("microbatches", 1))
+    # compiled on the GPU itself
     report = remat.inspect_policy(s, job["policy"]).with_rates(peak_flops_per_s=job["peak_flops"])
     out = {"predicted_peak_bytes": report.peak_bytes, "flops": report.flops,
            "host_transfer_bytes": report.host_transfer_bytes, "transfer_compute_ratio":
@@ -134,17 +143,29 @@ def run_one(job: dict[str, Any], device: Any = None) -> dict[str, Any]:
     return out
 
 
-def cpu_prediction(job: dict[str, Any]) -> int | None:
-    """The peak the CPU compile predicts (``remat inspect`` under ``JAX_PLATFORMS=cpu``)."""
+def predicted_peak(job: dict[str, Any], target: str = "cpu") -> int | None:
+    """The peak ``remat inspect --target TARGET`` predicts on this host's CPU
+    (``JAX_PLATFORMS=cpu``; the GPU hidden, so a GPU target compiles
+    deviceless, as on a machine without one)."""
     flags = ["--model", job["model"], "--batch", str(job["batch"]), "--seq", str(job["seq"]), "--dtype",
-             job["dtype"],
-             "--policy", job["policy"], "--json", "-"]
+             job["dtype"], "--attention", job["attention"], "--policy", job["policy"], "--target", target,
+             "--json", "-"]
     for k in ("groups", "loss_chunks", "microbatches"):
         if job.get(k):
             flags += [f"--{k.replace('_', '-')}", str(job[k])]
     done = subprocess.run([sys.executable, "-m", "remat.cli", "inspect", *flags], capture_output=True,
-                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT)
+                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""},
+                          cwd=ROOT)
     return json.loads(done.stdout)["peak_bytes"] if done.returncode == 0 else None
+
+
+def target_of(device_kind: str) -> str | None:
+    """The remat target whose devices report ``device_kind``, if any."""
+    from remat import TARGETS
+    from remat._targets import _OTHER_DEVICE_KINDS
+
+    return next((n for n, t in TARGETS.items()
+                 if device_kind in (t.device_kind, *_OTHER_DEVICE_KINDS.get(n, ()))), None)
 
 
 def tune_pick(job: dict[str, Any], budget: str) -> dict[str, Any]:
@@ -165,13 +186,17 @@ def table(results: dict[str, dict[str, Any]]) -> Any:
     from remat._format import format_bytes
 
     t = Table(title="gpu_check")
-    for col in ("policy", "CPU-predicted peak", "GPU-predicted peak", "measured peak", "step", "MFU", "HFU",
+    for col in ("policy", "CPU-predicted peak", "deviceless-predicted peak", "GPU-predicted peak",
+                "measured peak", "measured / deviceless", "measured / CPU", "step", "MFU", "HFU",
                 "host traffic", "transfer/compute"):
         t.add_column(col, justify="left" if col == "policy" else "right")
     for name, r in results.items():
         fmt = lambda k, r=r: format_bytes(r[k]) if r.get(k) is not None else "-"
-        t.add_row(name, fmt("cpu_predicted_peak_bytes"), fmt("predicted_peak_bytes"),
-                  r.get("error", fmt("peak_bytes_in_use")),
+        ratio = lambda k, r=r: (f"{r['peak_bytes_in_use'] / r[k]:.3f}"
+                                if r.get("peak_bytes_in_use") and r.get(k) else "-")
+        t.add_row(name, fmt("cpu_predicted_peak_bytes"), fmt("deviceless_predicted_peak_bytes"),
+                  fmt("predicted_peak_bytes"), r.get("error", fmt("peak_bytes_in_use")),
+                  ratio("deviceless_predicted_peak_bytes"), ratio("cpu_predicted_peak_bytes"),
                   f"{r['median_s'] * 1e3:.1f} ms" if "median_s" in r else "-",
                   f"{r['mfu']:.1%}" if "mfu" in r else "-", f"{r['hfu']:.1%}" if "hfu" in r else "-",
                   fmt("host_transfer_bytes"),
@@ -202,25 +227,33 @@ def main() -> None:
     cfg = models.get_config(args.model)
     flops = model_flops_per_step(cfg.num_params, cfg.num_layers, args.seq, cfg.d_model, args.batch * args.seq)
     base = {"model": args.model, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
-            "steps": max(10, args.steps), "peak_flops": args.peak_flops, "model_flops": flops}
+            "attention": cfg.attention, "steps": max(10, args.steps), "peak_flops": args.peak_flops,
+            "model_flops": flops}
+    target = target_of(versions["device_kind"])  # None on a CPU or a GPU kind remat has no target for
     jobs = {p: {**base, "policy": p} for p in POLICIES}
     results: dict[str, Any] = {}
-    record = {"versions": versions, **{k: base[k] for k in ("model", "dtype", "batch", "seq")},
-              "results": results}
+    record = {"versions": versions, "target": target,
+              **{k: base[k] for k in ("model", "dtype", "batch", "seq", "attention")}, "results": results}
+    no_xla_remat = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
+                                                + " --xla_disable_hlo_passes=rematerialization").strip()}
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         pick = pool.submit(tune_pick, base, args.budget)
-        cpu = {p: pool.submit(cpu_prediction, j) for p, j in jobs.items()}
+        cpu = {p: pool.submit(predicted_peak, j) for p, j in jobs.items()}
+        deviceless = {p: pool.submit(predicted_peak, j, target) for p, j in jobs.items() if target}
         for name in [*POLICIES, "tune pick"]:
             if name == "tune pick":
                 jobs[name] = {**base, **pick.result()}
-                cpu[name] = pool.submit(cpu_prediction, jobs[name])
+                cpu[name] = pool.submit(predicted_peak, jobs[name])
+                if target:
+                    deviceless[name] = pool.submit(predicted_peak, jobs[name], target)
             done = subprocess.run([sys.executable, __file__, "--one", json.dumps(jobs[name])],
-                                  capture_output=True, text=True, cwd=ROOT)
+                                  capture_output=True, text=True, cwd=ROOT, env=no_xla_remat)
             out = (json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0
                    else {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]})
-            results[name] = {**jobs[name], **out, "cpu_predicted_peak_bytes": cpu[name].result()}
+            results[name] = {**jobs[name], **out, "cpu_predicted_peak_bytes": cpu[name].result(),
+                             "deviceless_predicted_peak_bytes": deviceless[name].result() if target else None}
             args.out.write_text(json.dumps(record, indent=1))
-    Console(width=170).print(table(results))
+    Console(width=230).print(table(results))
 
 
 if __name__ == "__main__":
