@@ -7,8 +7,11 @@ figures, the device count, the compile time and the values live at the peak
 (:class:`remat._buffers.PeakDump`), or the out-of-memory verdict of a
 compile the backend refused. This module stores exactly that, one JSON file
 per compile, keyed by everything the compile depends on: the lowered program
-with its debug info (source lines end up in the peak's buffers), the compile
-options, the device kind and count, and the JAX, jaxlib and libtpu versions.
+with its debug info (source lines end up in the peak's buffers; they hold
+the whole call stack, so the same step traced from another line of a script
+is another key), the compile
+options, the device kind and count, the JAX, jaxlib and libtpu versions, and
+the source of the dump's reader (:mod:`remat._buffers`).
 
 JAX's own persistent compilation cache (``jax_compilation_cache_dir``) is
 not used for this: a cache hit there writes no buffer-assignment dump, and
@@ -34,7 +37,7 @@ from typing import Any
 
 import jax
 
-from remat import _compat
+from remat import _buffers, _compat
 from remat._buffers import LiveValue, PeakDump
 
 _compat.hide_frames(__file__)
@@ -45,6 +48,8 @@ CACHE_VAR = "REMAT_CACHE_DIR"
 """The environment variable naming the cache folder (empty: no cache)."""
 
 _FORMAT = 1  # bump when what is stored changes
+_READER = hashlib.sha256(Path(_buffers.__file__).read_bytes()).hexdigest()
+"""The dump reader's own source: a change to how the dump is read is a miss."""
 
 
 def cache_dir() -> Path | None:
@@ -73,7 +78,7 @@ def compile_key(program_text: str, options: dict[str, Any], device: Any, devices
       device: a device compiled for (its platform and ``device_kind``).
       devices: how many devices the program spans.
     """
-    parts = [str(_FORMAT), program_text, json.dumps({k: str(v) for k, v in sorted(options.items())
+    parts = [str(_FORMAT), _READER, program_text, json.dumps({k: str(v) for k, v in sorted(options.items())
                                                      if k != "xla_dump_to"}),
              device.platform, device.device_kind, str(devices),
              jax.__version__, _version("jaxlib"), _version("libtpu"), _version("jax-cuda12-plugin")]

@@ -192,8 +192,11 @@ class Target:
         ``cpu`` (no stated memory).
 
         Raises:
-          RematError: ``mem_fraction`` not in (0, 1].
+          RematError: ``mem_fraction`` not in (0, 1], or given for a TPU.
         """
+        if mem_fraction is not None and self.platform == "tpu":
+            raise RematError(f"mem_fraction {mem_fraction!r}: target {self.name!r} is a TPU, whose runtime "
+                             "takes no memory fraction (its usable memory is what libtpu states)")
         fraction = self.mem_fraction if mem_fraction is None else mem_fraction
         if not 0 < fraction <= 1:
             raise RematError(f"mem_fraction {fraction!r}: must be in (0, 1], e.g. {JAX_DEFAULT_MEM_FRACTION} "

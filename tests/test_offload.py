@@ -113,3 +113,6 @@ def test_the_gpu_check_measures_with_the_device_statistics():
     assert out["hfu"] == pytest.approx(out["flops"] / out["median_s"] / 1e12)
     assert out["mfu"] == pytest.approx(1e9 / out["median_s"] / 1e12)
     assert gpu_check.model_flops_per_step(10, 2, 4, 3, 5) == (6 * 10 + 12 * 2 * 4 * 3) * 5
+    # the deviceless prediction compiles for the attached GPU's kind
+    assert [gpu_check.target_of(k) for k in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "cpu", "TPU v5")] == [
+        "h100", "h200", None, None]

@@ -77,6 +77,12 @@ def test_usable_bytes():
     for bad in (0, 1.5, -0.1):
         with pytest.raises(RematError, match=rf"mem_fraction {bad}: must be in \(0, 1\]"):
             h100.usable_bytes(bad)
+    v5p = get_target("tpu-v5p")
+    assert v5p.usable_bytes() == round(95.74 * (1 << 30)) and v5p.memory_bytes == 96 << 30
+    with pytest.raises(RematError) as e:
+        v5p.usable_bytes(0.9)
+    assert str(e.value) == ("mem_fraction 0.9: target 'tpu-v5p' is a TPU, whose runtime takes no memory "
+                            "fraction (its usable memory is what libtpu states)")
 
 
 def test_unknown_name():
@@ -524,3 +530,15 @@ def test_compiles_are_cached_across_runs(monkeypatch, tmp_path):
     monkeypatch.setenv("REMAT_CACHE_DIR", "")  # off
     with pytest.raises(AssertionError, match="compiled again"):
         _analysis.compile_figures(t, None)
+
+
+@needs_plugin
+def test_tune_may_offload_on_a_gpu_target():
+    """--allow-offload is accepted on a deviceless GPU (its offloads compile);
+    with the target's usable memory as the budget, no remat fits at once."""
+    import remat
+
+    result = remat.tune("tiny", batch=2, seq=32, target="h100", allow_offload=True)
+    assert result.budget_bytes == TARGETS["h100"].usable_bytes()
+    assert result.pick.policy == "none" and result.compiles == 1
+    assert not any(c.estimate for c in result.candidates)

@@ -160,12 +160,12 @@ def predicted_peak(job: dict[str, Any], target: str = "cpu") -> int | None:
 
 
 def target_of(device_kind: str) -> str | None:
-    """The remat target whose devices report ``device_kind``, if any."""
+    """The remat GPU target whose devices report ``device_kind``, if any."""
     from remat import TARGETS
     from remat._targets import _OTHER_DEVICE_KINDS
 
-    return next((n for n, t in TARGETS.items()
-                 if device_kind in (t.device_kind, *_OTHER_DEVICE_KINDS.get(n, ()))), None)
+    return next((n for n, t in TARGETS.items() if t.platform == "gpu"
+                 and device_kind in (t.device_kind, *_OTHER_DEVICE_KINDS.get(n, ()))), None)
 
 
 def tune_pick(job: dict[str, Any], budget: str) -> dict[str, Any]:
