@@ -364,9 +364,12 @@ class _Search:
                 return c
         smallest = min(self.seen, key=lambda c: c.device_peak_bytes)
         report = self.o.report(smallest.config, self.batch)
-        why = advice(dict(report.peak_terms), report.peak_bytes, report.devices) or [
-            "The activations (residuals, stacked layer inputs) are its largest term: a smaller batch, or "
-            "more devices (FSDP)"]
+        if report.peak_source == "out-of-memory error":  # no terms: the compiler's own words
+            why = [n for n in report.notes if n.startswith("does not fit")]
+        else:
+            why = advice(dict(report.peak_terms), report.peak_bytes, report.devices) or [
+                "The activations (residuals, stacked layer inputs) are its largest term: a smaller batch, or "
+                "more devices (FSDP)"]
         raise RematError(
             f"nothing fits the budget of {format_bytes(self.budget)} per device: the smallest peak reached "
             f"is {format_bytes(smallest.device_peak_bytes)}, by {smallest.config.flags()}: {' '.join(why)}")

@@ -499,6 +499,9 @@ def test_a_step_libtpu_refuses_is_a_result(capsys):
     assert r.recompute_flops > 0  # the baseline's FLOPs come from its jaxpr
     result = remat.sweep(s, policies=["full"])
     assert [x.fits for x in result.reports] == [False]
+    with pytest.raises(RematError, match="the compile cap was reached before anything fit the budget of "
+                                         "15.75 GiB: raise max_compiles"):  # refused compiles do not fit
+        remat.tune("tiny", batch=2048, seq=512, target="tpu-v5e", max_compiles=2)
     assert cli.main(["inspect", "--model", "tiny", "--batch", "2048", "--seq", "512", "--target", "tpu-v5e",
                      "--policy", "full"]) == 0
     assert "does not fit" in capsys.readouterr().out
