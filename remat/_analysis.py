@@ -220,7 +220,7 @@ def compile_traced(t: Traced, compiler_options: dict[str, Any] | None) -> tuple[
         compiled = t.lowered.compile(options)
         seconds = time.perf_counter() - t0
         try:
-            dump: PeakDump | str = read_dump(options["xla_dump_to"])
+            dump: PeakDump | str = read_dump(options["xla_dump_to"], t.platform)
         except DumpFormatError as e:
             dump = f"XLA's buffer-assignment dump could not be read ({e})"
     return compiled, seconds, dump
@@ -256,13 +256,13 @@ def compile_figures(t: Traced,
     return figures, seconds, dump
 
 
-def _peak_fields(dump: PeakDump | str, rows: Sequence[Any], closed: Any, peak: int,
+def _peak_fields(dump: PeakDump | str, rows: Sequence[Any], closed: Any, peak: int, temp: int,
                  devices: int) -> tuple[dict[str, Any], list[str]]:
     """The Report's peak-by-term fields and notes (:func:`remat._memory.peak_terms`)."""
     if isinstance(dump, str):
         return {}, [f"no peak breakdown by term: {dump}"]
     weights = [a.shape for a in closed.in_avals if jnp.issubdtype(a.dtype, jnp.floating)]
-    terms, by_name, buffers, host = peak_terms(dump, rows, weights)
+    terms, by_name, buffers, host = peak_terms(dump, rows, weights, temp)
     notes = []
     total = sum(terms.values())
     if abs(total - peak) > 0.01 * peak:
@@ -330,7 +330,7 @@ def measure(t: Traced, compiled: Any, compile_seconds: float, dump: PeakDump | s
     host_transfer_bytes = round(host_traffic(jaxpr) * per_device)
     peak_fields: dict[str, Any] = {}
     if mem is not None:
-        peak_fields, peak_notes = _peak_fields(dump, rows, closed, peak, devices)
+        peak_fields, peak_notes = _peak_fields(dump, rows, closed, peak, mem["temp"], devices)
         notes += peak_notes
     notes += cse_notes(jaxpr)
     if gathered := sorted({r.name for r in rows if r.gathered}):

@@ -68,7 +68,7 @@ def default_compiler_options(platform: str | None = None) -> dict[str, Any]:
 
 
 TERMS: tuple[str, ...] = ("parameters", "optimizer state", "gradients", "residuals", "stacked layer inputs",
-                          "loss head", "batch", "workspace", "fragmentation", "unattributed")
+                          "loss head", "batch", "workspace", "fragmentation", "reserved", "unattributed")
 """The terms of the peak, in the order reports list them (see :func:`peak_terms`)."""
 
 ACTIVATION_TERMS = ("residuals", "stacked layer inputs")
@@ -114,6 +114,8 @@ def _term(v: LiveValue, residual: str | None, weights: set[tuple[int, ...]]) -> 
     if v.parameter:
         return ("optimizer state" if "opt_state" in v.op_name else
                 "parameters" if "params" in v.op_name else "batch")
+    if v.copy_of:
+        return "workspace"  # a cast, transpose or layout change of an argument
     made_by = v.op_name if v.op_name.startswith("jit(") else ""  # JAX's name stack, not XLA's own names
     recomputed = "rematted_computation" in made_by  # a forward value recomputed in the backward pass
     if _dims(v.shape) in weights and not recomputed:
@@ -126,9 +128,8 @@ def _term(v: LiveValue, residual: str | None, weights: set[tuple[int, ...]]) -> 
     return "workspace" if made_by else "unattributed"
 
 
-def peak_terms(dump: PeakDump, rows: Sequence[ResidualRow],
-               weight_shapes: Iterable[Sequence[int]] = ()) -> tuple[dict[str, int], dict[str, int],
-                                                                     list[PeakBuffer], int]:
+def peak_terms(dump: PeakDump, rows: Sequence[ResidualRow], weight_shapes: Iterable[Sequence[int]] = (),
+               temp_bytes: int | None = None) -> tuple[dict[str, int], dict[str, int], list[PeakBuffer], int]:
     """Attribute every buffer live at the peak to one term of :data:`TERMS`.
 
     - **parameters / optimizer state / batch**: the step's arguments, by their
@@ -151,14 +152,31 @@ def peak_terms(dump: PeakDump, rows: Sequence[ResidualRow],
       bfloat16 value as float32, e.g. on CPU), each row claiming as many
       buffers as it has values; the scan carry's row (``"layer input"``) is
       the stacked layer inputs.
-    - **workspace**: any other buffer made by an op with JAX's metadata.
+    - **workspace**: any other buffer made by an op with JAX's metadata, and
+      copies XLA made of an argument (a cast, transpose or layout change).
     - **fragmentation**: bytes of the temporary allocation that no value
       occupies at the peak (the holes XLA's heap packing leaves), from the
       allocation's size in the dump (:attr:`remat._buffers.PeakDump.fragmentation_bytes`).
+    - **reserved**: what ``memory_analysis()`` counts as temporaries beyond
+      the temporary allocation in the dump: ``temp_bytes`` (its
+      ``temp_size_in_bytes``; the term is 0 where None) less
+      :attr:`remat._buffers.PeakDump.temp_allocation_bytes`. Zero on CPU and
+      GPU, whose ``temp_size_in_bytes`` is that allocation's size. On a TPU,
+      libtpu's is the HBM temporary allocation + about 16 KiB (the "HLO temp"
+      libtpu logs under "Program hbm requirement", ``TPU_LOG_DIR``) + that
+      allocation's fragmentation as libtpu measures it (its size less the
+      padded peak of its values: the "fragmentation" of the same log line)
+      once more; the log's program requirement has it only once, within "HLO
+      temp". Neither figure is in the dump, hence a term of its own (v5p, tiny
+      Llama steps: the term = the logged fragmentation + 16 KiB, to the log's
+      3 digits).
     - **unattributed**: buffers with no JAX metadata to go by.
 
     Buffers the heap places over each other (XLA reusing a buffer in place)
-    count once: see :class:`remat._buffers.PeakDump`.
+    count once, and the bytes of an argument's or output's buffer that no
+    value live at the peak occupies count as that argument or output: see
+    :func:`remat._buffers.read_dump`. So the terms sum to ``memory_analysis()``'s
+    peak (arguments + outputs + temporaries - aliased) where ``temp_bytes`` is given.
 
     Returns:
       ``(terms, residuals, buffers, host_bytes)``: device bytes per term (all
@@ -195,6 +213,7 @@ def peak_terms(dump: PeakDump, rows: Sequence[ResidualRow],
         op = "" if v.parameter else v.op_name.split("/", 1)[-1] if v.op_name.startswith("jit(") else v.op_name
         buffers.append(PeakBuffer(term, name or "", v.size_bytes, v.shape, op, v.source))
     terms["fragmentation"] = dump.fragmentation_bytes
+    terms["reserved"] = max(0, temp_bytes - dump.temp_allocation_bytes) if temp_bytes is not None else 0
     return terms, residuals, buffers, host
 
 
@@ -210,7 +229,8 @@ def advice(terms: dict[str, int], peak: int, devices: int) -> list[str]:
     per-device batch (activations, loss head and workspace scale with it),
     offloading residuals to host (``offload:NAME``).
     """
-    candidates = {k: v for k, v in terms.items() if k not in ("fragmentation", "unattributed", "batch")}
+    not_levers = ("fragmentation", "reserved", "unattributed", "batch")
+    candidates = {k: v for k, v in terms.items() if k not in not_levers}
     top = max(candidates, key=candidates.__getitem__, default=None)
     if top is None or top in ACTIVATION_TERMS or not candidates[top]:
         return []

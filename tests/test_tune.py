@@ -61,7 +61,7 @@ class FakeOracle:
         peak = self.peak(config, batch)
         return types.SimpleNamespace(peak_terms=(("optimizer state", 60 * MiB), ("parameters", 40 * MiB),
                                                  ("residuals", peak - 100 * MiB)),
-                                     peak_bytes=peak, devices=1)
+                                     peak_bytes=peak, devices=1, peak_source="memory_analysis")
 
 
 def run(budget, **kw):
