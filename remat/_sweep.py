@@ -319,8 +319,8 @@ def inspect_policy(s: TrainStepSetup, policy: PolicyLike, *,
     Raises:
       remat.policies.PolicySpecError / UnknownPolicyError: a bad spec.
       remat.MissingCheckpointNameError: the policy names a tag the model does not emit.
-      remat.OffloadUnsupportedError: an offload on a target without host memory
-        (a GPU target's compile-only devices have none).
+      remat.OffloadUnsupportedError: an offload on a backend that cannot
+        offload (:func:`remat._apply.check_offload`).
     """
     label = label_of(policy)
     for p in segment_policies(policy):
@@ -395,7 +395,7 @@ class SweepResult:
         vs FLOPs), by peak bytes.
       wall_seconds: the whole sweep, setup included.
       notes: what the sweep left out and why (e.g. the offload presets on a
-        target whose devices have no host memory).
+        target whose devices cannot offload).
       same_cost: indices into ``reports`` grouped by identical figures (peak,
         temporaries, residuals on device and host, FLOPs): policies that cost
         the same, e.g. ``full`` and ``save_iteration_input``, or two that lower
@@ -544,8 +544,8 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[P
     if policies is None:
         policies = default_policies(sorted(checkpoint_names(base.traced.jaxpr)), offload=s.can_offload())
         if not s.can_offload():
-            notes.append(f"offload presets left out: the {s.target.name} devices have no host memory to "
-                         "offload to")
+            notes.append(f"offload presets left out: the {s.target.name} devices cannot offload to host "
+                         "memory (inspect an offload policy to see why)")
     labels = [label_of(p) for p in policies]
 
     reports: list[Report | None] = [None] * len(labels)
