@@ -11,13 +11,20 @@ train step, ``remat.train`` trains one on real text, and ``remat.testing``
 checks your own model.
 
 Every name is imported on first use (PEP 562 module ``__getattr__``), so
-``import remat.policies`` loads JAX and nothing else.
+``import remat.policies`` loads JAX and nothing else. Importing ``remat``
+sets, where the hardware is absent and unless already set, the environment
+variables that keep JAX's CUDA plugin and libtpu from failing noisily when
+JAX starts (:mod:`remat._environment`).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from remat import _environment
+
+_environment.quiet_start()  # before JAX starts its backends: no CUDA or libtpu start-up noise where absent
 
 if TYPE_CHECKING:
     from remat import models, nnx, policies, step, testing, train

@@ -52,7 +52,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import glob
 import importlib.resources
 import importlib.util
 import math
@@ -63,7 +62,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from remat import _compat
+from remat import _compat, _environment
 from remat._errors import RematError
 from remat._mesh import AXES, make_mesh
 
@@ -72,23 +71,15 @@ _compat.hide_frames(__file__)
 __all__ = [
     "JAX_DEFAULT_MEM_FRACTION",
     "RUNTIME_RESERVE_BYTES",
-    "SKIP_CHECK_VAR",
     "TARGETS",
-    "TPU_ENVIRONMENT",
     "Target",
     "get_target",
     "prepare_environment",
     "target_devices",
     "target_mesh",
     "target_names",
-    "tpu_attached",
     "tpu_topology",
 ]
-
-SKIP_CHECK_VAR = "JAX_SKIP_CUDA_CONSTRAINTS_CHECK"
-"""The environment variable that lets the CUDA plugin register without a GPU
-driver (``jax_plugins/xla_cuda12/__init__.py``, ``initialize``): read once,
-when JAX discovers its plugins (its first backend use)."""
 
 JAX_DEFAULT_MEM_FRACTION = 0.75
 """The fraction of a GPU's memory JAX's allocator takes by default
@@ -117,22 +108,6 @@ _PCIE_GEN4_X16 = 32e9  # bytes/s per direction (64 GB/s both ways)
 _PCIE_GEN5_X16 = 64e9  # bytes/s per direction (128 GB/s both ways)
 
 _SPEC_URL = "openxla/xla xla/backends/gpu/target_config/specs/{} @ {}"
-
-TPU_ENVIRONMENT: dict[str, str] = {
-    "TPU_SKIP_MDS_QUERY": "1",
-    "TPU_WORKER_HOSTNAMES": "localhost",
-    "TPU_HOST_BOUNDS": "1,1,1",
-    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-}
-"""What :func:`prepare_environment` sets (unless already set) for a TPU target
-on a machine with no TPU attached, before libtpu starts: no query of the
-Cloud TPU metadata server (``TPU_SKIP_MDS_QUERY``, which JAX's own
-``cloud_tpu_init`` sets where it finds no chips); one local worker and host,
-else libtpu logs an ``INVALID_ARGUMENT: unexpected worker hostname`` error
-and a "Failed to find host bounds" warning at start (the topology asked
-for still applies); and no exclusive ``/tmp/libtpu_lockfile``, so that two
-processes (two notebooks, pytest workers) can both compile."""
-
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -313,31 +288,24 @@ def prepare_environment(target: str | Target) -> None:
     fine). Variables the environment already sets are left alone, and so is
     ``JAX_PLATFORMS``.
 
-    - A GPU target: ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``, so that the CUDA
-      plugin registers without a driver. Also for every other target on a
-      machine without an NVIDIA driver (no ``/proc/driver/nvidia``), where
-      the plugin's check (installed with ``remat[gpu]``) can only fail,
-      printing a traceback at every JAX start; a machine with a driver keeps
-      the check, so a real GPU is used as before.
-    - A TPU target on a machine with no TPU attached (:func:`tpu_attached`):
-      :data:`TPU_ENVIRONMENT`. A TPU VM is left as it is.
+    - Every target: :func:`remat._environment.quiet_start` (no CUDA check
+      without an NVIDIA driver, no libtpu start-up errors without a TPU).
+    - A GPU target: ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1`` with a driver too,
+      so that the CUDA plugin registers whatever GPU (or none) is attached.
+    - A TPU target on a machine with no TPU attached: the TPU variables
+      (:data:`remat._environment.TPU_ENVIRONMENT`) even before libtpu is
+      installed. A TPU VM is left as it is.
 
     Raises:
       RematError: an unknown target name.
     """
     t = get_target(target)
-    if t.platform == "gpu" or not os.path.exists(NVIDIA_DRIVER):
-        os.environ.setdefault(SKIP_CHECK_VAR, "1")
-    if t.platform == "tpu" and not tpu_attached():
-        for k, v in TPU_ENVIRONMENT.items():
+    _environment.quiet_start()
+    if t.platform == "gpu":
+        os.environ.setdefault(_environment.SKIP_CHECK_VAR, "1")
+    if t.platform == "tpu" and not _environment.tpu_attached():
+        for k, v in _environment.TPU_ENVIRONMENT.items():
             os.environ.setdefault(k, v)
-
-
-def tpu_attached() -> bool:
-    """Whether this machine has a TPU chip: the device files a Cloud TPU VM
-    has (``/dev/accel*`` on v4 and v5e, ``/dev/vfio/<n>`` on v5p and v6e;
-    JAX's ``hardware_utils`` reads the PCI bus for the same answer)."""
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def tpu_topology(target: str | Target, n: int) -> tuple[str, dict[str, Any]]:
@@ -372,10 +340,6 @@ def _names(platform: str) -> list[str]:
     return [n for n, t in TARGETS.items() if t.platform == platform]
 
 
-NVIDIA_DRIVER = "/proc/driver/nvidia"
-"""Where Linux's NVIDIA kernel driver shows itself; absent on a machine without one."""
-
-
 def _missing(platform: str) -> bool:
     """Whether the package that compiles for ``platform`` deviceless is absent."""
     if platform == "tpu":
@@ -402,9 +366,10 @@ def _compile_only_devices(name: str, n: int) -> tuple[Any, ...]:
                                                 topology=f"1x1x{n}")
     except NotImplementedError as e:
         raise RematError(
-            f"target {name!r}: JAX did not register its CUDA plugin ({e}). Set {SKIP_CHECK_VAR}=1 in "
-            f"the environment before JAX starts (in the shell, or remat._targets.prepare_environment("
-            f"{name!r}) first thing in the process), and check that jax-cuda12-plugin and jax-cuda12-pjrt "
+            f"target {name!r}: JAX did not register its CUDA plugin ({e}). Set "
+            f"{_environment.SKIP_CHECK_VAR}=1 in the environment before JAX starts (in the shell, or "
+            f"remat._targets.prepare_environment({name!r}) first thing in the process), and check that "
+            "jax-cuda12-plugin and jax-cuda12-pjrt "
             f"match jax {jax.__version__} (pip install 'remat[gpu]')") from None
     return tuple(topology.devices)
 

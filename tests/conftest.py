@@ -2,8 +2,9 @@
 (a ``[B]`` added to a ``[B, T]``) cannot pass silently; and, where JAX's CUDA
 plugin is installed, it registers without a GPU driver
 (``JAX_SKIP_CUDA_CONSTRAINTS_CHECK``, read when JAX first uses a backend), so
-``tests/test_targets.py`` compiles for GPU targets on a CPU-only machine; and
-no compile comes from the cache of earlier runs (``REMAT_CACHE_DIR`` empty)."""
+``tests/test_targets.py`` compiles for GPU targets on a CPU-only machine;
+libtpu, where installed, starts without errors on a machine with no TPU;
+and no compile comes from the cache of earlier runs (``REMAT_CACHE_DIR`` empty)."""
 
 import os
 
@@ -12,4 +13,7 @@ os.environ["REMAT_CACHE_DIR"] = ""  # every test compiles: no results of earlier
 
 import jax
 
+from remat import _environment
+
+_environment.quiet_start()  # before any backend starts: no libtpu start-up errors where no TPU is attached
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from remat import RematError
+from remat import RematError, _environment
 from remat import _targets as targets
 from remat._flops import count_flops
 from remat._memory import default_compiler_options
@@ -117,14 +117,15 @@ def test_cpu_devices_and_mesh():
 def test_prepare_environment(monkeypatch):
     monkeypatch.delenv("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", raising=False)
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-    monkeypatch.setattr(targets, "NVIDIA_DRIVER", "/")  # a machine with a driver: cpu keeps the check
+    monkeypatch.setattr(_environment, "NVIDIA_DRIVER", "/")  # a machine with a driver: cpu keeps the check
     prepare_environment("cpu")
     assert "JAX_SKIP_CUDA_CONSTRAINTS_CHECK" not in os.environ
-    monkeypatch.setattr(targets, "NVIDIA_DRIVER", "/no/such/driver")  # none: the check can only fail
+    monkeypatch.setattr(_environment, "NVIDIA_DRIVER", "/no/such/driver")  # none: the check can only fail
     prepare_environment("cpu")
     assert os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] == "1"
     monkeypatch.delenv("JAX_SKIP_CUDA_CONSTRAINTS_CHECK")
-    prepare_environment("h100")
+    monkeypatch.setattr(_environment, "NVIDIA_DRIVER", "/")
+    prepare_environment("h100")  # a GPU target: with a driver too
     assert os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] == "1"
     assert "JAX_PLATFORMS" not in os.environ
     monkeypatch.setenv("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "yes")
@@ -134,18 +135,44 @@ def test_prepare_environment(monkeypatch):
 
 def test_prepare_environment_for_tpu(monkeypatch):
     """No TPU attached: libtpu needs no metadata server, logs no hostname
-    errors and takes no exclusive lock; a TPU VM is left as it is."""
-    for k in targets.TPU_ENVIRONMENT:
+    errors and takes no exclusive lock, for every target where libtpu is
+    installed (JAX starts it with its backends) and for a TPU target; a TPU
+    VM is left as it is."""
+    tpu = _environment.TPU_ENVIRONMENT
+    for k in tpu:
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(targets, "tpu_attached", lambda: True)
+    monkeypatch.setattr(_environment, "tpu_attached", lambda: True)
     prepare_environment("tpu-v5p")
-    assert not set(targets.TPU_ENVIRONMENT) & set(os.environ)
-    monkeypatch.setattr(targets, "tpu_attached", lambda: False)
+    assert not set(tpu) & set(os.environ)
+    monkeypatch.setattr(_environment, "tpu_attached", lambda: False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else real(name, *a))
+    prepare_environment("cpu")  # no libtpu: nothing to quiet
+    assert not set(tpu) & set(os.environ)
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2")
     prepare_environment("tpu-v5p")
-    assert {k: os.environ[k] for k in targets.TPU_ENVIRONMENT} == {
+    assert {k: os.environ[k] for k in tpu} == {
         "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "10.0.0.2", "TPU_HOST_BOUNDS": "1,1,1",
         "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    for k in tpu:
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    if real("libtpu") is not None:
+        prepare_environment("cpu")  # libtpu installed: quiet for every target
+        assert set(tpu) <= set(os.environ)
+
+
+def test_import_quiets_libtpu_and_the_cuda_check():
+    """A fresh ``import remat`` then ``jax.devices()`` on this machine prints
+    neither libtpu's start-up errors nor the CUDA plugin's traceback."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in (*_environment.TPU_ENVIRONMENT, "JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "JAX_PLATFORMS")}
+    done = subprocess.run([sys.executable, "-c", "import remat, jax; print(jax.devices()[0].platform)"],
+                          env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "cpu"
+    for noise in ("unexpected worker hostname", "Failed to find host bounds", "Traceback"):
+        assert noise not in done.stderr
 
 
 @pytest.mark.parametrize(("name", "n", "topology", "kwargs"), [
@@ -270,9 +297,9 @@ def test_compile_b200_matmul():
 
 LATE = """
 import jax
+{before}
 from remat import RematError
 from remat._targets import target_devices
-{before}
 try:
     print(target_devices("h100", 1)[0].device_kind)
 except RematError as e:
@@ -282,7 +309,7 @@ except RematError as e:
 
 @needs_plugin
 @pytest.mark.parametrize(("before", "expect"), [
-    ("", "NVIDIA H100 80GB HBM3"),  # JAX imported, no backend yet: target_devices sets the variable in time
+    ("", "NVIDIA H100 80GB HBM3"),  # JAX imported, no backend yet: importing remat sets the variable in time
     ("jax.devices()", "RematError: target 'h100': JAX did not register its CUDA plugin (topology not "
                       "implemented for cuda). Set JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1"),
 ])
