@@ -49,7 +49,8 @@ from remat._residuals import host_traffic, residual_rows
 _compat.hide_frames(__file__)
 
 __all__ = ["Figures", "OutOfMemory", "Traced", "analyze", "compile_and_analyze", "compile_figures",
-           "compile_traced", "count_checkpoints", "measure", "out_of_memory", "trace", "trace_without_remat"]
+           "compile_traced", "count_checkpoints", "device_bytes", "measure", "out_of_memory", "trace",
+           "trace_without_remat"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,14 +180,23 @@ def trace(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], label: st
     with collect_notes() as notes:  # a policy remat cannot check (a JAX callable) says so
         traced = jax.jit(fn, donate_argnums=donate_argnums, **pinned).trace(*args, **kwargs)
     lowered = traced.lower()
-    leaves = jax.tree.leaves((args, kwargs))
-    shardings = [getattr(x, "sharding", None) for x in leaves]
+    shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves((args, kwargs))]
     devices = max((len(sh.device_set) for sh in shardings if sh is not None), default=1)
-    per_device = sum(math.prod(sh.shard_shape(x.shape) if sh is not None else x.shape) * x.dtype.itemsize
-                     for x, sh in zip(leaves, shardings, strict=True) if hasattr(x, "shape"))
     return Traced(traced, lowered, label or getattr(fn, "__name__", "fn"), time.perf_counter() - t0,
                   tuple(notes), device=argument_device((args, kwargs)), devices=devices,
-                  argument_bytes=per_device)
+                  argument_bytes=device_bytes((args, kwargs)))
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes per device of the arrays (or ``jax.ShapeDtypeStruct``) in a
+    pytree: each one's shard under its sharding, the whole array without one."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        if hasattr(x, "shape"):
+            sharding = getattr(x, "sharding", None)
+            shape = sharding.shard_shape(x.shape) if sharding is not None else x.shape
+            total += math.prod(shape) * x.dtype.itemsize
+    return total
 
 
 def argument_device(tree: Any) -> Any:

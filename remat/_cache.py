@@ -9,9 +9,9 @@ compile the backend refused. This module stores exactly that, one JSON file
 per compile, keyed by everything the compile depends on: the lowered program
 with its debug info (source lines end up in the peak's buffers; they hold
 the whole call stack, so the same step traced from another line of a script
-is another key), the compile
-options, the device kind and count, the JAX, jaxlib and libtpu versions, and
-the source of the dump's reader (:mod:`remat._buffers`).
+is another key), the compile options, the device kind and count, the JAX,
+jaxlib, libtpu and CUDA plugin versions, and the source of the dump's
+reader (:mod:`remat._buffers`).
 
 JAX's own persistent compilation cache (``jax_compilation_cache_dir``) is
 not used for this: a cache hit there writes no buffer-assignment dump, and
@@ -78,8 +78,8 @@ def compile_key(program_text: str, options: dict[str, Any], device: Any, devices
       device: a device compiled for (its platform and ``device_kind``).
       devices: how many devices the program spans.
     """
-    parts = [str(_FORMAT), _READER, program_text, json.dumps({k: str(v) for k, v in sorted(options.items())
-                                                     if k != "xla_dump_to"}),
+    compile_options = {k: str(v) for k, v in sorted(options.items()) if k != "xla_dump_to"}
+    parts = [str(_FORMAT), _READER, program_text, json.dumps(compile_options),
              device.platform, device.device_kind, str(devices),
              jax.__version__, _version("jaxlib"), _version("libtpu"), _version("jax-cuda12-plugin")]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()

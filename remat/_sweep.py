@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,7 +31,15 @@ from rich.table import Table
 
 from remat import _compat, models
 from remat import policies as registry
-from remat._analysis import Traced, analyze, compile_figures, measure, trace, trace_without_remat
+from remat._analysis import (
+    Traced,
+    analyze,
+    compile_figures,
+    device_bytes,
+    measure,
+    trace,
+    trace_without_remat,
+)
 from remat._apply import OffloadUnsupportedError, PolicyLike, check_offload
 from remat._apply import label as label_of
 from remat._errors import RematError
@@ -144,9 +151,9 @@ class TrainStepSetup:
     def argument_split(self) -> dict[str, int]:
         """Bytes per device of the step's arguments: ``parameter_bytes``,
         ``optimizer_bytes`` (the optimizer state) and ``batch_bytes``."""
-        return {"parameter_bytes": _device_bytes(self.state.params),
-                "optimizer_bytes": _device_bytes(self.state.opt_state),
-                "batch_bytes": _device_bytes(self.tokens)}
+        return {"parameter_bytes": device_bytes(self.state.params),
+                "optimizer_bytes": device_bytes(self.state.opt_state),
+                "batch_bytes": device_bytes(self.tokens)}
 
     def finish(self, report: Report) -> Report:
         """``report`` with what the setup knows: the mesh, the rules, the
@@ -157,16 +164,6 @@ class TrainStepSetup:
             report, mesh=mesh, rules=tuple(self.rules) if mesh else (), target=t.name,
             limit_bytes=t.usable_bytes(self.mem_fraction), peak_flops_per_s=t.peak_flops_per_s,
             host_link_bytes_per_s=t.host_link_bytes_per_s, **self.argument_split())
-
-
-def _device_bytes(tree: Any) -> int:
-    """Bytes per device of abstract values: each leaf's shard under its sharding."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        sharding = getattr(x, "sharding", None)
-        shape = sharding.shard_shape(x.shape) if sharding is not None else x.shape
-        total += math.prod(shape) * np.dtype(x.dtype).itemsize
-    return total
 
 
 def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: int | None = None,
@@ -542,8 +539,9 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[P
     base = _baseline(s)
     notes: list[str] = []
     if policies is None:
-        policies = default_policies(sorted(checkpoint_names(base.traced.jaxpr)), offload=s.can_offload())
-        if not s.can_offload():
+        offload = s.can_offload()
+        policies = default_policies(sorted(checkpoint_names(base.traced.jaxpr)), offload=offload)
+        if not offload:
             notes.append(f"offload presets left out: the {s.target.name} devices cannot offload to host "
                          "memory (inspect an offload policy to see why)")
     labels = [label_of(p) for p in policies]

@@ -490,6 +490,29 @@ def test_inspect_on_tpu_with_pallas_flash_attention():
     assert r.flops > count_flops(trace_policy(xla, "minimal", "minimal").traced.jaxpr)[0]
 
 
+def test_pallas_attention_equals_the_einsum_attention():
+    """The control: the Pallas kernel (run by Pallas' TPU interpreter on this
+    CPU) gives the einsum attention's outputs and gradients, grouped
+    keys/values included (query head k * G + g with kv head k)."""
+    import chex
+    from jax.experimental.pallas import tpu as pltpu
+
+    from remat.models import get_config
+    from remat.models.layers import _einsum_attention, pallas_attention
+
+    cfg = get_config("tiny", family="llama")  # f32, 4 query heads over 2 kv heads
+    assert cfg.num_heads == 2 * cfg.num_kv_heads
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (2, 128, cfg.num_heads, cfg.head_dim))
+    k, v = (jax.random.normal(key, (2, 128, cfg.num_kv_heads, cfg.head_dim)) for key in ks[1:])
+    einsum = lambda q, k, v: _einsum_attention(cfg, q, k, v, lambda p: p)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2)
+    with pltpu.force_tpu_interpret_mode():
+        out, grads = pallas_attention(q, k, v), jax.grad(loss(pallas_attention), argnums=(0, 1, 2))(q, k, v)
+    chex.assert_trees_all_close(out, einsum(q, k, v), atol=1e-5)
+    chex.assert_trees_all_close(grads, jax.grad(loss(einsum), argnums=(0, 1, 2))(q, k, v), atol=1e-4)
+
+
 @pytest.mark.parametrize("shards", [1, 2])
 def test_pallas_flash_attention_flops(shards):
     """A Pallas kernel counts its body once per grid point, and a
