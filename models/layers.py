@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from remat._errors import RematError
 from remat.models.config import ModelConfig, residual_init_std
 from remat.policies import vocab
 
@@ -248,9 +249,17 @@ def pallas_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.
 
     Returns:
       ``[B, T, N, H]`` in the queries' dtype.
+
+    Raises:
+      RematError: ``T`` or ``S`` not a multiple of :data:`PALLAS_BLOCK`.
     """
     from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
 
+    t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
+    if t % PALLAS_BLOCK or s % PALLAS_BLOCK:
+        raise RematError(f"attention='pallas': sequence length {t} (keys {s}) is not a multiple of "
+                         f"{PALLAS_BLOCK}, the Pallas TPU flash attention's block; use a multiple of "
+                         f"{PALLAS_BLOCK} or attention='xla'")
     n, k, h = q_BxTxNxH.shape[2], k_BxSxKxH.shape[2], q_BxTxNxH.shape[3]
     k_BxNxSxH = jnp.repeat(k_BxSxKxH, n // k, axis=2).transpose(0, 2, 1, 3)
     v_BxNxSxH = jnp.repeat(v_BxSxKxH, n // k, axis=2).transpose(0, 2, 1, 3)

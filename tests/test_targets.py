@@ -511,6 +511,11 @@ def test_pallas_attention_equals_the_einsum_attention():
         out, grads = pallas_attention(q, k, v), jax.grad(loss(pallas_attention), argnums=(0, 1, 2))(q, k, v)
     chex.assert_trees_all_close(out, einsum(q, k, v), atol=1e-5)
     chex.assert_trees_all_close(grads, jax.grad(loss(einsum), argnums=(0, 1, 2))(q, k, v), atol=1e-4)
+    with pytest.raises(RematError) as e:
+        pallas_attention(q[:, :100], k[:, :100], v[:, :100])
+    assert str(e.value) == (
+        "attention='pallas': sequence length 100 (keys 100) is not a multiple of 128, the Pallas TPU flash "
+        "attention's block; use a multiple of 128 or attention='xla'")
 
 
 @pytest.mark.parametrize("shards", [1, 2])
