@@ -4,7 +4,8 @@
 needs only JAX; ``remat.checkpoint``, ``remat.remat`` and ``remat.scan_layers``
 apply policies to functions and Flax modules; ``remat.analyze``,
 ``remat.inspect_policy`` and ``remat.sweep`` measure them compile-only;
-``remat.tune`` picks the least-recompute configuration that fits a budget;
+``remat.tune`` picks the least-recompute configuration that fits a budget,
+for a model preset or any :class:`remat.Workload` (your own train step);
 ``remat.nnx`` does the same for Flax NNX modules;
 ``remat.models`` are scan-over-layers transformers (linen and NNX), ``remat.step`` their
 train step, ``remat.train`` trains one on real text, and ``remat.testing``
@@ -48,9 +49,10 @@ if TYPE_CHECKING:
     from remat._report import Report
     from remat._residuals import ResidualRow
     from remat._scan import scan_layers
-    from remat._sweep import SweepResult, TrainStepSetup, inspect_policy, plot_sweep, sweep, train_step_setup
+    from remat._sweep import SweepResult, inspect_policy, plot_sweep, sweep, train_step_setup
     from remat._targets import TARGETS, Target, target_devices, target_mesh
     from remat._tune import TuneConfig, TuneResult, tune
+    from remat._workload import Configuration, TrainStep, TrainStepSetup, Workload
     from remat.policies import (
         OpaquePolicy,
         Policy,
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     )
 
 _EXPORTS = {
+    "Configuration": "remat._workload",
     "CorpusError": "remat._data",
     "MissingCheckpointNameError": "remat._apply",
     "NeverKeptError": "remat._apply",
@@ -81,11 +84,13 @@ _EXPORTS = {
     "Target": "remat._targets",
     "target_devices": "remat._targets",
     "target_mesh": "remat._targets",
-    "TrainStepSetup": "remat._sweep",
+    "TrainStep": "remat._workload",
+    "TrainStepSetup": "remat._workload",
     "TuneConfig": "remat._tune",
     "TuneResult": "remat._tune",
     "UnknownPolicyError": "remat.policies",
     "UnsupportedJaxModeError": "remat.policies",
+    "Workload": "remat._workload",
     "analyze": "remat._analysis",
     "checkpoint": "remat._apply",
     "checkpoint_names": "remat._apply",
@@ -103,6 +108,7 @@ _SUBMODULES = ("models", "nnx", "policies", "step", "testing", "train")
 
 __all__ = [
     "TARGETS",
+    "Configuration",
     "CorpusError",
     "MissingCheckpointNameError",
     "NeverKeptError",
@@ -120,11 +126,13 @@ __all__ = [
     "ScanCarryOffloadError",
     "SweepResult",
     "Target",
+    "TrainStep",
     "TrainStepSetup",
     "TuneConfig",
     "TuneResult",
     "UnknownPolicyError",
     "UnsupportedJaxModeError",
+    "Workload",
     "analyze",
     "checkpoint",
     "checkpoint_names",

@@ -158,6 +158,9 @@ class Traced:
     """How many devices its arguments span."""
     argument_bytes: int = 0
     """Its arguments' bytes per device (each one's shard under its sharding)."""
+    roles: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Each argument's role by JAX's argument name (a workload's labels;
+    empty: by path, :func:`remat._memory.argument_role`)."""
 
     @property
     def platform(self) -> str:
@@ -267,12 +270,12 @@ def compile_figures(t: Traced,
 
 
 def _peak_fields(dump: PeakDump | str, rows: Sequence[Any], closed: Any, peak: int, temp: int,
-                 devices: int) -> tuple[dict[str, Any], list[str]]:
+                 devices: int, roles: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
     """The Report's peak-by-term fields and notes (:func:`remat._memory.peak_terms`)."""
     if isinstance(dump, str):
         return {}, [f"no peak breakdown by term: {dump}"]
     weights = [a.shape for a in closed.in_avals if jnp.issubdtype(a.dtype, jnp.floating)]
-    terms, by_name, buffers, host = peak_terms(dump, rows, weights, temp)
+    terms, by_name, buffers, host = peak_terms(dump, rows, weights, temp, roles)
     notes = []
     total = sum(terms.values())
     if abs(total - peak) > 0.01 * peak:
@@ -340,7 +343,7 @@ def measure(t: Traced, compiled: Any, compile_seconds: float, dump: PeakDump | s
     host_transfer_bytes = round(host_traffic(jaxpr) * per_device)
     peak_fields: dict[str, Any] = {}
     if mem is not None:
-        peak_fields, peak_notes = _peak_fields(dump, rows, closed, peak, mem["temp"], devices)
+        peak_fields, peak_notes = _peak_fields(dump, rows, closed, peak, mem["temp"], devices, t.roles)
         notes += peak_notes
     notes += cse_notes(jaxpr)
     if gathered := sorted({r.name for r in rows if r.gathered}):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -110,10 +110,19 @@ def _dims(shape: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", shape.split("[", 1)[-1]))
 
 
-def _term(v: LiveValue, residual: str | None, weights: set[tuple[int, ...]]) -> str:
+def argument_role(op_name: str, roles: Mapping[str, str] | None = None) -> str:
+    """The term of a step's argument, by JAX's argument name (its ``op_name``):
+    its role in ``roles`` where given (a :class:`remat.TrainStep`'s), else by
+    its path (``opt_state``: optimizer state; ``params``: parameters; anything else: batch)."""
+    if roles:
+        return roles.get(op_name, "batch")
+    return "optimizer state" if "opt_state" in op_name else "parameters" if "params" in op_name else "batch"
+
+
+def _term(v: LiveValue, residual: str | None, weights: set[tuple[int, ...]],
+          roles: Mapping[str, str] | None) -> str:
     if v.parameter:
-        return ("optimizer state" if "opt_state" in v.op_name else
-                "parameters" if "params" in v.op_name else "batch")
+        return argument_role(v.op_name, roles)
     if v.copy_of:
         return "workspace"  # a cast, transpose or layout change of an argument
     made_by = v.op_name if v.op_name.startswith("jit(") else ""  # JAX's name stack, not XLA's own names
@@ -129,11 +138,14 @@ def _term(v: LiveValue, residual: str | None, weights: set[tuple[int, ...]]) -> 
 
 
 def peak_terms(dump: PeakDump, rows: Sequence[ResidualRow], weight_shapes: Iterable[Sequence[int]] = (),
-               temp_bytes: int | None = None) -> tuple[dict[str, int], dict[str, int], list[PeakBuffer], int]:
+               temp_bytes: int | None = None, roles: Mapping[str, str] | None = None,
+               ) -> tuple[dict[str, int], dict[str, int], list[PeakBuffer], int]:
     """Attribute every buffer live at the peak to one term of :data:`TERMS`.
 
-    - **parameters / optimizer state / batch**: the step's arguments, by their
-      path (``params``, ``opt_state``, anything else).
+    - **parameters / optimizer state / batch**: the step's arguments, by
+      ``roles`` (JAX's argument name -> role, a workload's labels) where
+      given, else by their path (``params``, ``opt_state``, anything else):
+      :func:`argument_role`.
     - **gradients**: a weight's shape (``weight_shapes``: the global shapes of
       the float arguments; the per-device shapes of the parameters; their
       transposes), made in the backward pass or with no metadata (a
@@ -184,7 +196,8 @@ def peak_terms(dump: PeakDump, rows: Sequence[ResidualRow], weight_shapes: Itera
       largest first, and the bytes live in host memory at the peak (not in the terms).
     """
     weights = {tuple(s) for s in weight_shapes}
-    weights |= {_dims(v.shape) for v in dump.live if v.parameter and "params" in v.op_name}
+    weights |= {_dims(v.shape) for v in dump.live
+                if v.parameter and argument_role(v.op_name, roles) == "parameters"}
     weights |= {w[::-1] for w in weights if len(w) == 2}
     queues: dict[int, list[str]] = {}
     for r in rows:
@@ -205,7 +218,7 @@ def peak_terms(dump: PeakDump, rows: Sequence[ResidualRow], weight_shapes: Itera
         key = math.prod(_dims(v.shape))
         if forward and not v.parameter and key in queues:
             residual = queues[key].pop(0) if queues[key] else shared[key]
-        term = _term(v, residual, weights)
+        term = _term(v, residual, weights, roles)
         name = residual if term in ACTIVATION_TERMS else (v.op_name if v.parameter else "")
         if term == "residuals":
             residuals[name] = residuals.get(name, 0) + v.size_bytes  # type: ignore[index]

@@ -1,29 +1,26 @@
-"""One model's train step under many remat policies: the memory/compute
+"""One workload's train step under many remat policies: the memory/compute
 trade-off and its Pareto frontier, measured compile-only.
 
-The step is :func:`remat.step.make_train_step` (forward, next-token loss,
-gradients, the update of :func:`remat.step.make_optimizer`, as ``remat train``
-runs it) on the abstract state of ``jax.eval_shape(remat.step.init_train_state,
-...)``, donated, so parameters,
-gradients and optimizer state all appear in the memory figures. The abstract
-state is built once and reused for every policy; each policy is traced and
-lowered on the main thread while the previous one compiles on a worker thread,
-and policies that lower to the same XLA program (e.g. ``minimal`` and
-``dots_with_no_batch_dims_saveable`` on a model whose only unbatched matmuls
-are the named projections) share one compile.
+The step is a :class:`remat.Workload`'s, bound to its knobs, mesh and target
+(:class:`TrainStepSetup`); for a model preset, the step ``remat train`` runs
+(:func:`remat.step.lm_workload`: forward, next-token loss, gradients, the
+update of :func:`remat.step.make_optimizer` on the donated abstract state),
+so parameters, gradients and optimizer state all appear in the memory
+figures. Each policy is traced and lowered on the main thread while the
+previous one compiles on a worker thread, and policies that lower to the
+same XLA program (e.g. ``minimal`` and ``dots_with_no_batch_dims_saveable``
+on a model whose only unbatched matmuls are the named projections) share
+one compile.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -31,256 +28,117 @@ from rich.table import Table
 
 from remat import _compat, models
 from remat import policies as registry
-from remat._analysis import (
-    Traced,
-    analyze,
-    compile_figures,
-    device_bytes,
-    measure,
-    trace,
-    trace_without_remat,
-)
-from remat._apply import OffloadUnsupportedError, PolicyLike, check_offload
+from remat._analysis import Traced, compile_figures, measure
+from remat._apply import PolicyLike, check_offload
 from remat._apply import label as label_of
 from remat._errors import RematError
 from remat._format import format_bytes, format_flops
 from remat._jaxpr import checkpoint_names
 from remat._memory import TERMS
-from remat._mesh import (
-    LOGICAL_RULES,
-    Rules,
-    batch_sharding,
-    check_batch,
-    make_mesh,
-    mesh_context,
-    replicated,
-    sharded_abstract,
-)
+from remat._mesh import Rules
 from remat._report import HOST_LINK_BYTES_PER_S, PEAK_FLOPS_PER_S, Report
 from remat._scan import policy_names, segment_policies
-from remat._targets import TARGETS, Target, get_target, prepare_environment, target_mesh
-from remat.models.layers import PALLAS_BLOCK
-from remat.models.nnx import check_api, model_for_api
+from remat._targets import Target, get_target, prepare_environment
+from remat._workload import TrainStepSetup, Workload, bind
 from remat.policies import Policy
-from remat.step import init_train_state, make_optimizer, make_train_step
+from remat.step import lm_workload
 
 _compat.hide_frames(__file__)
 
 __all__ = [
-    "SweepResult", "TrainStepSetup", "default_policies", "inspect_policy", "pareto_frontier", "plot_sweep",
-    "sweep", "trace_policy", "train_step_setup",
+    "NO_NAMES", "ModelLike", "SweepResult", "as_workload", "default_policies", "inspect_policy", "no_names",
+    "pareto_frontier", "plot_sweep", "sweep", "train_step_setup",
 ]
 
 DEFAULT_SEQ = 2048
-"""Default sequence length, capped at the model's ``max_seq_len``."""
+"""Default sequence length of a preset, capped at the model's ``max_seq_len``."""
+
+ModelLike = str | models.ModelConfig | Workload
+"""What the tools take: a preset name (or a Hugging Face ``config.json`` or
+MaxText YAML path), a ``ModelConfig``, or any :class:`remat.Workload`."""
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainStepSetup:
-    """The abstract inputs of one model's train step, shared by every policy.
+def as_workload(model: ModelLike, *, seq: int | None = None, dtype: str | None = None,
+                optimizer: optax.GradientTransformation | None = None, api: str | None = None,
+                rules: Rules | None = None, target: str | Target = "cpu") -> Workload:
+    """``model`` as a :class:`remat.Workload`: a workload as it is; a preset
+    or ``ModelConfig`` through :func:`remat.step.lm_workload` (the step
+    ``remat train`` runs).
 
-    Attributes:
-      config: the model config.
-      batch: sequences per step (B), global (over all devices).
-      seq: tokens per sequence (T).
-      groups: nested-checkpointing groups passed to :class:`remat.models.Transformer`.
-      state: the abstract ``TrainState`` (``jax.ShapeDtypeStruct`` leaves:
-        float params, AdamW ``mu``/``nu``, step counts; under a mesh each with
-        its ``NamedSharding``).
-      tokens: ``ShapeDtypeStruct(int32[B, T])``, the batch sharded under a mesh.
-      rng: a PRNG key (dropout; unused when deterministic), abstract under a mesh.
-      mesh: the device mesh, or None for one device.
-      rules: the logical-axis rules under the mesh (:data:`remat._mesh.LOGICAL_RULES`).
-      out_shardings: the step's output shardings under a mesh: the state as
-        its input, the metrics replicated.
-      microbatches: gradient accumulation over this many micro-batches
-        (:func:`remat.step.make_train_step`).
-      api: the Flax API the model is built in, ``"linen"`` or ``"nnx"``
-        (:func:`remat.models.nnx.model_for_api`); the state is the same.
-      target: what the step is compiled for (:class:`remat.Target`; ``cpu``
-        is this host's XLA:CPU).
-      mem_fraction: the fraction of the target's memory the runtime may
-        allocate (None: the target's default); see :meth:`remat.Target.usable_bytes`.
+    Args:
+      model: see :data:`ModelLike`.
+      seq: tokens per sequence, 1..``max_seq_len``; default
+        ``min(DEFAULT_SEQ, max_seq_len)``.
+      dtype: compute dtype override (``"bf16"``, ``"f32"``, ``"f16"``); None keeps the preset's.
+      optimizer: default :func:`remat.step.make_optimizer` ``()``.
+      api: ``"linen"`` (default) or ``"nnx"``.
+      rules: logical-axis rules (default :data:`remat._mesh.LOGICAL_RULES`).
+      target: the default attention follows its platform.
+
+    Raises:
+      RematError: an unknown preset or api, a bad ``seq``, or one of these
+        options given with a workload (it sets its own shapes and optimizer).
     """
-
-    config: models.ModelConfig
-    batch: int
-    seq: int
-    groups: Any
-    state: Any
-    tokens: jax.ShapeDtypeStruct
-    rng: Any
-    mesh: Mesh | None = None
-    rules: Rules = LOGICAL_RULES
-    out_shardings: Any = None
-    microbatches: int = 1
-    api: str = "linen"
-    target: Target = TARGETS["cpu"]
-    mem_fraction: float | None = None
-
-    def device(self) -> jax.Device:
-        """A device the step is compiled for (the mesh's, else JAX's default)."""
-        return self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
-
-    def can_offload(self) -> bool:
-        """Whether the target's devices can offload residuals to host memory
-        (:func:`remat._apply.check_offload`: its memories and a probe compile)."""
-        try:
-            check_offload(registry.get("minimal_offloaded"), self.device())
-        except OffloadUnsupportedError:
-            return False
-        return True
-
-    def step_args(self) -> tuple[Any, jax.ShapeDtypeStruct, Any]:
-        """``(state, tokens, rng)`` for ``make_train_step(model)``."""
-        return self.state, self.tokens, self.rng
-
-    def model(self, policy: str | Policy) -> Any:
-        """The model under ``policy``, in :attr:`api` (behind linen's ``init``/``apply``)."""
-        return model_for_api(self.config, policy=policy, groups=self.groups, api=self.api)
-
-    def step(self, policy: str | Policy) -> Any:
-        """The train step under ``policy`` as ``remat train`` runs it (:func:`remat.step.make_train_step`)."""
-        return make_train_step(self.model(policy), microbatches=self.microbatches)
-
-    def context(self) -> contextlib.AbstractContextManager[Any]:
-        """Where the step is traced: under the mesh and the logical-axis rules
-        (:func:`remat._mesh.mesh_context`)."""
-        return mesh_context(self.mesh, self.rules)
-
-    def argument_split(self) -> dict[str, int]:
-        """Bytes per device of the step's arguments: ``parameter_bytes``,
-        ``optimizer_bytes`` (the optimizer state) and ``batch_bytes``."""
-        return {"parameter_bytes": device_bytes(self.state.params),
-                "optimizer_bytes": device_bytes(self.state.opt_state),
-                "batch_bytes": device_bytes(self.tokens)}
-
-    def finish(self, report: Report) -> Report:
-        """``report`` with what the setup knows: the mesh, the rules, the
-        argument split and the target (its name, usable memory and rates)."""
-        mesh = tuple(self.mesh.shape.items()) if self.mesh is not None else ()
-        t = self.target
-        return dataclasses.replace(
-            report, mesh=mesh, rules=tuple(self.rules) if mesh else (), target=t.name,
-            limit_bytes=t.usable_bytes(self.mem_fraction), peak_flops_per_s=t.peak_flops_per_s,
-            host_link_bytes_per_s=t.host_link_bytes_per_s, **self.argument_split())
+    if isinstance(model, Workload):
+        given = [k for k, v in (("seq", seq), ("dtype", dtype), ("optimizer", optimizer), ("api", api),
+                                ("rules", rules)) if v is not None]
+        if given:
+            raise RematError(f"{', '.join(given)} set a model preset's step; workload {model.name!r} builds "
+                             "its own: leave them out")
+        return model
+    config = models.get_config(model) if isinstance(model, str) else model
+    if not isinstance(config, models.ModelConfig):
+        raise RematError(f"model={model!r}: give a preset name, a ModelConfig or a remat.Workload")
+    if dtype is not None:
+        config = dataclasses.replace(config, dtype=dtype)
+    return lm_workload(config, seq=min(DEFAULT_SEQ, config.max_seq_len) if seq is None else seq,
+                       name=model if isinstance(model, str) else "custom config", optimizer=optimizer,
+                       api=api or "linen", rules=rules, platform=get_target(target).platform)
 
 
-def train_step_setup(model: str | models.ModelConfig, *, batch: int = 1, seq: int | None = None,
+def train_step_setup(model: ModelLike, *, batch: int | None = None, seq: int | None = None,
                      dtype: str | None = None, groups: Any = None,
                      optimizer: optax.GradientTransformation | None = None,
                      mesh: Mesh | Mapping[str, int] | None = None,
                      rules: Rules | None = None, loss_chunks: int | None = None,
-                     microbatches: int = 1, api: str = "linen", target: str | Target = "cpu",
+                     microbatches: int | None = None, api: str | None = None, target: str | Target = "cpu",
                      attention: str | None = None, mem_fraction: float | None = None) -> TrainStepSetup:
-    """Build the abstract train-step inputs for a model (nothing allocated).
+    """Bind a model's train step to its knobs, mesh and target (nothing
+    allocated): :func:`as_workload`, then :func:`remat._workload.bind`.
 
     Args:
-      model: a preset name (:func:`remat.models.names`) or a ``ModelConfig``.
-      batch: sequences per step, >= 1 (global: over all devices).
-      seq: tokens per sequence, 1..``max_seq_len``; default
-        ``min(DEFAULT_SEQ, max_seq_len)``.
-      dtype: compute dtype override (``"bf16"``, ``"f32"``, ``"f16"``); None keeps the preset's.
+      model: a preset name, a ``ModelConfig`` or a :class:`remat.Workload`.
+      batch: global examples per step (default: the workload's; 1 for a preset).
+      seq, dtype, optimizer, api, rules: a preset's options (:func:`as_workload`).
       groups: ``None``, ``(G, K)`` or ``"sqrt"`` (see :func:`remat.scan_layers`).
-      optimizer: default :func:`remat.step.make_optimizer` ``()``, the optimizer
-        ``remat train`` trains with (clipping, AdamW with its schedule and
-        weight-decay mask), so what is measured is what trains.
       mesh: a ``jax.sharding.Mesh`` with axes ``data``/``fsdp``/``tensor``, or
         their sizes (``{"fsdp": 8}``; see :func:`remat._mesh.make_mesh`);
         None for one device.
-      rules: logical-axis rules (default :data:`remat._mesh.LOGICAL_RULES`).
-      loss_chunks: compute the loss head in this many chunks
-        (``ModelConfig.loss_chunks``); None keeps the config's.
+      loss_chunks: compute the loss head in this many chunks; None keeps the config's.
       microbatches: accumulate gradients over this many micro-batches of
-        ``batch / microbatches`` sequences (:func:`remat.step.make_train_step`).
-      api: ``"linen"`` or ``"nnx"``: the Flax API of the model the step runs
-        (:func:`remat.models.nnx.model_for_api`; the parameters and their
-        layout are the same).
+        ``batch / microbatches`` examples (:func:`remat.step.make_train_step`).
       target: a :data:`remat.TARGETS` name or :class:`remat.Target`: compile
         for its devices (``mesh`` then counts devices of that target; a GPU
         target compiles deviceless, on this host's CPU, with ``remat[gpu]``);
         ``"cpu"`` is this host.
       attention: the model's attention (``ModelConfig.attention``: ``"xla"``,
-        ``"dot_product_attention"``, ``"cudnn"`` or ``"pallas"``); None keeps
-        the config's, except on a GPU or TPU target where a flash attention
-        kernel takes the model (:func:`default_attention`): the kernel
-        follows the target, not the host.
+        ``"dot_product_attention"``, ``"cudnn"`` or ``"pallas"``); None: the
+        config's, except on a GPU or TPU target where a flash attention
+        kernel takes the model (:func:`remat.step.default_attention`).
       mem_fraction: the fraction of device memory the runtime may allocate
         (None: the target's default, JAX's 0.75 on a GPU).
 
     Raises:
-      RematError: unknown preset, api or target (the message lists them), ``batch < 1``,
-        ``seq`` outside ``1..max_seq_len``, a mesh that does not match the
-        device count, or a batch the micro-batches and the mesh cannot split evenly.
+      RematError: unknown preset, api or target (the message lists them), a
+        bad batch or ``seq``, a mesh that does not match the device count, a
+        batch the micro-batches and the mesh cannot split evenly, or a knob
+        the workload never reads.
     """
-    config = models.get_config(model) if isinstance(model, str) else model
     tgt = get_target(target)
-    prepare_environment(tgt)  # before the first JAX computation below starts its backends
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=dtype)
-    if loss_chunks is not None:
-        config = dataclasses.replace(config, loss_chunks=loss_chunks)
-    if seq is None:
-        seq = min(DEFAULT_SEQ, config.max_seq_len)
-    config = dataclasses.replace(config, attention=attention or default_attention(config, tgt, seq))
-    tgt.usable_bytes(mem_fraction)  # checks the fraction
-    if batch < 1:
-        raise RematError(f"batch={batch} must be >= 1")
-    if not 1 <= seq <= config.max_seq_len:
-        raise RematError(f"seq={seq} must be in 1..{config.max_seq_len} (the model's max_seq_len)")
-    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-    rng = jax.random.key(0)
-    check_api(api)
-    init_model = models.Transformer(config, policy="full", groups=groups)
-    tx = optimizer if optimizer is not None else make_optimizer()
-    init = lambda t, k: init_train_state(init_model, tx, t, k)
-    if mesh is None and tgt.platform == "cpu":
-        check_batch(batch, None, microbatches=microbatches)
-        return TrainStepSetup(config, batch, seq, groups, jax.eval_shape(init, tokens, rng), tokens, rng,
-                              microbatches=microbatches, api=api, target=tgt, mem_fraction=mem_fraction)
-    if tgt.platform == "cpu" or isinstance(mesh, Mesh):
-        mesh = make_mesh(mesh)  # type: ignore[arg-type]
-    else:
-        mesh = target_mesh(tgt, mesh or {})
-    rules = tuple(rules if rules is not None else LOGICAL_RULES)
-    check_batch(batch, mesh, rules, microbatches)
-    state, state_shardings = sharded_abstract(init, tokens, rng, mesh=mesh, rules=rules)
-    whole = replicated(mesh)
-    tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype, sharding=batch_sharding(mesh, rules))
-    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: rng).dtype, sharding=whole)
-    return TrainStepSetup(config, batch, seq, groups, state, tokens, key, mesh, rules,
-                          (state_shardings, whole), microbatches, api, tgt, mem_fraction)
-
-
-def default_attention(config: models.ModelConfig, target: Target, seq: int) -> str:
-    """The attention a model gets on ``target`` unless one is asked for:
-    ``"cudnn"`` (flash attention) on a GPU target where cuDNN takes the
-    model (bf16 or f16, no attention dropout, head_dim a multiple of 8 and
-    at most 128); ``"pallas"`` (JAX's Pallas TPU flash attention) on a TPU
-    target where it takes the model (no attention dropout, ``seq`` a
-    multiple of :data:`remat.models.layers.PALLAS_BLOCK`); else the config's own."""
-    no_dropout = config.attn_dropout == 0
-    if target.platform == "gpu" and no_dropout and config.dtype in (jnp.bfloat16, jnp.float16) \
-            and config.head_dim % 8 == 0 and config.head_dim <= 128:
-        return "cudnn"
-    if target.platform == "tpu" and no_dropout and seq % PALLAS_BLOCK == 0:
-        return "pallas"
-    return config.attention
-
-
-def trace_policy(s: TrainStepSetup, policy: PolicyLike, label: str) -> Traced:
-    """Trace and lower ``s``'s train step under ``policy`` (in ``s.context()``)."""
-    with s.context():
-        return trace(s.step(policy), s.step_args(), {}, label, donate_argnums=0,
-                     out_shardings=s.out_shardings)
-
-
-def _baseline(s: TrainStepSetup) -> Traced:
-    """The train step with no ``jax.checkpoint`` at all (not even the groups'
-    of a grouped ``"none"``): the baseline of every overhead."""
-    with s.context():
-        return trace_without_remat(s.step("full"), s.step_args(), {}, donate_argnums=0,
-                                   out_shardings=s.out_shardings)
+    prepare_environment(tgt)  # before the first JAX computation starts its backends
+    w = as_workload(model, seq=seq, dtype=dtype, optimizer=optimizer, api=api, rules=rules, target=tgt)
+    return bind(w, mesh=mesh, target=tgt, mem_fraction=mem_fraction, batch=batch, microbatches=microbatches,
+                groups=groups, loss_chunks=loss_chunks, attention=attention)
 
 
 def never_kept(policy: PolicyLike, report: Report) -> Report:
@@ -302,7 +160,7 @@ def never_kept(policy: PolicyLike, report: Report) -> Report:
     return dataclasses.replace(report, notes=(*report.notes, note))
 
 
-def inspect_policy(s: TrainStepSetup, policy: PolicyLike, *,
+def inspect_policy(s: TrainStepSetup | ModelLike, policy: PolicyLike, *,
                    compiler_options: dict[str, Any] | None = None) -> Report:
     """The :class:`Report` of ``s``'s train step under ``policy``, measured
     against the step with no ``jax.checkpoint`` at all (compiled too, unless
@@ -318,23 +176,48 @@ def inspect_policy(s: TrainStepSetup, policy: PolicyLike, *,
       remat.MissingCheckpointNameError: the policy names a tag the model does not emit.
       remat.OffloadUnsupportedError: an offload on a backend that cannot
         offload (:func:`remat._apply.check_offload`).
+
+    ``s`` is a :class:`TrainStepSetup` (a workload bound to its knobs, mesh
+    and target: :func:`train_step_setup`), or a model or :class:`remat.Workload`
+    taken with its defaults on one CPU device.
     """
+    if not isinstance(s, TrainStepSetup):
+        s = train_step_setup(s)
     label = label_of(policy)
     for p in segment_policies(policy):
         check_offload(p, s.device())
-    with s.context():
-        report = s.finish(analyze(s.step(policy), *s.step_args(), label=label,
-                                  donate_argnums=0, compiler_options=compiler_options,
-                                  out_shardings=s.out_shardings))
-        if report.fits is False and report.backend == "gpu" and compiler_options is None:
-            with_pass = s.finish(analyze(s.step(policy), *s.step_args(), label=label, donate_argnums=0,
-                                         compiler_options={}, baseline=None, out_shardings=s.out_shardings))
-            verdict = ("fits only with it" if with_pass.fits else "does not fit even with it")
-            report = dataclasses.replace(report, notes=(
-                *report.notes, f"with XLA:GPU's own rematerialization pass on (--xla-remat) the peak is "
-                               f"{format_bytes(with_pass.peak_bytes)}: {verdict} (the pass recomputes values "
-                               "the policy keeps; train with the setting you measured)"))
+    t = s.trace(policy, label)
+    report = s.finish(measure(t, *compile_figures(t, compiler_options)))
+    b = s.baseline()
+    base = report if b.program == t.program else measure(b, *compile_figures(b, compiler_options))
+    report = no_names(report.with_baseline(base))
+    if report.fits is False and report.backend == "gpu" and compiler_options is None:
+        with_pass = s.finish(measure(t, *compile_figures(t, {})))
+        verdict = ("fits only with it" if with_pass.fits else "does not fit even with it")
+        report = dataclasses.replace(report, notes=(
+            *report.notes, f"with XLA:GPU's own rematerialization pass on (--xla-remat) the peak is "
+                           f"{format_bytes(with_pass.peak_bytes)}: {verdict} (the pass recomputes values "
+                           "the policy keeps; train with the setting you measured)"))
     return report if s.groups else never_kept(policy, report)
+
+
+NO_NAMES = ("the step emits no checkpoint name (jax.ad_checkpoint.checkpoint_name): only none, full and the "
+            "dots rules apply; tag the values worth saving to choose among them")
+"""The note of a step that emits no checkpoint name."""
+
+
+def no_names(report: Report) -> Report:
+    """``report`` with :data:`NO_NAMES` where its step emits no checkpoint name."""
+    if report.checkpoint_names:
+        return report
+    return dataclasses.replace(report, notes=(*report.notes, NO_NAMES))
+
+
+def shape_text(batch: int | None, seq: int | None) -> str:
+    """``", batch 8 x seq 512"``, ``", batch 8"``, or "" (what a title says of the shapes)."""
+    parts = [f"batch {batch}"] if batch is not None else []
+    parts += [f"seq {seq}"] if seq is not None else []
+    return (", " + " x ".join(parts)) if parts else ""
 
 
 def default_policies(emitted: Sequence[str], offload: bool = True) -> list[str]:
@@ -444,7 +327,7 @@ class SweepResult:
         link, peak = ((r0.host_link_bytes_per_s, r0.peak_flops_per_s) if r0
                       else (HOST_LINK_BYTES_PER_S, PEAK_FLOPS_PER_S))
         on = (" on mesh " + ",".join(f"{a}={k}" for a, k in mesh if k > 1)) if mesh else ""
-        t = Table(title=f"remat sweep: {self.model}, batch {self.batch} x seq {self.seq}{on} "
+        t = Table(title=f"remat sweep: {self.model}{shape_text(self.batch, self.seq)}{on} "
                         f"({n} policies{f', {self.wall_seconds:.1f} s' if timings else ''})",
                   caption="* = Pareto frontier (no other policy is as good on peak memory and FLOPs "
                           "and better on one, by more than 0.1%); ! = the compiled memory does not show the "
@@ -483,10 +366,10 @@ class SweepResult:
         return t
 
 
-def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[PolicyLike] | None = None,
-          *, batch: int = 1, seq: int | None = None, dtype: str | None = None, groups: Any = None,
+def sweep(model: ModelLike | TrainStepSetup, policies: Sequence[PolicyLike] | None = None,
+          *, batch: int | None = None, seq: int | None = None, dtype: str | None = None, groups: Any = None,
           mesh: Mesh | Mapping[str, int] | None = None, rules: Rules | None = None,
-          loss_chunks: int | None = None, microbatches: int = 1, api: str = "linen",
+          loss_chunks: int | None = None, microbatches: int | None = None, api: str | None = None,
           target: str | Target = "cpu", attention: str | None = None, mem_fraction: float | None = None,
           workers: int = 2, compiler_options: dict[str, Any] | None = None,
           on_report: Callable[[Report, int, int], None] | None = None) -> SweepResult:
@@ -498,8 +381,8 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[P
     pool of ``workers`` threads.
 
     Args:
-      model: a preset name, a ``ModelConfig`` or a :class:`TrainStepSetup`
-        (then ``batch``/``seq``/``dtype``/``groups`` are ignored).
+      model: a preset name, a ``ModelConfig``, a :class:`remat.Workload`, or
+        a :class:`TrainStepSetup` (then the options below are ignored).
       policies: preset names, spec strings, Policies or JAX policy callables
         (applied as they are; one remat cannot check gets a note in its
         report); default :func:`default_policies` of the model.
@@ -526,7 +409,6 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[P
         model, batch=batch, seq=seq, dtype=dtype, groups=groups, mesh=mesh, rules=rules,
         loss_chunks=loss_chunks, microbatches=microbatches, api=api, target=target, attention=attention,
         mem_fraction=mem_fraction)
-    name = model if isinstance(model, str) else "custom config"
     if policies is not None:  # bad input fails before any trace or compile
         labels = [label_of(p) for p in policies]
         if not labels:
@@ -536,11 +418,14 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[P
         for p in policies:
             for seg in segment_policies(p):
                 check_offload(seg, s.device())
-    base = _baseline(s)
+    base = s.baseline()
     notes: list[str] = []
+    emitted = sorted(checkpoint_names(base.traced.jaxpr))
+    if not emitted:
+        notes.append(NO_NAMES)
     if policies is None:
         offload = s.can_offload()
-        policies = default_policies(sorted(checkpoint_names(base.traced.jaxpr)), offload=offload)
+        policies = default_policies(emitted, offload=offload)
         if not offload:
             notes.append(f"offload presets left out: the {s.target.name} devices cannot offload to host "
                          "memory (inspect an offload policy to see why)")
@@ -574,7 +459,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[P
                 on_report(r, sum(x is not None for x in reports), len(reports))
 
         for i, (p, label) in enumerate(zip(policies, labels, strict=True)):
-            t = trace_policy(s, p, label)
+            t = s.trace(p, label)
             f, same_as = submit(t)
             pending.append((i, t, f, same_as))
             while pending and pending[0][2].done():
@@ -586,7 +471,7 @@ def sweep(model: str | models.ModelConfig | TrainStepSetup, policies: Sequence[P
     for i, r in enumerate(done):
         cost = (r.peak_bytes, r.temp_bytes, r.residual_bytes, r.host_residual_bytes, r.flops)
         by_cost.setdefault(cost, []).append(i)
-    return SweepResult(name, s.batch, s.seq, done, pareto_frontier(done), time.perf_counter() - t0,
+    return SweepResult(s.workload.name, s.batch, s.seq, done, pareto_frontier(done), time.perf_counter() - t0,
                        tuple(tuple(g) for g in by_cost.values()), tuple(notes))
 
 
@@ -633,7 +518,7 @@ def plot_sweep(result: SweepResult, path: str | None = None) -> Any:
                title="policies (same cost: one point)", title_fontsize=8)
     ax.set_xlabel("peak memory per device (GiB)")
     ax.set_ylabel("train step FLOPs (TFLOP)")
-    ax.set_title(f"{result.model}: batch {result.batch} x seq {result.seq}, "
+    ax.set_title(f"{result.model}{shape_text(result.batch, result.seq)}, "
                  f"{result.reports[0].backend} compile-only")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -56,27 +56,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+from jax.sharding import Mesh
 from rich.console import Group
 from rich.table import Table
 
-from remat import _compat, models
-from remat._analysis import compile_figures, measure, trace_without_remat
+from remat import _compat
+from remat._analysis import compile_figures, measure
 from remat._apply import NeverKeptError, OffloadUnsupportedError, check_offload
 from remat._errors import RematError
 from remat._flops import count_flops
-from remat._format import format_bytes, format_flops
+from remat._format import format_bytes, format_flops, parse_bytes
 from remat._memory import advice
-from remat._mesh import LOGICAL_RULES, Rules, batch_factor, make_mesh
+from remat._mesh import Rules
 from remat._report import Report
 from remat._residuals import residual_rows
-from remat._sweep import TrainStepSetup, default_policies, trace_policy, train_step_setup
-from remat._targets import TARGETS, Target, get_target, target_devices, target_mesh
+from remat._scan import parse_groups
+from remat._sweep import ModelLike, as_workload, default_policies, shape_text
+from remat._targets import Target, get_target, prepare_environment, target_devices
+from remat._workload import TrainStepSetup, Workload, bind, knobs_read
 from remat.policies import get as get_policy
 from remat.policies import require_text
 
@@ -153,7 +157,7 @@ class Candidate:
       role: why: ``"none"``, ``"full"``, ``"frugal"`` (an escalation),
         ``"calibration"``, ``"pick"``, ``"repair"``, ``"segments"``,
         ``"preset"``, ``"batch"`` (``batch="auto"``).
-      batch: the global batch it was compiled at.
+      batch: the global batch it was compiled at (None: the workload does not read it).
       peak_bytes: the compiled peak per device (``memory_analysis()``).
       device_peak_bytes: the peak per device that the budget is checked
         against: ``peak_bytes``, less the host residual bytes where the
@@ -166,7 +170,7 @@ class Candidate:
 
     config: TuneConfig
     role: str
-    batch: int
+    batch: int | None
     peak_bytes: int
     device_peak_bytes: int
     flops: int
@@ -180,7 +184,9 @@ class TuneResult:
     """What :func:`tune` found.
 
     Attributes:
-      model, batch, seq: the step (``batch`` the chosen one for ``"auto"``).
+      model, batch, seq: the workload's name and shapes (``batch`` the chosen
+        one for ``"auto"``; None where the workload does not read it; ``seq``
+        None where it is not a sequence model).
       budget_bytes: the budget per device.
       pick: the configuration; ``pick.flags()`` reproduces it.
       report: its :class:`remat.Report`.
@@ -196,11 +202,13 @@ class TuneResult:
         at every batch tried.
       capped: the compile cap stopped the search: a better pick, or the best
         preset, may not have been compiled.
+      levers: what the search could change, as the workload reads its knobs
+        (e.g. ``"nested groups"``, ``"micro-batches"``, ``"loss chunks"``).
     """
 
     model: str
-    batch: int
-    seq: int
+    batch: int | None
+    seq: int | None
     budget_bytes: int
     pick: TuneConfig
     report: Report
@@ -212,6 +220,7 @@ class TuneResult:
     wall_seconds: float
     batches: tuple[Candidate, ...] = ()
     capped: bool = False
+    levers: tuple[str, ...] = ()
 
     @property
     def chosen(self) -> Candidate:
@@ -232,7 +241,7 @@ class TuneResult:
                 "preset": None if self.preset is None else cand(self.preset),
                 "recompute_saved_flops": self.recompute_saved_flops,
                 "dropped_names": list(self.dropped_names), "wall_seconds": self.wall_seconds,
-                "capped": self.capped,
+                "capped": self.capped, "levers": list(self.levers),
                 "candidates": [cand(c) for c in self.candidates], "batches": [cand(c) for c in self.batches],
                 "report": self.report.to_dict()}
 
@@ -241,7 +250,7 @@ class TuneResult:
         that fits (a rich table); ``timings=False`` leaves the wall time out."""
         c = self.chosen
         took = f", {self.wall_seconds:.1f} s" if timings else ""
-        head = Table(title=f"remat tune: {self.model}, batch {self.batch} x seq {self.seq}, budget "
+        head = Table(title=f"remat tune: {self.model}{shape_text(self.batch, self.seq)}, budget "
                            f"{format_bytes(self.budget_bytes)} per device ({self.compiles} compiles{took})",
                      show_header=False)
         head.add_column("what", style="bold")
@@ -265,6 +274,8 @@ class TuneResult:
                                         "further"))
         if self.dropped_names:
             rows.append(("never residuals (left out)", ", ".join(self.dropped_names)))
+        if self.levers:
+            rows.append(("levers searched", ", ".join(self.levers)))
         r = self.report
         rows.append(("compiled for", f"target {r.target}: {r.backend} ({r.device_kind})"))
         if r.backend == "gpu":
@@ -486,12 +497,15 @@ class _PeakModel:
         return np.where(v < x[0], lo, np.where(v > x[-1], hi, np.interp(v, x, y)))
 
 
-def _microbatches(batch: int, factor: int, limit: int) -> list[int]:
-    """The micro-batch counts up to ``limit`` that split ``batch`` evenly, each over ``factor`` devices."""
+def _microbatches(batch: int | None, factor: int, limit: int) -> list[int]:
+    """The micro-batch counts up to ``limit`` that split ``batch`` evenly, each
+    over ``factor`` devices ([1] where the workload does not read the batch)."""
+    if batch is None:
+        return [1]
     return [k for k in range(1, limit + 1) if batch % (factor * k) == 0]
 
 
-def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offload: bool = False,
+def search(oracle: Oracle, budget: int, *, batch: int | None, layers: int | None, allow_offload: bool = False,
            groups: str | None = "sqrt", max_microbatches: int = 8, factor: int = 1,
            chunks: bool = True) -> tuple[TuneConfig, list[Candidate], Candidate | None, list[str], bool]:
     """The search of :func:`tune` against any :class:`Oracle` (a fake one in
@@ -538,7 +552,7 @@ def search(oracle: Oracle, budget: int, *, batch: int, layers: int, allow_offloa
                 role = "improve" if c.fits else "repair"
             for spec in s.solve(items, model, budget, base.config, top=RUNNERS_UP + 1)[1:]:  # approximate
                 confirm(spec, "runner-up")
-            if best is not None:
+            if best is not None and layers:
                 seg = s.segments(best.config.policy, items, model, budget, base.config)
                 if seg is not None:
                     s.compile(dataclasses.replace(best.config, policy=seg), "segments")
@@ -578,16 +592,16 @@ def _best_preset(s: _Search, base: TuneConfig, model: _PeakModel) -> Candidate |
 
 
 class _CompileOracle:
-    """The real oracle: traces and compiles the train step of a model preset."""
+    """The real oracle: traces and compiles a workload's train step."""
 
-    def __init__(self, model: str | models.ModelConfig, seq: int | None, dtype: str | None,
-                 mesh: Any, rules: Rules | None, budget: int, max_compiles: int,
-                 compiler_options: dict[str, Any] | None, api: str = "linen", target: Target = TARGETS["cpu"],
-                 attention: str | None = None, mem_fraction: float | None = None):
-        self.model, self.seq, self.dtype, self.mesh, self.rules = model, seq, dtype, mesh, rules
-        self.api, self.target, self.attention, self.mem_fraction = api, target, attention, mem_fraction
+    def __init__(self, workload: Workload, mesh: Any, budget: int, max_compiles: int,
+                 compiler_options: dict[str, Any] | None, target: Target, mem_fraction: float | None,
+                 knobs: Mapping[str, Any]):
+        self.workload, self.mesh, self.target, self.mem_fraction = workload, mesh, target, mem_fraction
         self.budget, self.max_compiles, self.options = budget, max_compiles, compiler_options
+        self.knobs = knobs
         self.compiles = 0
+        self.on_candidate: Callable[[Candidate], None] | None = None
         self._setups: dict[tuple, TrainStepSetup] = {}
         self._traced: dict[tuple, Any] = {}
         self._reports: dict[tuple, Report] = {}
@@ -595,35 +609,31 @@ class _CompileOracle:
         self._baseline: dict[tuple, int] = {}
         self.names: tuple[str, ...] = ()
 
-    def setup(self, config: TuneConfig, batch: int) -> TrainStepSetup:
-        from remat._scan import parse_groups
-
+    def setup(self, config: TuneConfig, batch: int | None) -> TrainStepSetup:
         key = (batch, config.groups, config.loss_chunks, config.microbatches)
         if key not in self._setups:
-            self._setups[key] = train_step_setup(
-                self.model, batch=batch, seq=self.seq, dtype=self.dtype,
-                groups=parse_groups(config.groups) if config.groups else None, mesh=self.mesh,
-                rules=self.rules, loss_chunks=config.loss_chunks, microbatches=config.microbatches,
-                api=self.api, target=self.target, attention=self.attention, mem_fraction=self.mem_fraction)
+            self._setups[key] = bind(
+                self.workload, mesh=self.mesh, target=self.target, mem_fraction=self.mem_fraction,
+                **{**self.knobs, "batch": batch,
+                   "groups": parse_groups(config.groups) if config.groups else None,
+                   "loss_chunks": config.loss_chunks if config.loss_chunks != 1 else None,
+                   "microbatches": config.microbatches if config.microbatches != 1 else None})
         return self._setups[key]
 
-    def _trace(self, config: TuneConfig, batch: int) -> Any:
+    def _trace(self, config: TuneConfig, batch: int | None) -> Any:
         key = (config, batch)
         if key not in self._traced:
-            self._traced[key] = trace_policy(self.setup(config, batch), config.policy, config.policy)
+            self._traced[key] = self.setup(config, batch).trace(config.policy, config.policy)
         return self._traced[key]
 
-    def baseline_flops(self, config: TuneConfig, batch: int) -> int:
-        s = self.setup(config, batch)
+    def baseline_flops(self, config: TuneConfig, batch: int | None) -> int:
         key = (batch, config.groups, config.loss_chunks, config.microbatches)
         if key not in self._baseline:
-            with s.context():
-                b = trace_without_remat(s.step("full"), s.step_args(), {}, donate_argnums=0,
-                                        out_shardings=s.out_shardings)
+            b = self.setup(config, batch).baseline()
             self._baseline[key] = count_flops(b.traced.jaxpr.jaxpr)[0]
         return self._baseline[key]
 
-    def traced(self, config: TuneConfig, batch: int) -> tuple[dict[str, int], int]:
+    def traced(self, config: TuneConfig, batch: int | None) -> tuple[dict[str, int], int]:
         t = self._trace(config, batch)
         by_name: dict[str, int] = {}
         for r in residual_rows(t.traced.jaxpr.jaxpr):
@@ -631,7 +641,7 @@ class _CompileOracle:
                 by_name[r.name] = by_name.get(r.name, 0) + r.device_bytes
         return by_name, count_flops(t.traced.jaxpr.jaxpr)[0]
 
-    def compiled(self, config: TuneConfig, batch: int, role: str) -> Candidate:
+    def compiled(self, config: TuneConfig, batch: int | None, role: str) -> Candidate:
         t = self._trace(config, batch)
         report = self._by_program.get(t.program)
         if report is None:
@@ -645,31 +655,43 @@ class _CompileOracle:
             self.names = report.checkpoint_names
         host = report.host_residual_bytes if report.host_residual_bytes and not report.host_temp_bytes else 0
         device = report.peak_bytes - host
-        return Candidate(config, role, batch, report.peak_bytes, device, report.flops,
-                         report.flops - self.baseline_flops(config, batch), device <= self.budget, bool(host))
+        c = Candidate(config, role, batch, report.peak_bytes, device, report.flops,
+                      report.flops - self.baseline_flops(config, batch), device <= self.budget, bool(host))
+        if self.on_candidate is not None:
+            self.on_candidate(c)
+        return c
 
-    def report(self, config: TuneConfig, batch: int) -> Report:
+    def report(self, config: TuneConfig, batch: int | None) -> Report:
         return self._reports[(config, batch)]
 
 
-def tune(model: str | models.ModelConfig, budget: int | str | None = None, *, batch: int | str = 1,
-         seq: int | None = None,
-         dtype: str | None = None, mesh: Mapping[str, int] | None = None, rules: Rules | None = None,
-         allow_offload: bool = False, groups: str | None = "sqrt", max_microbatches: int = 8,
-         max_compiles: int | None = None, compiler_options: dict[str, Any] | None = None,
-         on_candidate: Callable[[Candidate], None] | None = None, api: str = "linen",
+def tune(model: ModelLike, budget: int | str | None = None, *, batch: int | str | None = None,
+         seq: int | None = None, dtype: str | None = None, mesh: Mesh | Mapping[str, int] | None = None,
+         rules: Rules | None = None, allow_offload: bool = False, groups: str | None = "sqrt",
+         max_microbatches: int = 8, max_compiles: int | None = None,
+         compiler_options: dict[str, Any] | None = None,
+         on_candidate: Callable[[Candidate], None] | None = None, api: str | None = None,
          target: str | Target = "cpu", attention: str | None = None,
          mem_fraction: float | None = None) -> TuneResult:
     """The configuration with the least recompute FLOPs whose train step fits
     ``budget`` bytes per device (see the module doc for how it searches).
 
+    The search uses only the levers the workload reads
+    (:class:`remat.Configuration`'s knobs): nested groups, micro-batches,
+    the chunked loss head and ``batch="auto"`` where it reads them, segments
+    where it states its layer count; save, recompute or offload per
+    checkpoint name and the dots rules always. :attr:`TuneResult.levers`
+    lists what was available.
+
     Args:
-      model: a preset name or a ``ModelConfig``.
+      model: a preset name, a ``ModelConfig`` or a :class:`remat.Workload`.
       budget: bytes per device (int) or a size with its unit (``"40GiB"``, ``"4e10B"``);
         None: the target's usable memory (:meth:`remat.Target.usable_bytes`),
         required on ``cpu``, which states none.
-      batch: global sequences per step, or ``"auto"``: the largest batch that fits.
-      seq, dtype, mesh, rules: as :func:`remat.train_step_setup`.
+      batch: global examples per step (default: the workload's), or
+        ``"auto"``: the largest batch that fits.
+      seq, dtype, rules, api: a preset's options (:func:`remat.train_step_setup`).
+      mesh: a ``jax.sharding.Mesh``, or sizes of the axes ``data``/``fsdp``/``tensor``.
       allow_offload: let names be offloaded to host memory.
       groups: the nested grouping the search may use (``"sqrt"`` or ``"G,K"``), or None.
       max_microbatches: the most micro-batches the search may use.
@@ -677,7 +699,6 @@ def tune(model: str | models.ModelConfig, budget: int | str | None = None, *, ba
         None: :data:`DEFAULT_MAX_COMPILES`, 40 with ``batch="auto"``.
       compiler_options: as :func:`remat.analyze`.
       on_candidate: called with each configuration as it is compiled.
-      api: ``"linen"`` or ``"nnx"``, the Flax API of the model (:func:`remat.train_step_setup`).
       target, attention, mem_fraction: as :func:`remat.train_step_setup`.
 
     Returns:
@@ -685,15 +706,15 @@ def tune(model: str | models.ModelConfig, budget: int | str | None = None, *, ba
 
     Raises:
       OffloadUnsupportedError: ``allow_offload`` on a backend without ``pinned_host`` memory.
-      RematError: a bad budget or batch, nothing fits (the message names the
+      RematError: a bad budget or batch, ``batch="auto"`` for a workload
+        that does not read the batch, nothing fits (the message names the
         smallest peak reached, by which configuration, its dominant term and
         the levers that shrink it), or the compile cap reached before
-        anything fit.
+        anything fit (with ``batch="auto"``: before the largest batch was found).
     """
-    from remat._format import parse_bytes
-
     t0 = time.perf_counter()
     tgt = get_target(target)
+    prepare_environment(tgt)
     if budget is None:
         budget = tgt.usable_bytes(mem_fraction)
         if budget is None:
@@ -701,53 +722,64 @@ def tune(model: str | models.ModelConfig, budget: int | str | None = None, *, ba
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     if budget_bytes <= 0:
         raise RematError(f"budget={budget!r} must be a positive size")
+    if batch != "auto" and batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise RematError(f"batch={batch!r} must be a positive integer or 'auto'")
     if allow_offload:
         try:
             check_offload(get_policy("minimal_offloaded"), target_devices(tgt, 1)[0])
         except OffloadUnsupportedError as e:
             raise OffloadUnsupportedError(f"allow_offload: {e}. Tune without offloading.") from e
-    config = models.get_config(model) if isinstance(model, str) else model
+    workload = as_workload(model, seq=seq, dtype=dtype, api=api, rules=rules, target=tgt)
     if max_compiles is None:
         max_compiles = 40 if batch == "auto" else DEFAULT_MAX_COMPILES
-    oracle = _CompileOracle(model, seq, dtype, mesh, rules, budget_bytes, max_compiles, compiler_options, api,
-                            tgt, attention, mem_fraction)
-    if on_candidate is not None:
-        inner = oracle.compiled
-        oracle.compiled = lambda c, b, r: _tap(inner(c, b, r), on_candidate)  # type: ignore[method-assign]
-    factor = 1
-    if mesh:
-        on = make_mesh(mesh) if tgt.platform == "cpu" else target_mesh(tgt, mesh)
-        factor = batch_factor(on, tuple(rules or LOGICAL_RULES))
+    knobs = {"attention": attention}
+    oracle = _CompileOracle(workload, mesh, budget_bytes, max_compiles, compiler_options, tgt, mem_fraction,
+                            knobs)
+    oracle.on_candidate = on_candidate
+    read = knobs_read(workload, mesh=mesh, target=tgt)
+    if batch == "auto" and "batch" not in read:
+        raise RematError(f"batch='auto': workload {workload.name!r} does not read the batch (the knobs it "
+                         f"reads: {', '.join(sorted(read)) or 'none'})")
+    devices = mesh.size if isinstance(mesh, Mesh) else math.prod(mesh.values()) if mesh else 1
+    probe = oracle.setup(TuneConfig("full"), devices if batch == "auto" else batch)  # all batch axes divide
+    groups = groups if "groups" in read else None
+    max_microbatches = max_microbatches if "microbatches" in read else 1
+    chunks = "loss_chunks" in read
+    levers = ("save, recompute, offload per checkpoint name" if allow_offload
+              else "save, recompute per checkpoint name", "dots rules",
+              *(("segments",) if workload.layers else ()), *(("nested groups",) if groups else ()),
+              *(("micro-batches",) if max_microbatches > 1 else ()), *(("loss chunks",) if chunks else ()),
+              *(("batch auto",) if batch == "auto" else ()))
+    factor = probe.batch_factor()
     batches: list[Candidate] = []
     if batch == "auto":
-        batch, batches = _largest_batch(oracle, budget_bytes, factor, groups, max_microbatches)
-    elif not isinstance(batch, int) or batch < 1:
-        raise RematError(f"batch={batch!r} must be a positive integer or 'auto'")
+        try:
+            batch, batches = _largest_batch(oracle, budget_bytes, factor, groups, max_microbatches, chunks)
+        except _CapReached:
+            raise RematError(f"batch='auto': the compile cap ({max_compiles}) was reached before the largest "
+                             "batch that fits was found: raise max_compiles, or give a batch") from None
+    else:
+        batch = probe.batch
     pick, seen, preset, dropped, capped = search(
-        oracle, budget_bytes, batch=batch, layers=config.num_layers, allow_offload=allow_offload,
-        groups=groups, max_microbatches=max_microbatches, factor=factor)
+        oracle, budget_bytes, batch=batch, layers=workload.layers, allow_offload=allow_offload,
+        groups=groups, max_microbatches=max_microbatches, factor=factor, chunks=chunks)
     report = oracle.report(pick, batch)
     chosen = next(c for c in reversed(seen) if c.config == pick and c.batch == batch)
     return TuneResult(
-        model=model if isinstance(model, str) else "custom config", batch=batch,
-        seq=oracle.setup(pick, batch).seq, budget_bytes=budget_bytes, pick=pick, report=report,
+        model=workload.name, batch=batch, seq=workload.seq, budget_bytes=budget_bytes, pick=pick,
+        report=report,
         headroom_bytes=budget_bytes - chosen.device_peak_bytes, candidates=tuple(seen),
         compiles=oracle.compiles, preset=preset, dropped_names=tuple(dropped),
-        wall_seconds=time.perf_counter() - t0, batches=tuple(batches), capped=capped)
+        wall_seconds=time.perf_counter() - t0, batches=tuple(batches), capped=capped, levers=levers)
 
 
-def _tap(c: Candidate, f: Callable[[Candidate], None]) -> Candidate:
-    f(c)
-    return c
-
-
-def _frugal(batch: int, factor: int, groups: str | None, max_microbatches: int) -> TuneConfig:
+def _frugal(batch: int, factor: int, groups: str | None, max_microbatches: int, chunks: bool) -> TuneConfig:
     k = max(_microbatches(batch, factor, max_microbatches))
-    return TuneConfig("full", groups=groups, loss_chunks=LOSS_CHUNKS, microbatches=k)
+    return TuneConfig("full", groups=groups, loss_chunks=LOSS_CHUNKS if chunks else 1, microbatches=k)
 
 
 def _largest_batch(oracle: _CompileOracle, budget: int, factor: int, groups: str | None,
-                   max_microbatches: int) -> tuple[int, list[Candidate]]:
+                   max_microbatches: int, chunks: bool) -> tuple[int, list[Candidate]]:
     """The largest multiple of ``factor`` whose most frugal configuration fits
     (doubling, then bisecting; see the module doc), and every batch tried."""
     tried: dict[int, Candidate] = {}
@@ -755,7 +787,7 @@ def _largest_batch(oracle: _CompileOracle, budget: int, factor: int, groups: str
     def fits(b: int) -> bool:
         if b not in tried:  # nested groups are not always more frugal: without them first
             for g in dict.fromkeys((None, groups)):
-                tried[b] = oracle.compiled(_frugal(b, factor, g, max_microbatches), b, "batch")
+                tried[b] = oracle.compiled(_frugal(b, factor, g, max_microbatches, chunks), b, "batch")
                 if tried[b].fits:
                     break
         return tried[b].fits

@@ -107,7 +107,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default runs/MODEL)")
     p.add_argument("--loss-chunks", type=int, help="compute the logits and loss in this many chunks")
     p.add_argument("--microbatches", type=int, help="accumulate gradients over K micro-batches a step")
-    _add_api(p, default=None)
+    _add_api(p)
     _add_mesh_options(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
@@ -145,8 +145,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_HELP = ("model preset (remat.models.names()), or the path of a Hugging Face config.json or a MaxText "
-              "model .yml")
+MODEL_HELP = ("model preset (remat.models.names()), the path of a Hugging Face config.json or a MaxText "
+              "model .yml, or your own remat.Workload as module:attribute (e.g. mypkg.train:workload; the "
+              "attribute may be a zero-argument function returning one)")
+
+
+def _model(text: str) -> Any:
+    """``--model``: a workload for ``module:attribute`` (:func:`remat._workload.load_workload`), else the
+    text (a preset name or a config path)."""
+    import os
+    import re
+
+    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", text) and not os.path.exists(text):
+        from remat._workload import load_workload
+
+        return load_workload(text)
+    return text
 
 
 def _say_ignored(model: str | None) -> None:
@@ -167,7 +181,7 @@ def _say_ignored(model: str | None) -> None:
 
 def _run_defaults(args: argparse.Namespace) -> None:
     """Fill ``--policy`` and ``--batch`` left out from a MaxText YAML's
-    ``remat_policy`` and ``per_device_batch_size`` (times the device count), else batch 1."""
+    ``remat_policy`` and ``per_device_batch_size`` (times the device count)."""
     _say_ignored(args.model)
     d: dict = {}
     if args.model.endswith((".yml", ".yaml")):
@@ -178,8 +192,8 @@ def _run_defaults(args: argparse.Namespace) -> None:
         if "policy" not in d:
             raise RematError("--policy is required (or a MaxText YAML as --model that sets remat_policy)")
         args.policy = d["policy"]
-    if args.batch is None:
-        args.batch = max(1, int(d["per_device_batch_size"] * _device_count(args))) if d else 1
+    if args.batch is None and d:
+        args.batch = max(1, int(d["per_device_batch_size"] * _device_count(args)))
 
 
 def _device_count(args: argparse.Namespace) -> int:
@@ -199,14 +213,15 @@ def _device_count(args: argparse.Namespace) -> int:
 def _add_step_options(p: argparse.ArgumentParser) -> None:
     """The train-step shape options that ``inspect`` and ``sweep`` share."""
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--batch", type=int, help="sequences per step (default: a MaxText YAML's "
-                                           "per_device_batch_size x devices, else 1)")
+    p.add_argument("--batch", type=int, help="sequences (examples) per step (default: a MaxText YAML's "
+                                           "per_device_batch_size x devices, else the workload's: 1 for a "
+                                           "preset)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
     p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
     p.add_argument("--groups", help="nested layer groups: 'sqrt' or 'G,K' with G*K = layers")
     p.add_argument("--loss-chunks", type=int, help="compute the logits and loss in this many chunks over the "
                                                     "tokens (default 1: at once)")
-    p.add_argument("--microbatches", type=int, default=1,
+    p.add_argument("--microbatches", type=int,
                    help="accumulate gradients over this many micro-batches of batch/microbatches (default 1)")
     _add_api(p)
     _add_mesh_options(p)
@@ -246,9 +261,9 @@ def _add_rates(p: argparse.ArgumentParser) -> None:
                                                      "the target's; on cpu 989e12, H200 dense bf16, assumed)")
 
 
-def _add_api(p: argparse.ArgumentParser, default: str | None = "linen") -> None:
-    p.add_argument("--api", default=default,
-                   help="the Flax API the model is built in: linen (default) or nnx (the same parameters)")
+def _add_api(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", help="the Flax API a preset is built in: linen (default) or nnx (the same "
+                                 "parameters)")
 
 
 def _add_mesh_options(p: argparse.ArgumentParser) -> None:
@@ -332,7 +347,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
         _run_defaults(args)
         with Console().status(f"compiling the {args.model} train step under {args.policy!r} ..."):
-            report = inspect_policy(train_step_setup(args.model, **_step_kwargs(args)), args.policy,
+            report = inspect_policy(train_step_setup(_model(args.model), **_step_kwargs(args)), args.policy,
                                     compiler_options=_compiler_options(args))
         return _emit(report.with_rates(args.host_bandwidth, args.peak_flops), args.json)
 
@@ -356,12 +371,13 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from remat._sweep import plot_sweep, sweep
+        from remat._sweep import plot_sweep, sweep, train_step_setup
 
         _run_defaults(args)
         specs = None if args.policies is None else [x.strip() for x in args.policies.split(",")]
         if specs is not None and not all(specs):
             raise RematError(f"--policies {args.policies!r} has an empty entry")
+        setup = train_step_setup(_model(args.model), **_step_kwargs(args))  # bad input: before the bar
         console = Console(stderr=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as bar:
@@ -371,8 +387,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                 bar.update(task, description=f"compiled {getattr(r, 'label', '')}", completed=done,
                            total=total)
 
-            result = sweep(args.model, specs, workers=args.workers, on_report=advance,
-                           compiler_options=_compiler_options(args), **_step_kwargs(args))
+            result = sweep(setup, specs, workers=args.workers, on_report=advance,
+                           compiler_options=_compiler_options(args))
         result = result.with_rates(args.host_bandwidth, args.peak_flops)
         _print_wide(result.table(), width=160)
         if args.json:
@@ -421,7 +437,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
             _run_defaults(args)
         batch = args.batch
         with Console(stderr=True).status(f"tuning the {args.model} train step on {args.target} ..."):
-            result = tune(args.model, args.budget, batch=batch, seq=args.seq, dtype=args.dtype,
+            result = tune(_model(args.model), args.budget, batch=batch, seq=args.seq, dtype=args.dtype,
                           mesh=parse_mesh(args.mesh) if args.mesh else None, allow_offload=args.allow_offload,
                           groups=None if args.groups == "none" else args.groups,
                           max_microbatches=args.max_microbatches, max_compiles=args.max_compiles,

@@ -27,12 +27,19 @@ from flax.training.train_state import TrainState
 
 from remat import _compat
 from remat._errors import RematError
-from remat.models.transformer import lm_loss  # the loss is the model's: its residuals are user code
+from remat._mesh import LOGICAL_RULES, Rules, batch_sharding, replicated, sharded_abstract
+from remat._workload import Configuration, TrainStep, Workload
+from remat.models.config import ModelConfig
+from remat.models.layers import PALLAS_BLOCK
+from remat.models.transformer import (
+    Transformer,
+    lm_loss,  # the loss is the model's: its residuals are user code
+)
 
 _compat.hide_frames(__file__)
 
-__all__ = ["OptimizerConfig", "StepFn", "init_train_state", "lm_loss", "make_lr_schedule", "make_optimizer",
-           "make_train_step"]
+__all__ = ["OptimizerConfig", "StepFn", "default_attention", "init_train_state", "lm_loss", "lm_workload",
+           "make_lr_schedule", "make_optimizer", "make_train_step"]
 
 StepFn = Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
@@ -176,3 +183,83 @@ def make_optimizer(cfg: OptimizerConfig | None = None) -> optax.GradientTransfor
         optax.clip_by_global_norm(cfg.clip),
         optax.adamw(make_lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
                     mask=decay_mask))
+
+
+def default_attention(config: ModelConfig, platform: str, seq: int) -> str:
+    """The attention a model gets on ``platform`` unless one is asked for:
+    ``"cudnn"`` (flash attention) on ``"gpu"`` where cuDNN takes the model
+    (bf16 or f16, no attention dropout, head_dim a multiple of 8 and at most
+    128); ``"pallas"`` (JAX's Pallas TPU flash attention) on ``"tpu"`` where
+    it takes the model (no attention dropout, ``seq`` a multiple of
+    :data:`remat.models.layers.PALLAS_BLOCK`); else the config's own."""
+    no_dropout = config.attn_dropout == 0
+    if platform == "gpu" and no_dropout and config.dtype in (jnp.bfloat16, jnp.float16) \
+            and config.head_dim % 8 == 0 and config.head_dim <= 128:
+        return "cudnn"
+    if platform == "tpu" and no_dropout and seq % PALLAS_BLOCK == 0:
+        return "pallas"
+    return config.attention
+
+
+def lm_workload(config: ModelConfig, *, seq: int, name: str = "custom config",
+                optimizer: optax.GradientTransformation | None = None, api: str = "linen",
+                rules: Rules | None = None, platform: str = "cpu") -> Workload:
+    """The train step of :func:`make_train_step` on a
+    :class:`remat.models.Transformer` of ``config`` as a
+    :class:`remat.Workload`: what ``remat inspect``, ``sweep`` and ``tune``
+    measure for a preset. It reads every knob: the global batch of
+    ``int32[batch, seq]`` tokens, micro-batches, nested groups, loss chunks
+    and attention (by default :func:`default_attention` on ``platform``); its
+    arguments are ``(state, tokens, rng)`` (the state donated; under a mesh
+    sharded by flax's logical-axis ``rules`` and pinned as outputs).
+
+    Args:
+      config: the model.
+      seq: tokens per sequence, 1..``config.max_seq_len``.
+      name: what reports call it (the preset's name).
+      optimizer: default :func:`make_optimizer` ``()``, what ``remat train`` trains with.
+      api: ``"linen"`` or ``"nnx"`` (:func:`remat.models.nnx.model_for_api`; the state is the same).
+      rules: logical-axis rules (default :data:`remat._mesh.LOGICAL_RULES`).
+      platform: the platform compiled for (``"cpu"``, ``"gpu"``, ``"tpu"``):
+        the default attention follows it.
+
+    Raises:
+      RematError: ``seq`` outside ``1..max_seq_len``, or an unknown api.
+    """
+    from remat.models.nnx import check_api, model_for_api
+
+    check_api(api)
+    if not isinstance(seq, int) or not 1 <= seq <= config.max_seq_len:
+        raise RematError(f"seq={seq!r} must be in 1..{config.max_seq_len} (the model's max_seq_len)")
+    rules = tuple(rules if rules is not None else LOGICAL_RULES)
+    tx = optimizer if optimizer is not None else make_optimizer()
+    attention = default_attention(config, platform, seq)
+    init_model = Transformer(dataclasses.replace(config, attention=attention), policy="full")
+    states: dict[Any, tuple[Any, Any]] = {}  # mesh -> abstract state and its shardings (any batch)
+
+    def build(c: Any, mesh: Any) -> Any:
+        cfg = dataclasses.replace(config, loss_chunks=c.loss_chunks, attention=c.attention)
+        tokens = jax.ShapeDtypeStruct((c.batch, seq), jnp.int32)
+        rng = jax.random.key(0)
+        if mesh not in states:
+            init = lambda t, k: init_train_state(init_model, tx, t, k)
+            states[mesh] = ((jax.eval_shape(init, tokens, rng), None) if mesh is None
+                            else sharded_abstract(init, tokens, rng, mesh=mesh, rules=rules))
+        state, shardings = states[mesh]
+        step = make_train_step(model_for_api(cfg, policy=c.policy, groups=c.groups, api=api),
+                               microbatches=c.microbatches)
+        roles = state.replace(step="optimizer state", params="parameters", opt_state="optimizer state")
+        if mesh is None:
+            return TrainStep(step, (state, tokens, rng), (roles, "batch", "batch"), donate_argnums=0)
+        whole = replicated(mesh)
+        tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype, sharding=batch_sharding(mesh, rules))
+        key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: rng).dtype, sharding=whole)
+        return TrainStep(step, (state, tokens, key), (roles, "batch", "batch"), donate_argnums=0,
+                         out_shardings=(shardings, whole), context=lambda: nn.logical_axis_rules(rules),
+                         rules=rules)
+
+    target = dict(rules).get("activation_batch")
+    batch_axes = (target,) if isinstance(target, str) else tuple(target or ())
+    return Workload(name, build, Configuration(loss_chunks=config.loss_chunks, attention=attention),
+                    batch_axes=batch_axes,
+                    layers=config.num_layers, seq=seq)

@@ -15,7 +15,7 @@ from remat import Report, analyze, models
 from remat._flops import count_flops
 from remat._format import format_bytes, parse_bytes
 from remat._residuals import ResidualRow, residual_rows
-from remat._sweep import trace_policy, train_step_setup
+from remat._sweep import train_step_setup
 
 L, B, T, D, F = 3, 2, 8, 16, 32
 
@@ -121,8 +121,8 @@ def _formula_flops(name: str) -> tuple[int, int]:
     attention's two [T, T] matmuls, 12 * L * B * T^2 * (heads * head_dim)
     (forward 2 * 2 * T^2 * N * H per layer and sequence, times 3 for the backward)."""
     s = train_step_setup(name, batch=1, seq=min(1024, models.get_config(name).max_seq_len))
-    cfg = s.config
-    counted, _ = count_flops(trace_policy(s, "none", "none").traced.jaxpr)
+    cfg = models.get_config(name)
+    counted, _ = count_flops(s.trace("none", "none").traced.jaxpr)
     n = models.param_count(cfg)
     attention = 12 * cfg.num_layers * s.batch * s.seq**2 * cfg.num_heads * cfg.head_dim
     return counted, 6 * n * s.batch * s.seq + attention
@@ -229,11 +229,9 @@ def test_fast_cpu_compile_options_leave_the_memory_figures_unchanged():
     """analyze compiles with FAST_CPU_COMPILE on CPU; remat train runs XLA's defaults.
     Buffer assignment, hence every memory figure, is the same to within alignment."""
     from remat._memory import FAST_CPU_COMPILE
-    from remat.step import make_train_step
 
-    s = train_step_setup("tiny", batch=2, seq=32)
-    step = make_train_step(s.model("minimal"))
-    fast, default = (analyze(step, *s.step_args(), baseline=None, donate_argnums=0, compiler_options=o)
+    step = train_step_setup("tiny", batch=2, seq=32).step("minimal")
+    fast, default = (analyze(step.fn, *step.args, baseline=None, donate_argnums=0, compiler_options=o)
                      for o in (FAST_CPU_COMPILE, {}))
     assert fast.argument_bytes == default.argument_bytes and fast.output_bytes == default.output_bytes
     assert abs(fast.temp_bytes - default.temp_bytes) <= 1024

@@ -161,7 +161,7 @@ def test_maxtext_model_yaml_and_a_run_yaml_that_names_it(tmp_path, capsys):
     assert M.get_config(str(run)).qk_norm and M.get_config(str(run)).max_seq_len == 64
     assert cli.main(["inspect", "--model", str(run), "--seq", "32", "--json", "-"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["label"] == "save_qkv_proj" and report["batch_bytes"] == 3 * 32 * 4  # int32 tokens [3, 32]
+    assert report["label"] == "save_qkv_proj" and report["batch_bytes"] == 3 * 32 * 4 + 8  # tokens, the key
     msg = r"decoder_block='mixtral' \(num_experts=8\) in .*bad\.yml is not supported; supported: dense llama2"
     with pytest.raises(remat.RematError, match=msg):
         bad = tmp_path / "bad.yml"

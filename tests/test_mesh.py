@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 from remat import RematError, cli
-from remat._mesh import make_mesh, parse_mesh
+from remat._mesh import LOGICAL_RULES, make_mesh, parse_mesh
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     from remat._mesh import set_cpu_devices
     set_cpu_devices(8)
     import remat
-    from remat._sweep import default_policies, trace_policy
+    from remat._sweep import default_policies
     from remat.policies import vocab
 
     from remat._flops import count_flops
@@ -36,15 +36,15 @@ SCRIPT = textwrap.dedent("""
             r = remat.inspect_policy(s, policy)
             out["figures"][f"{key}/{policy}"] = {k: getattr(r, k) for k in (
                 "temp_bytes", "residual_bytes", "parameter_bytes", "optimizer_bytes", "batch_bytes",
-                "devices", "flops", "flops_per_device")} | {"mesh": dict(r.mesh)}
+                "devices", "flops", "flops_per_device")} | {"mesh": dict(r.mesh), "rules": len(r.rules)}
 
     offloaded = remat.inspect_policy(setups["fsdp"], "minimal_offloaded")  # the offload probe, under a mesh
     out["offload_fsdp"] = [offloaded.host_transfer_bytes, offloaded.host_residual_bytes]
     one8 = remat.train_step_setup("tiny", batch=8, seq=64)
-    out["flops_one_device_batch_8"] = count_flops(trace_policy(one8, "full", "full").traced.jaxpr)[0]
+    out["flops_one_device_batch_8"] = count_flops(one8.trace("full", "full").traced.jaxpr)[0]
 
     def kept(s, policy):
-        rows = residual_rows(trace_policy(s, policy, policy).traced.jaxpr)
+        rows = residual_rows(s.trace(policy, policy).traced.jaxpr)
         return sorted(f"{r.name}@{r.memory_kind}" for r in rows if r.source == "checkpoint_name")
 
     for policy in default_policies(vocab.ALL_NAMES):
@@ -91,6 +91,7 @@ def test_fsdp_shards_parameters_and_optimizer_state(measured):
     for key in ("parameter_bytes", "optimizer_bytes"):
         assert fsdp[key] <= one[key] / 8 * 1.05, key
     assert fsdp["devices"] == 8 and fsdp["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert fsdp["rules"] == len(LOGICAL_RULES) and one["rules"] == 0  # recorded under a mesh only
     assert fsdp["batch_bytes"] == one["batch_bytes"]  # 8 sequences over 8 devices: one each
     assert fsdp["flops"] == measured["flops_one_device_batch_8"]  # the global count
     assert fsdp["flops_per_device"] == fsdp["flops"] / 8

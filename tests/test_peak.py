@@ -16,7 +16,7 @@ from remat import models as M
 from remat._analysis import compile_traced, measure
 from remat._buffers import DumpFormatError, device_memory, read_dump
 from remat._memory import TERMS, advice, peak_terms
-from remat._sweep import SweepResult, plot_sweep, trace_policy, train_step_setup
+from remat._sweep import SweepResult, plot_sweep, train_step_setup
 
 DUMPS = pathlib.Path(__file__).parent / "dumps"
 EXPECTED = json.loads((DUMPS / "expected.json").read_text())
@@ -129,7 +129,7 @@ def test_a_changed_format_fails_clearly(tmp_path):
 def _report(family: str, chunks: int, policy: str = "full"):
     cfg = M.get_config("tiny", family=family, vocab_size=4096, loss_chunks=chunks)
     s = train_step_setup(cfg, batch=4, seq=128)
-    t = trace_policy(s, policy, policy)
+    t = s.trace(policy, policy)
     return s, t, s.finish(measure(t, *compile_traced(t, None)))
 
 

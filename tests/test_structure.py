@@ -20,11 +20,11 @@ from remat import cli
 
 PUBLIC = {
     "remat": [
-        "CorpusError", "MissingCheckpointNameError", "NeverKeptError", "NeverKeptWarning",
+        "Configuration", "CorpusError", "MissingCheckpointNameError", "NeverKeptError", "NeverKeptWarning",
         "OffloadUnsupportedError", "OpaquePolicy", "PeakBuffer", "Policy", "PolicyNotTextError",
         "PolicySpecError", "RematError", "RematTargetError", "Report", "ResidualRow",
-        "ScanCarryOffloadError", "SweepResult", "TARGETS", "Target", "TrainStepSetup", "TuneConfig",
-        "TuneResult",
+        "ScanCarryOffloadError", "SweepResult", "TARGETS", "Target", "TrainStep", "TrainStepSetup",
+        "TuneConfig", "TuneResult", "Workload",
         "UnknownPolicyError", "UnsupportedJaxModeError", "analyze", "checkpoint", "checkpoint_names",
         "inspect_policy", "models", "nnx", "plot_sweep", "policies", "remat", "scan_layers",
         "set_cpu_devices", "step", "sweep", "target_devices", "target_mesh",
@@ -46,8 +46,8 @@ PUBLIC = {
         "TOLERANCES", "NoMemoryAnalysisError", "assert_memory_ordered", "assert_policy_parity",
         "assert_saved_names", "compiled_op_count", "saved_names", "temp_bytes",
     ],
-    "remat.step": ["OptimizerConfig", "StepFn", "init_train_state", "lm_loss", "make_lr_schedule",
-                   "make_optimizer", "make_train_step"],
+    "remat.step": ["OptimizerConfig", "StepFn", "default_attention", "init_train_state", "lm_loss",
+                   "lm_workload", "make_lr_schedule", "make_optimizer", "make_train_step"],
     "remat.train": ["TrainConfig", "TrainResult", "load_config", "train"],
 }
 
@@ -99,7 +99,7 @@ LAYERS = [
     ("remat.policies", "remat._errors", "remat._compat", "remat._environment"),
     ("remat._call", "remat._jaxpr", "remat._residuals", "remat._apply", "remat._scan", "remat._flops",
      "remat._format", "remat._buffers", "remat._cache", "remat._memory", "remat._report", "remat._analysis",
-     "remat._mesh", "remat._targets",
+     "remat._mesh", "remat._targets", "remat._workload",
      "remat.testing", "remat.nnx"),
     ("remat.models", "remat.step"),
     ("remat._sweep", "remat._tune", "remat._data", "remat.train", "remat.cli", "remat"),

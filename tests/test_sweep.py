@@ -114,7 +114,7 @@ def test_default_policies_dedupe_and_respect_emitted_names():
 def test_setup_rejects_bad_sizes():
     with pytest.raises(ValueError, match=r"seq=600 must be in 1\.\.512"):
         train_step_setup("tiny", seq=600)
-    with pytest.raises(ValueError, match="batch=0 must be >= 1"):
+    with pytest.raises(ValueError, match="batch=0 must be a positive integer"):
         train_step_setup("tiny", batch=0)
 
 

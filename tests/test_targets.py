@@ -25,7 +25,6 @@ from remat import RematError, _environment
 from remat import _targets as targets
 from remat._flops import count_flops
 from remat._memory import default_compiler_options
-from remat._sweep import trace_policy
 from remat._targets import (
     TARGETS,
     get_target,
@@ -333,7 +332,7 @@ def test_inspect_on_h100_reports_the_target_and_its_limit():
 
     s = remat.train_step_setup(get_config("tiny", dtype="bf16"), batch=2, seq=32, target="h100",
                                mesh={"fsdp": 2})
-    assert s.config.attention == "cudnn"  # the kernel follows the target, not this host
+    assert s.configuration.attention == "cudnn"  # the kernel follows the target, not this host
     r = remat.inspect_policy(s, "minimal")
     h100 = TARGETS["h100"]
     assert (r.target, r.backend, r.device_kind, r.devices) == ("h100", "gpu", h100.device_kind, 2)
@@ -350,16 +349,16 @@ def test_inspect_on_h100_reports_the_target_and_its_limit():
 
 def test_attention_follows_the_target():
     import remat
-    from remat._sweep import default_attention
     from remat.models import get_config
+    from remat.step import default_attention
 
     bf16 = get_config("tiny", dtype="bf16")
-    assert default_attention(bf16, TARGETS["h100"], 128) == "cudnn"
-    assert default_attention(bf16, TARGETS["cpu"], 128) == bf16.attention == "xla"
-    assert default_attention(get_config("tiny"), TARGETS["h100"], 128) == "xla"  # f32: cuDNN takes bf16/f16
-    assert default_attention(get_config("tiny"), TARGETS["tpu-v5p"], 256) == "pallas"
-    assert default_attention(get_config("tiny"), TARGETS["tpu-v5p"], 100) == "xla"  # not a multiple of 128
-    assert remat.train_step_setup(bf16, seq=32, attention="xla").config.attention == "xla"
+    assert default_attention(bf16, "gpu", 128) == "cudnn"
+    assert default_attention(bf16, "cpu", 128) == bf16.attention == "xla"
+    assert default_attention(get_config("tiny"), "gpu", 128) == "xla"  # f32: cuDNN takes bf16/f16
+    assert default_attention(get_config("tiny"), "tpu", 256) == "pallas"
+    assert default_attention(get_config("tiny"), "tpu", 100) == "xla"  # not a multiple of 128
+    assert remat.train_step_setup(bf16, seq=32, attention="xla").configuration.attention == "xla"
 
 
 @needs_plugin
@@ -371,14 +370,13 @@ def test_offload_on_a_deviceless_gpu_lowers_the_device_peak_by_the_host_bytes():
     import remat
     from remat import policies
     from remat._analysis import compile_figures, measure
-    from remat._sweep import trace_policy
 
     cfg = remat.models.get_config("tiny", family="llama", dtype="bf16")
     s = remat.train_step_setup(cfg, batch=8, seq=256, target="h100", mesh={"fsdp": 2}, attention="xla")
     assert s.can_offload()
     offload = policies.get("qkv_proj_offloaded")
     offloaded, on_device = (s.finish(measure(t, *compile_figures(t, None)))
-                            for t in (trace_policy(s, p, str(p)) for p in (offload, offload.on_device())))
+                            for t in (s.trace(p, str(p)) for p in (offload, offload.on_device())))
     assert offloaded.peak_source == "memory_analysis"
     assert offloaded.host_temp_bytes == offloaded.host_residual_bytes > 0
     saved = on_device.peak_bytes - offloaded.peak_bytes
@@ -478,16 +476,16 @@ def test_inspect_on_tpu_with_pallas_flash_attention():
     import remat
 
     s = remat.train_step_setup("tiny", batch=4, seq=128, dtype="bf16", target="tpu-v5p", mesh={"fsdp": 2})
-    assert s.config.attention == "pallas"
+    assert s.configuration.attention == "pallas"
     r = remat.inspect_policy(s, "minimal")
     assert (r.backend, r.device_kind, r.target, r.devices) == ("tpu", "TPU v5", "tpu-v5p", 2)
     assert r.limit_bytes == TARGETS["tpu-v5p"].usable_bytes() and r.fits
     assert r.peak_source == "memory_analysis" and r.peak_bytes > r.argument_bytes
     assert "context" in r.checkpoint_names and "attn_scores" not in r.checkpoint_names
     # both backward kernels recompute the scores: more FLOPs than the einsum attention's backward pass
-    xla = remat.train_step_setup(s.config, batch=4, seq=128, target="tpu-v5p", mesh={"fsdp": 2},
+    xla = remat.train_step_setup("tiny", dtype="bf16", batch=4, seq=128, target="tpu-v5p", mesh={"fsdp": 2},
                                  attention="xla")
-    assert r.flops > count_flops(trace_policy(xla, "minimal", "minimal").traced.jaxpr)[0]
+    assert r.flops > count_flops(xla.trace("minimal", "minimal").traced.jaxpr)[0]
 
 
 def test_pallas_attention_equals_the_einsum_attention():
@@ -567,11 +565,10 @@ def test_compiles_are_cached_across_runs(monkeypatch, tmp_path):
     the same figures and peak buffers, no compile."""
     import remat
     from remat import _analysis
-    from remat._sweep import trace_policy
 
     monkeypatch.setenv("REMAT_CACHE_DIR", str(tmp_path))
     s = remat.train_step_setup("tiny", batch=2, seq=32)
-    t, t2 = (trace_policy(s, "minimal", "minimal") for _ in range(2))  # one call site: one key
+    t, t2 = (s.trace("minimal", "minimal") for _ in range(2))  # one call site: one key
     first = _analysis.compile_figures(t, None)
     assert len(list(tmp_path.glob("*.json"))) == 1
 

@@ -154,7 +154,8 @@ def test_flags_round_trip(config):
     """``pick.flags()`` parses back to the pick, and the CLI takes them."""
     assert TuneConfig.from_flags(config.flags()) == config
     args = cli.build_parser().parse_args(["inspect", "--model", "tiny", *shlex.split(config.flags())])
-    assert (args.policy, args.groups, args.loss_chunks or 1, args.microbatches) == dataclasses.astuple(config)
+    parsed = (args.policy, args.groups, args.loss_chunks or 1, args.microbatches or 1)
+    assert parsed == dataclasses.astuple(config)
 
 
 def test_batch_auto_is_the_largest_fitting_multiple():
@@ -162,7 +163,8 @@ def test_batch_auto_is_the_largest_fitting_multiple():
     answer fits with the frugal configuration and the next multiple was
     compiled and does not."""
     o = FakeOracle(400 * MiB, activations=40 * MiB)
-    best, tried = _largest_batch(o, 400 * MiB, factor=2, groups="sqrt", max_microbatches=8)
+    best, tried = _largest_batch(o, 400 * MiB, factor=2, groups="sqrt", max_microbatches=8,
+                                 chunks=True)
     assert best % 2 == 0 and o.peak(tried[[c.batch for c in tried].index(best)].config, best) <= 400 * MiB
     above = next(c for c in tried if c.batch == best + 2)
     assert not above.fits

@@ -82,10 +82,9 @@ def model_flops_per_step(n_params: int, layers: int, seq: int, d_model: int, tok
     return (6 * n_params + 12 * layers * seq * d_model) * tokens
 
 
-def measure_steps(step: Any, state: Any, batch: Any, key: Any, device: Any, *, steps: int,
-                  warmup: int = 2) -> dict[str, Any]:
-    """Run ``step(state, batch, key) -> (state, metrics)`` ``warmup`` times,
-    then ``steps`` timed times (each until its results are ready).
+def measure_steps(step: Any, args: tuple, device: Any, *, steps: int, warmup: int = 2) -> dict[str, Any]:
+    """Run ``step(state, *rest) -> (state, metrics)`` ``warmup`` times, then
+    ``steps`` timed times (each until its results are ready), the state fed back.
 
     Returns:
       ``median_s`` (seconds per step), ``loss`` (the last), and
@@ -95,9 +94,10 @@ def measure_steps(step: Any, state: Any, batch: Any, key: Any, device: Any, *, s
     import jax
 
     times = []
+    state, *rest = args
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        state, metrics = step(state, batch, key)
+        state, metrics = step(state, *rest)
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -106,33 +106,39 @@ def measure_steps(step: Any, state: Any, batch: Any, key: Any, device: Any, *, s
             "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
 
 
-def run_one(job: dict[str, Any], device: Any = None) -> dict[str, Any]:
-    """One policy on ``device`` (default: this process's first device): the
-    compiled prediction, then real steps. Returns the figures (``error``
-    when it does not fit)."""
+def concrete(x: Any) -> Any:
+    """An array of an abstract argument's shape and dtype: zeros (a PRNG key
+    for a key dtype); time and memory do not depend on the values."""
     import jax
     import jax.numpy as jnp
 
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.split(jax.random.key(0), x.shape) if x.shape else jax.random.key(0)
+    return jnp.zeros(x.shape, x.dtype)
+
+
+def run_one(job: dict[str, Any], device: Any = None) -> dict[str, Any]:
+    """One policy on ``device`` (default: this process's first device): the
+    compiled prediction, then real steps of the same workload step on
+    arguments of its abstract shapes (zeros). Returns the figures (``error``
+    when it does not fit)."""
+    import jax
+
     import remat
     from remat._scan import parse_groups
-    from remat.step import init_train_state, make_train_step
 
     s = remat.train_step_setup(job["model"], batch=job["batch"], seq=job["seq"], dtype=job["dtype"],
                                groups=parse_groups(job["groups"]) if job.get("groups") else None,
-                               loss_chunks=job.get("loss_chunks"), microbatches=job.get("microbatches", 1))
+                               loss_chunks=job.get("loss_chunks"), microbatches=job.get("microbatches"))
     # compiled on the GPU itself
     report = remat.inspect_policy(s, job["policy"]).with_rates(peak_flops_per_s=job["peak_flops"])
     out = {"predicted_peak_bytes": report.peak_bytes, "flops": report.flops,
            "host_transfer_bytes": report.host_transfer_bytes, "transfer_compute_ratio":
            report.transfer_compute_ratio if report.host_transfer_bytes else None}
     try:
-        model = s.model(job["policy"])
-        tokens = jax.random.randint(jax.random.key(1), (job["batch"], job["seq"]), 0, s.config.vocab_size,
-                                    jnp.int32)
-        init = jax.jit(lambda t, k: init_train_state(model, s.state.tx, t, k))
-        state = init(tokens, jax.random.key(0))
-        step = jax.jit(make_train_step(model, microbatches=s.microbatches), donate_argnums=0)
-        out |= measure_steps(step, state, tokens, jax.random.key(2), device or jax.devices()[0],
+        built = s.step(job["policy"])
+        step = jax.jit(built.fn, donate_argnums=built.donate_argnums)
+        out |= measure_steps(step, jax.tree.map(concrete, built.args), device or jax.devices()[0],
                              steps=job["steps"])
     except Exception as e:  # out of memory, most often: recorded, the run goes on
         out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"

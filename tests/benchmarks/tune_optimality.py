@@ -25,8 +25,9 @@ from remat._analysis import compile_traced, measure
 from remat._apply import NeverKeptError
 from remat._flops import count_flops
 from remat._jaxpr import checkpoint_names
-from remat._sweep import TrainStepSetup, _baseline, default_policies, trace_policy, train_step_setup
+from remat._sweep import default_policies, train_step_setup
 from remat._tune import tune
+from remat._workload import TrainStepSetup
 from remat.policies import get
 
 BATCH, SEQ = 4, 128
@@ -37,11 +38,11 @@ class Costs:
 
     def __init__(self, s: TrainStepSetup):
         self.s = s
-        self.base_flops = count_flops(_baseline(s).traced.jaxpr.jaxpr)[0]
+        self.base_flops = count_flops(s.baseline().traced.jaxpr.jaxpr)[0]
         self.programs: dict[str, tuple[int, int]] = {}
 
     def __call__(self, spec: str) -> tuple[int, int]:
-        t = trace_policy(self.s, spec, spec)
+        t = self.s.trace(spec, spec)
         if t.program not in self.programs:
             r = measure(t, *compile_traced(t, None))
             self.programs[t.program] = (r.peak_bytes, r.flops - self.base_flops)
@@ -54,11 +55,11 @@ def run(family: str, cache: pathlib.Path | None) -> None:
     s = train_step_setup(config, batch=BATCH, seq=SEQ)
     cost = Costs(s)
     peak_full, peak_none = cost("full")[0], cost("none")[0]
-    emitted = sorted(checkpoint_names(trace_policy(s, "none", "none").traced.jaxpr.jaxpr))
+    emitted = sorted(checkpoint_names(s.trace("none", "none").traced.jaxpr.jaxpr))
     names, dropped = [], []
     for n in emitted:
         try:
-            trace_policy(s, f"save:{n}", n)
+            s.trace(f"save:{n}", n)
             names.append(n)
         except NeverKeptError:  # the backward pass never reads it: never a residual
             dropped.append(n)

@@ -38,7 +38,7 @@ from remat import models  # noqa: E402
 from remat._analysis import compile_traced  # noqa: E402
 from remat._memory import compiled_memory, default_compiler_options  # noqa: E402
 from remat._mesh import make_mesh  # noqa: E402
-from remat._sweep import trace_policy, train_step_setup  # noqa: E402
+from remat._sweep import train_step_setup  # noqa: E402
 
 HERE = pathlib.Path(__file__).parent
 # name: (family, policy, loss chunks, target, batch)
@@ -67,7 +67,7 @@ def main(names: list[str]) -> None:
     expected.update({"jax": jax.__version__, "jaxlib": jaxlib.__version__})
     for name in names or CASES:
         family, policy, chunks, target, batch = CASES[name]
-        t = trace_policy(setup(family, chunks, target, batch), policy, policy)
+        t = setup(family, chunks, target, batch).trace(policy, policy)
         with tempfile.TemporaryDirectory() as d:
             options = {} if target == "cpu" else default_compiler_options(t.platform)
             compiled = compile_traced(t, {**options, "xla_dump_to": d})[0]
