@@ -22,8 +22,9 @@ import nbformat
 from nbclient import NotebookClient
 
 HERE = pathlib.Path(__file__).parent
-NO_DRIVER = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-                       r"|I\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine.*")
+NO_DRIVER = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
+                       r"STDERR|I\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on "
+                       r"your machine.*")
 
 
 def _machine_lines_dropped(nb: nbformat.NotebookNode) -> None:
