@@ -10,13 +10,15 @@ saveable tensor tagged with the checkpoint-name vocabulary
 - :func:`param_count`: parameters counted through ``jax.eval_shape``.
 - :mod:`remat.models.nnx`: the same model in Flax NNX, its parameters
   convertible to and from the linen model's.
+- :mod:`remat.models.vit`: a small ViT classifier in linen and NNX, the
+  example of your own model that is not a decoder.
 - :func:`from_hf_config`: your own model from its Hugging Face ``config.json``
   (llama, mistral, qwen2, qwen3, gemma, gpt2), :func:`from_maxtext_config`
   from a MaxText model YAML; :func:`get_config` and every ``--model`` also
   take the file's path.
 """
 
-from remat.models import nnx
+from remat.models import nnx, vit
 from remat.models.config import PUBLISHED_PARAMS, ModelConfig, get_config, names
 from remat.models.hf import from_hf_config, from_maxtext_config
 from remat.models.layers import Attention, Mlp, attention_implementation, rope
@@ -37,4 +39,5 @@ __all__ = [
     "nnx",
     "param_count",
     "rope",
+    "vit",
 ]

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     )
     from remat._data import CorpusError
     from remat._errors import RematError
+    from remat._flax_workload import linen_workload, nnx_workload
     from remat._memory import PeakBuffer
     from remat._mesh import set_cpu_devices
     from remat._report import Report
@@ -95,6 +96,8 @@ _EXPORTS = {
     "checkpoint": "remat._apply",
     "checkpoint_names": "remat._apply",
     "inspect_policy": "remat._sweep",
+    "linen_workload": "remat._flax_workload",
+    "nnx_workload": "remat._flax_workload",
     "plot_sweep": "remat._sweep",
     "remat": "remat._apply",
     "scan_layers": "remat._scan",
@@ -137,8 +140,10 @@ __all__ = [
     "checkpoint",
     "checkpoint_names",
     "inspect_policy",
+    "linen_workload",
     "models",
     "nnx",
+    "nnx_workload",
     "plot_sweep",
     "policies",
     "remat",

@@ -26,7 +26,8 @@ PUBLIC = {
         "ScanCarryOffloadError", "SweepResult", "TARGETS", "Target", "TrainStep", "TrainStepSetup",
         "TuneConfig", "TuneResult", "Workload",
         "UnknownPolicyError", "UnsupportedJaxModeError", "analyze", "checkpoint", "checkpoint_names",
-        "inspect_policy", "models", "nnx", "plot_sweep", "policies", "remat", "scan_layers",
+        "inspect_policy", "linen_workload", "models", "nnx", "nnx_workload", "plot_sweep", "policies",
+        "remat", "scan_layers",
         "set_cpu_devices", "step", "sweep", "target_devices", "target_mesh",
         "testing", "train", "train_step_setup", "tune", "without_remat",
     ],
@@ -37,8 +38,9 @@ PUBLIC = {
     "remat.models": [
         "PUBLISHED_PARAMS", "Attention", "Block", "Mlp", "ModelConfig", "Transformer",
         "attention_implementation", "from_hf_config", "from_maxtext_config",
-        "get_config", "names", "nnx", "param_count", "rope",
+        "get_config", "names", "nnx", "param_count", "rope", "vit",
     ],
+    "remat.models.vit": ["LAYERS", "NnxViT", "ViT", "batch_shapes", "classification_loss"],
     "remat.models.nnx": ["APIS", "Attention", "Block", "LinenApply", "Mlp", "Transformer", "check_api",
                          "linen_params", "load_linen_params", "model_for_api"],
     "remat.nnx": ["LayerAxes", "remat", "scan_layers", "stack_layers"],
@@ -101,7 +103,7 @@ LAYERS = [
      "remat._format", "remat._buffers", "remat._cache", "remat._memory", "remat._report", "remat._analysis",
      "remat._mesh", "remat._targets", "remat._workload",
      "remat.testing", "remat.nnx"),
-    ("remat.models", "remat.step"),
+    ("remat.models", "remat.step", "remat._flax_workload"),
     ("remat._sweep", "remat._tune", "remat._data", "remat.train", "remat.cli", "remat"),
 ]
 """Dependencies run one way: policies -> core (apply, scan, analysis) -> models

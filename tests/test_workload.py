@@ -1,6 +1,7 @@
-"""Your own model through the tools: a :class:`remat.Workload` (a hand-written
-ViT train step, ``vit_workload.py``) through ``inspect``, ``sweep`` and
-``tune`` from Python and the CLI, and every bad workload as one clear error."""
+"""Your own model through the tools: a :class:`remat.Workload` (a ViT,
+``vit_workload.py``: its train step written by hand, and in one call in
+linen and NNX) through ``inspect``, ``sweep`` and ``tune`` from Python and
+the CLI, and every bad workload as one clear error."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from vit_workload import LAYERS, workload
+from vit_workload import linen, nnx_vit, workload
 
 import remat
 from remat import RematError, cli
+from remat._flops import count_flops
+from remat._residuals import residual_rows
 from remat._sweep import NO_NAMES
 from remat._workload import load_workload
+from remat.models.vit import LAYERS, batch_shapes, classification_loss
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +58,11 @@ def test_a_vit_sweep_orders_its_policies(vit_sweep):
 def test_a_vit_is_tuned_with_the_levers_it_reads(vit_sweep):
     r = {x.label: x for x in vit_sweep.reports}
     budget = (r["full"].peak_bytes + r["none"].peak_bytes) // 2
-    t = remat.tune(workload, budget)
+    t = remat.tune(linen, budget)  # the step written by hand, built once: see the test below
     assert t.levers == ("save, recompute per checkpoint name", "dots rules", "segments", "nested groups")
     assert t.chosen.device_peak_bytes <= budget and t.chosen.recompute_flops < r["full"].recompute_flops
     assert all(c.config.microbatches == 1 and c.config.loss_chunks == 1 for c in t.candidates)
-    assert (t.model, t.batch, t.seq) == ("vit", 8, None)
+    assert (t.model, t.batch, t.seq) == ("vit-linen", 8, None)
     assert t.report.parameter_bytes == r["full"].parameter_bytes
 
 
@@ -79,7 +83,8 @@ def test_the_cli_takes_a_workload_as_module_attribute(capsys, tmp_path):
     ("no_such_module_here:workload",
      "cannot import 'no_such_module_here' (from 'no_such_module_here:workload'): No module named "
      "'no_such_module_here'"),
-    ("vit_workload:nope", "module 'vit_workload' has no attribute 'nope' (its workloads: workload)"),
+    ("vit_workload:nope",
+     "module 'vit_workload' has no attribute 'nope' (its workloads: linen, nnx_vit, workload)"),
     ("vit_workload:LAYERS", "vit_workload:LAYERS is a int, not a remat.Workload (or a zero-argument function "
                             "returning one)"),
     ("vit_workload", "'vit_workload' is not module:attribute (e.g. mypkg.train:workload)"),
@@ -166,3 +171,52 @@ def test_segments_need_the_layer_count():
     no_layers = remat.Workload("vit", workload.build, workload.defaults)
     with pytest.raises(RematError, match=r"states no layer count \(Workload.layers\)"):
         remat.train_step_setup(no_layers).trace(f"2x minimal; {LAYERS - 2}x full", "segments")
+
+
+# -- one call: remat.linen_workload and remat.nnx_workload ------------------------------
+def test_a_linen_workload_is_the_hand_written_step():
+    """The same residuals, FLOPs and arguments by role as the step written by hand
+    (the same optimizer), traced only."""
+    by_hand, one_call = remat.train_step_setup(workload), remat.train_step_setup(linen)
+    assert one_call.knobs == by_hand.knobs == {"batch", "groups"}
+    assert one_call.argument_split() == by_hand.argument_split()
+    for policy in ("minimal", "full"):
+        a, b = (s.trace(policy, policy).traced.jaxpr for s in (by_hand, one_call))
+        assert count_flops(a) == count_flops(b)
+        assert residual_rows(a) == residual_rows(b)
+
+
+def test_an_nnx_model_goes_through_inspect_sweep_and_tune(capsys):
+    s = remat.train_step_setup(nnx_vit)
+    assert s.knobs == {"batch", "groups"}
+    r = remat.inspect_policy(s, "save_qkv_proj")
+    assert set(r.checkpoint_names) == {"qkv_proj", "attn_scores", "attn_probs", "context", "out_proj",
+                                       "mlpwi", "mlpwo"}
+    assert {x.name for x in r.residuals if x.source == "checkpoint_name"} == {"qkv_proj"}
+    terms = dict(r.peak_terms)
+    assert r.parameter_bytes == remat.train_step_setup(linen).argument_split()["parameter_bytes"]
+    assert terms["parameters"] > 0.9 * r.parameter_bytes
+    assert terms["optimizer state"] > 0.9 * r.optimizer_bytes
+    result = remat.sweep(nnx_vit, ["none", "full"])
+    none, full = result.reports
+    assert full.peak_bytes < r.peak_bytes < none.peak_bytes and none.flops < r.flops < full.flops
+    budget = (r.peak_bytes + none.peak_bytes) // 2
+    assert cli.main(["tune", "--model", "vit_workload:nnx_vit", "--budget", f"{budget}B",
+                     "--max-compiles", "5", "--json", "-"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["report"]["peak_bytes"] <= budget and d["model"] == "vit-nnx" and d["compiles"] <= 5
+    assert d["report"]["flops"] < full.flops and d["levers"][-1] == "nested groups"
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({"images": 3}, "workload 'model': batch leaf batch['images'] is 3, not an array with a leading batch "
+                    "axis: give a jax.ShapeDtypeStruct"),
+    ({**batch_shapes(8), "labels": jax.ShapeDtypeStruct((4,), jnp.int32)},
+     "workload 'model': the batch leaves disagree on their leading (batch) dimension: batch['images']: 8, "
+     "batch['labels']: 4"),
+    ({}, "workload 'model': the batch has no arrays"),
+])
+def test_a_bad_batch_shape_is_one_clear_error(batch, message):
+    with pytest.raises(RematError) as e:
+        remat.linen_workload(lambda c: None, classification_loss, batch)
+    assert str(e.value) == message
