@@ -34,6 +34,7 @@ import numpy as np
 
 from remat import _compat
 from remat._errors import RematError
+from remat._files import replaced, write_text
 
 _compat.hide_frames(__file__)
 
@@ -263,19 +264,13 @@ def build_corpus(paths: Sequence[str | os.PathLike] | None, cache_dir: str | os.
             n_val = int(total * val_fraction)
             plans = {"train": [(only, total - n_val, 0)], "val": [(only, n_val, total - n_val)]}
         for split, plan in plans.items():
-            tmp = bins[split].with_suffix(".tmp")
-            try:
-                with open(tmp, "wb") as out:
-                    sizes[split] = sum(_copy_text(p, out, limit, skip) for p, limit, skip in plan)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            os.replace(tmp, bins[split])
+            with replaced(bins[split]) as tmp, open(tmp, "wb") as out:
+                sizes[split] = sum(_copy_text(p, out, limit, skip) for p, limit, skip in plan)
         cached = {"key": key, "val_fraction": val_fraction,
                   "train_bytes": sizes["train"], "val_bytes": sizes["val"],
                   "train_files": [str(p) for p, _, _ in plans["train"]],
                   "val_files": [str(p) for p, _, _ in plans["val"]]}
-        meta_path.write_text(json.dumps(cached, indent=1))
+        write_text(meta_path, json.dumps(cached, indent=1))
 
     for split in bins:
         if cached[f"{split}_bytes"] == 0:

@@ -32,6 +32,7 @@ from remat._analysis import Traced, compile_figures, measure
 from remat._apply import PolicyLike, check_offload
 from remat._apply import label as label_of
 from remat._errors import RematError
+from remat._files import replaced
 from remat._format import format_bytes, format_flops
 from remat._jaxpr import checkpoint_names
 from remat._memory import TERMS
@@ -523,7 +524,8 @@ def plot_sweep(result: SweepResult, path: str | None = None) -> Any:
     ax.grid(alpha=0.3)
     ax.legend()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        with replaced(path) as tmp:  # whole or not at all
+            fig.savefig(tmp, dpi=120)
     return fig
 
 

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from remat import _compat, policies
 from remat._errors import RematError
+from remat._files import write_text
 
 _compat.hide_frames(__file__)
 
@@ -122,7 +123,7 @@ def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from remat._scan import parse_groups
-    from remat.train import TrainConfig, load_config, train
+    from remat.train import EXIT_PREEMPTED, Preempted, TrainConfig, load_config, train
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
@@ -141,6 +142,8 @@ def _train(args: argparse.Namespace) -> int:
         result = train(cfg, out, resume=args.resume, console=console)
     except KeyboardInterrupt:
         return 130
+    except Preempted:
+        return EXIT_PREEMPTED
     console.print(result.summary(), highlight=False)
     return 0
 
@@ -324,8 +327,7 @@ def _emit(value: Any, json_path: str | None, width: int = 150) -> int:
         return 0
     _print_wide(value, width=width)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(value.to_dict(), f, indent=2)
+        write_text(json_path, json.dumps(value.to_dict(), indent=2))
     return 0
 
 
@@ -392,8 +394,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         result = result.with_rates(args.host_bandwidth, args.peak_flops)
         _print_wide(result.table(), width=160)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result.to_dict(), f, indent=2)
+            write_text(args.json, json.dumps(result.to_dict(), indent=2))
             console.print(f"wrote {args.json}", highlight=False)
         if args.plot:
             plot_sweep(result, args.plot)
@@ -526,6 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RematError as e:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT, not a traceback
+        Console(stderr=True).print(f"interrupted: remat {args.command} stopped", highlight=False)
+        return 130
 
 
 if __name__ == "__main__":

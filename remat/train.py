@@ -7,7 +7,12 @@ One run lives in one folder ``DIR``:
   ``--model``, which ``--resume`` uses (the original file may be gone);
 - ``data/``: the corpus as memory-mapped byte files (:func:`remat._data.build_corpus`);
 - ``checkpoints/<step>/``: orbax checkpoints (parameters, optimizer state, PRNG key,
-  data position, elapsed seconds) every ``ckpt_every`` steps, at the end, and on Ctrl-C;
+  data position, elapsed seconds, the run's config) every ``ckpt_every`` steps, at
+  the end, and on Ctrl-C or SIGTERM;
+- ``damaged/<step>-<time>/``: a checkpoint that failed to restore, moved aside
+  (never deleted) by ``--resume``, which goes on from the newest intact one;
+- ``.lock``, ``.lock.json``: the run's lock (:class:`remat._files.RunLock`): one
+  ``remat train`` writes a folder at a time;
 - ``metrics.jsonl``: one JSON object per step: ``step``, ``train_loss`` and
   ``val_loss`` (nats per byte; ``val_loss`` is ``null`` between evaluations), ``lr``,
   ``tokens_per_s`` and ``seconds`` (wall time since the run started, summed over
@@ -26,13 +31,25 @@ Resume is exact: a batch is a pure function of the data position
 (:class:`remat._data.Batches`) and the checkpoint holds everything else that evolves,
 so ``N/2`` steps + ``--resume`` + ``N/2`` steps gives the same losses and parameters
 as ``N`` steps in one go.
+
+Nothing is lost: Ctrl-C (SIGINT) and SIGTERM (what SLURM, Kubernetes and
+preemptible VMs send before they kill) finish the step, save a checkpoint and
+stop (``KeyboardInterrupt``; :class:`Preempted`, exit status 143 on the command
+line); with several processes they stop at the same step (JAX's preemption
+sync point, ``jax.experimental.multihost_utils.reached_preemption_sync_point``).
+``run.json`` and the plot are written whole (:func:`remat._files.replaced`),
+``metrics.jsonl`` one line per write, a torn last line dropped on resume; only
+process 0 writes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -62,6 +79,7 @@ from remat import _compat
 from remat._analysis import compile_and_analyze
 from remat._data import Batches, Corpus, build_corpus, eval_batches
 from remat._errors import RematError
+from remat._files import RunLock, replaced, write_text
 from remat._format import format_bytes
 from remat._mesh import (
     batch_sharding,
@@ -88,7 +106,24 @@ from remat.step import (
 
 _compat.hide_frames(__file__)
 
-__all__ = ["TrainConfig", "TrainResult", "load_config", "train"]
+__all__ = ["Preempted", "TrainConfig", "TrainResult", "load_config", "train"]
+
+
+class Preempted(Exception):  # a stop, not an error: as KeyboardInterrupt
+    """:func:`train` stopped on SIGTERM (a scheduler's preemption notice) after
+    saving the checkpoint of the last finished step; ``--resume`` goes on from it.
+
+    Attributes:
+      step: the step saved.
+    """
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted (SIGTERM): checkpoint saved at step {step}")
+        self.step = step
+
+
+EXIT_PREEMPTED = 128 + signal.SIGTERM
+"""The exit status of ``remat train`` stopped by SIGTERM (143), so a scheduler sees a preempted job."""
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(OptimizerConfig):
@@ -227,7 +262,7 @@ def _model_source(cfg: TrainConfig, out: Path, resume: bool) -> str:
     stored = out / MODEL_CONFIG
     if not (resume and stored.exists()):
         from_hf_config(cfg.model)  # a missing or unsupported file fails here, naming it
-        stored.write_text(json.dumps(json.loads(Path(cfg.model).read_text()), indent=1))
+        write_text(stored, json.dumps(json.loads(Path(cfg.model).read_text()), indent=1))
     return str(stored)
 
 
@@ -252,9 +287,25 @@ def build_model(cfg: TrainConfig, source: str | None = None) -> tuple[nn.Module,
     return model_for_api(mcfg, policy=cfg.policy, groups=cfg.groups, api=cfg.api), deterministic
 
 
+def read_metrics(metrics_path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of a ``metrics.jsonl`` and whether its last line was torn
+    (cut by a crash mid-write: not JSON, dropped)."""
+    lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+    rows, torn = [], False
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i != len(lines) - 1:
+                raise RematError(f"{metrics_path}: line {i + 1} is not JSON ({line[:60]!r})") from None
+            torn = True
+    return rows, torn
+
+
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
-    """Plot ``train_loss`` and ``val_loss`` (nats/byte) against step from a metrics file."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    """Plot ``train_loss`` and ``val_loss`` (nats/byte) against step from a
+    metrics file; the PNG is written whole (:func:`remat._files.replaced`)."""
+    rows, _ = read_metrics(metrics_path)
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
     train = [(r["step"], r["train_loss"]) for r in rows if r["train_loss"] is not None]
@@ -269,7 +320,8 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     ax.set_title(f"remat train: {metrics_path.parent.name}")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.savefig(png_path, dpi=110)
+    with replaced(png_path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def load_config(out: str | Path, given: dict[str, Any]) -> TrainConfig:
@@ -300,26 +352,40 @@ def _progress(console: Console, enabled: bool) -> Progress:
 
 
 class _Interrupt:
-    """SIGINT turns into a flag checked between steps (so a step and its state are never torn);
-    a second Ctrl-C raises at once."""
+    """SIGINT and SIGTERM turn into a flag checked between steps (so a step and its state
+    are never torn; ``signum`` says which came); a second one raises at once. With several
+    processes, SIGTERM is left to JAX's preemption notifier (:meth:`stop`)."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
+
+    def stop(self, step: int, mngr: ocp.CheckpointManager) -> bool:
+        """Whether to stop after ``step``: a signal here, or (several processes) the
+        preemption sync point, which every process reaches at the same step (orbax's
+        ``CheckpointManager.reached_preemption``)."""
+        if jax.process_count() > 1 and mngr.reached_preemption(step):
+            self.signum = signal.SIGTERM
+        return self.requested
 
     def __enter__(self) -> _Interrupt:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            signums = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGINT, signal.SIGTERM)
+            self._previous = {n: signal.signal(n, self._handler) for n in signums}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for n, previous in self._previous.items():
+            signal.signal(n, previous)
 
 
 CHECKPOINTS_KEPT = 2
@@ -366,16 +432,32 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model: nn.
 
     Raises:
       RematError: ``out`` already holds checkpoints and ``resume`` is False, ``resume``
-        with no checkpoint in ``out``, a changed corpus on resume, or a non-finite loss
-        (names the step).
+        with no checkpoint in ``out`` (or none intact), checkpoints of another model, a
+        changed corpus on resume, a non-finite loss (names the step), or another process
+        holding ``out`` (names its host and pid).
       remat.CorpusError: bad data paths, empty corpus, binary file.
       KeyboardInterrupt: after Ctrl-C, once the checkpoint of the last finished step is saved.
+      Preempted: after SIGTERM, likewise.
     """
     console = console or Console()
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    writer = jax.process_index() == 0  # the processes of one run share the folder: process 0 writes
+    with contextlib.ExitStack() as stack:
+        if writer:
+            stack.enter_context(RunLock(out, say=lambda line: console.print(line, highlight=False)))
+        result = _train(cfg, out, resume, model, deterministic, console, progress, compiler_options, writer)
+    return result
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, model: nn.Module | None, deterministic: bool,
+           console: Console, progress: bool, compiler_options: dict[str, Any] | None,
+           writer: bool) -> TrainResult:
+    """:func:`train` with the folder locked."""
     mngr = ocp.CheckpointManager(out / "checkpoints",
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=CHECKPOINTS_KEPT))
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=CHECKPOINTS_KEPT),
+                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                "meta": ocp.JsonCheckpointHandler()})
     try:
         # Ctrl-C becomes a flag from here on, also while XLA compiles (a KeyboardInterrupt
         # raised inside a compile can crash the process).
@@ -390,17 +472,21 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model: nn.
             val = list(eval_batches(corpus.val, batch=cfg.batch, seq=cfg.seq, max_windows=cfg.eval_windows))
             place = _Placement.of(cfg, model, jnp.asarray(batches.batch_at(0)))
             val = [place.batch(b) for b in val]
-            state, pos = (_restore(cfg, model, mngr, latest, corpus, place, out, console) if resume
-                          else _initialise(cfg, model, place, out, compiler_options))
-            (out / "run.json").write_text(json.dumps(cfg.to_json(), indent=1))
+            if resume:
+                state, pos, latest = _restore(cfg, model, mngr, corpus, place, out, console, writer)
+            else:
+                state, pos = _initialise(cfg, model, place, out, compiler_options, writer)
+            if writer:
+                write_text(out / "run.json", json.dumps(cfg.to_json(), indent=1))
             step_fn, report, evaluate = _compile(cfg, model, deterministic, state, place, pos.rng, val,
                                                  compiler_options, console)
             state, val_loss = _loop(cfg, state, pos, step_fn, evaluate, batches, corpus, mngr, latest, out,
-                                    console, progress, interrupt, place)
+                                    console, progress, interrupt, place, writer)
     finally:
         mngr.wait_until_finished()
         mngr.close()
-    plot_metrics(out / "metrics.jsonl", out / "loss.png")
+    if writer:
+        plot_metrics(out / "metrics.jsonl", out / "loss.png")
     return TrainResult(state=state, train_loss=pos.train_loss, val_loss=val_loss,
                        tokens_per_s=pos.tokens_per_s, seconds=pos.seconds(), report=report, out=out)
 
@@ -471,39 +557,98 @@ class _Placement:
 
 
 def _initialise(cfg: TrainConfig, model: nn.Module, place: _Placement, out: Path,
-                compiler_options: dict[str, Any] | None) -> tuple[TrainState, _Position]:
+                compiler_options: dict[str, Any] | None, writer: bool) -> tuple[TrainState, _Position]:
     """A new run: initial parameters and optimizer state, an empty metrics file."""
     init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
     with place.context():
         init = place.jit(place.init, place.shardings).lower(place.example, init_key).compile(compiler_options)
-    (out / "metrics.jsonl").write_text("")
+    if writer:
+        write_text(out / "metrics.jsonl", "")
     return init(place.example, init_key), _Position(place.replicated(rng), 0, 0.0, float("nan"))
 
 
-def _restore(cfg: TrainConfig, model: nn.Module, mngr: ocp.CheckpointManager, latest: int,
-             corpus: Corpus, place: _Placement, out: Path, console: Console) -> tuple[TrainState, _Position]:
-    """The state of checkpoint ``latest`` (onto this run's mesh, whatever the
-    mesh it was saved on); metrics after it are dropped (they are redone)."""
+def _restore(cfg: TrainConfig, model: nn.Module, mngr: ocp.CheckpointManager, corpus: Corpus,
+             place: _Placement, out: Path, console: Console,
+             writer: bool) -> tuple[TrainState, _Position, int]:
+    """The state of the newest intact checkpoint (onto this run's mesh, whatever the
+    mesh it was saved on) and its step; metrics after it are dropped (they are redone).
+    A checkpoint that fails to restore is moved aside (:func:`_move_aside`); one of
+    another model stops the resume (:func:`_check_model`)."""
     _, rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
     abstract = place.abstract
     tx = abstract.tx  # the optimizer of the placement's shardings (TrainState metadata must match)
     target = {"params": abstract.params, "opt_state": abstract.opt_state, "step": abstract.step, "rng": rng}
-    restored = mngr.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    tree, meta = restored["state"], restored["meta"]
+    newest, damaged = mngr.latest_step(), []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            stored = mngr.item_metadata(step)["state"]["params"]
+            _check_model(cfg, meta, stored, target["params"], step, out)
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            tree = mngr.restore(step, args=args)["state"]
+        except RematError:
+            raise
+        except Exception as e:  # tensorstore, JSON and orbax errors alike: the files are bad
+            damaged.append(step)
+            if writer:
+                _move_aside(mngr, out, step, e, console)
+            continue
+        break
+    else:
+        raise RematError(f"nothing to resume in {str(out)!r}: no intact checkpoint (damaged: steps "
+                         f"{', '.join(map(str, damaged))}, moved to {out / 'damaged'}); start without "
+                         "--resume")
+    if damaged:
+        console.print(f"resuming from step {step}, the newest intact checkpoint: steps {step + 1}..{newest} "
+                      "will be redone", highlight=False)
     if meta["corpus_key"] != corpus.key:
-        raise RematError(f"--resume: the corpus changed since step {latest} was saved (files added, "
+        raise RematError(f"--resume: the corpus changed since step {step} was saved (files added, "
                          f"removed or edited); its batches would differ. Corpus now: {corpus.summary()}")
     state = TrainState(step=tree["step"], apply_fn=model.apply, params=tree["params"], tx=tx,
                        opt_state=tree["opt_state"])
     metrics_path = out / "metrics.jsonl"
-    text = metrics_path.read_text() if metrics_path.exists() else ""
-    rows = [json.loads(r) for r in text.splitlines() if r]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= latest))
-    train_loss = next((r["train_loss"] for r in reversed(rows) if r["step"] == latest), None)
-    console.print(f"resumed {out} at step {latest} (data position {meta['data_position']})", highlight=False)
+    rows, torn = read_metrics(metrics_path)
+    if torn:
+        console.print(f"{metrics_path}: dropped a torn last line (a crash mid-write)", highlight=False)
+    if writer:
+        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+    train_loss = next((r["train_loss"] for r in reversed(rows) if r["step"] == step), None)
+    console.print(f"resumed {out} at step {step} (data position {meta['data_position']})", highlight=False)
     return state, _Position(place.replicated(tree["rng"]), meta["data_position"], meta["seconds"],
-                            float("nan") if train_loss is None else train_loss)
+                            float("nan") if train_loss is None else train_loss), step
+
+
+def _check_model(cfg: TrainConfig, meta: dict[str, Any], stored: Any, target: Any, step: int,
+                 out: Path) -> None:
+    """Raise :class:`RematError` if checkpoint ``step`` holds another model than
+    ``cfg``'s: by the model its config names, else by the parameter shapes that
+    differ (``stored``: the checkpoint's parameter metadata; ``target``: the model's)."""
+    saved = meta.get("config", {}).get("model")
+    if saved is not None and saved != cfg.model:
+        raise RematError(f"the checkpoints in {str(out / 'checkpoints')!r} are of model {saved!r} (step "
+                         f"{step}), but this run's model is {cfg.model!r}: resume with the run's own folder")
+    shapes = lambda tree: {jax.tree_util.keystr(k): tuple(v.shape)
+                           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    want, have = shapes(target), shapes(stored)
+    differ = [f"{k}: {have.get(k, 'missing')} saved, {want.get(k, 'absent')} in the model"
+              for k in sorted(want.keys() | have.keys()) if have.get(k) != want.get(k)]
+    if differ:
+        raise RematError(f"checkpoint step {step} in {str(out / 'checkpoints')!r} is of another model than "
+                         f"{cfg.model!r}: {len(differ)} arrays differ, e.g. " + "; ".join(differ[:3]))
+
+
+def _move_aside(mngr: ocp.CheckpointManager, out: Path, step: int, error: Exception,
+                console: Console) -> None:
+    """Move the damaged checkpoint ``step`` to ``out/damaged/<step>-<time>`` (never
+    deleted: it may be repaired; the step number is then free for the next save)."""
+    source = out / "checkpoints" / str(step)
+    dest = out / "damaged" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.parent.mkdir(exist_ok=True)
+    os.replace(source, dest)
+    mngr.reload()
+    reason = (str(error).strip().splitlines() or [""])[0][:200]
+    console.print(f"checkpoint {source} (step {step}) is damaged ({type(error).__name__}: {reason}); "
+                  f"moved to {dest}", highlight=False)
 
 
 def _compile(cfg: TrainConfig, model: nn.Module, deterministic: bool, state: TrainState, place: _Placement,
@@ -555,21 +700,23 @@ def _save(mngr: ocp.CheckpointManager, cfg: TrainConfig, state: TrainState, pos:
 
 def _loop(cfg: TrainConfig, state: TrainState, pos: _Position, step_fn: Any, evaluate: Any, batches: Batches,
           corpus: Corpus, mngr: ocp.CheckpointManager, latest: int | None, out: Path, console: Console,
-          progress: bool, interrupt: _Interrupt, place: _Placement) -> tuple[TrainState, float]:
+          progress: bool, interrupt: _Interrupt, place: _Placement, writer: bool) -> tuple[TrainState, float]:
     """Run the steps left, logging, evaluating and checkpointing; returns the final
-    state and the last validation loss. Ctrl-C saves and raises ``KeyboardInterrupt``."""
+    state and the last validation loss. Ctrl-C saves and raises ``KeyboardInterrupt``,
+    SIGTERM saves and raises :class:`Preempted`."""
     step, step_time, val_loss = int(state.step), 0.0, float("nan")
     pos.start = time.perf_counter()
-    with _progress(console, progress) as bar, open(out / "metrics.jsonl", "a") as log:
+    log = open(out / "metrics.jsonl", "a") if writer else None  # closed below
+    with _progress(console, progress) as bar, contextlib.closing(log or io.StringIO()) as log:
         def record(**row: Any) -> None:
-            log.write(json.dumps(row | {"seconds": pos.seconds()}) + "\n")
+            log.write(json.dumps(row | {"seconds": pos.seconds()}) + "\n")  # one write per line
             log.flush()
 
         if latest is None:
             val_loss = evaluate(state.params)
             record(step=0, train_loss=None, val_loss=val_loss, lr=0.0, tokens_per_s=None)
         task = bar.add_task("train", total=cfg.steps, completed=step, loss="-", tps="-")
-        while step < cfg.steps and not interrupt.requested:
+        while step < cfg.steps and not interrupt.stop(step, mngr):
             t0 = time.perf_counter()
             state, pos.rng, m = step_fn(state, place.batch(batches.batch_at(pos.data_position)), pos.rng)
             pos.train_loss, lr = float(m["loss"]), float(m["lr"])
@@ -592,9 +739,10 @@ def _loop(cfg: TrainConfig, state: TrainState, pos: _Position, step_fn: Any, eva
     if interrupt.requested:
         _save(mngr, cfg, state, pos, corpus)
         mngr.wait_until_finished()
-        console.print(f"interrupted: checkpoint saved at step {step}; continue with "
-                      f"remat train --out {out} --resume", highlight=False)
-        raise KeyboardInterrupt
+        preempted = interrupt.signum == signal.SIGTERM
+        console.print(f"{'preempted (SIGTERM)' if preempted else 'interrupted'}: checkpoint saved at step "
+                      f"{step}; continue with remat train --out {out} --resume", highlight=False)
+        raise Preempted(step) if preempted else KeyboardInterrupt
     if math.isnan(val_loss):  # resumed a finished run: nothing trained, evaluate once
         val_loss = evaluate(state.params)
     return state, val_loss

@@ -50,7 +50,7 @@ PUBLIC = {
     ],
     "remat.step": ["OptimizerConfig", "StepFn", "default_attention", "init_train_state", "lm_loss",
                    "lm_workload", "make_lr_schedule", "make_optimizer", "make_train_step"],
-    "remat.train": ["TrainConfig", "TrainResult", "load_config", "train"],
+    "remat.train": ["Preempted", "TrainConfig", "TrainResult", "load_config", "train"],
 }
 
 
@@ -101,7 +101,7 @@ LAYERS = [
     ("remat.policies", "remat._errors", "remat._compat", "remat._environment"),
     ("remat._call", "remat._jaxpr", "remat._residuals", "remat._apply", "remat._scan", "remat._flops",
      "remat._format", "remat._buffers", "remat._cache", "remat._memory", "remat._report", "remat._analysis",
-     "remat._mesh", "remat._targets", "remat._workload",
+     "remat._mesh", "remat._targets", "remat._workload", "remat._files",
      "remat.testing", "remat.nnx"),
     ("remat.models", "remat.step", "remat._flax_workload"),
     ("remat._sweep", "remat._tune", "remat._data", "remat.train", "remat.cli", "remat"),
