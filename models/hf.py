@@ -22,21 +22,38 @@ configuration class in Hugging Face ``transformers`` (``LlamaConfig``,
 modelled (mixture of experts, low-rank attention) are errors naming them;
 keys that change numerics but no shape or memory figure (RoPE scaling,
 sliding windows, dropout in inference configs) are accepted and listed in
-:data:`IGNORED`.
+:data:`IGNORED`. A key that is not one of the configuration class's (or
+MaxText's ``base.yml``'s: :func:`known_keys`) and closely matches one that
+is, is an error naming both (a typo would take a default silently); a key
+read of the wrong type is an error naming the type expected; the defaults a
+file leaves to apply are said (:func:`defaults_note`).
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import importlib.resources
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from remat._errors import RematError
 from remat.models.config import ModelConfig
 
-__all__ = ["HF_FALLBACKS", "IGNORED", "MAXTEXT_BLOCKS", "MAXTEXT_FALLBACKS", "SUPPORTED", "from_hf_config",
-           "from_maxtext_config", "ignored_keys", "maxtext_run_defaults"]
+__all__ = [
+    "HF_FALLBACKS",
+    "IGNORED",
+    "MAXTEXT_BLOCKS",
+    "MAXTEXT_FALLBACKS",
+    "SUPPORTED",
+    "defaults_note",
+    "from_hf_config",
+    "from_maxtext_config",
+    "ignored_keys",
+    "maxtext_run_defaults",
+]
 
 _LLAMA = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
           "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
@@ -67,6 +84,30 @@ SUPPORTED: tuple[str, ...] = tuple(HF_FALLBACKS)
 IGNORED: tuple[str, ...] = ("rope_scaling", "sliding_window", "use_sliding_window", "max_window_layers",
                             "attention_dropout", "pretraining_tp", "layer_types")
 """Keys that change numerics but no shape, parameter or memory figure: accepted, not modelled."""
+
+def defaults_note(path: str | os.PathLike) -> str | None:
+    """The keys a ``config.json`` or MaxText YAML leaves out (or sets to
+    null) that are read, with the defaults that apply to them, as one line;
+    None when it sets every one. So "no ``hidden_size``, so 4096" is seen."""
+    path = os.fspath(path)
+    if path.endswith(".json"):
+        with open(path) as f:
+            raw = json.load(f)
+        kind = raw.get("model_type")
+        given, fallbacks = raw, HF_FALLBACKS.get(kind, {})
+        source = f"transformers' {_HF_CLASSES.get(kind, kind)} defaults"
+    else:
+        given, fallbacks, source = _maxtext_yaml(path), MAXTEXT_FALLBACKS, "MaxText's base.yml defaults"
+    left = {k: v for k, v in fallbacks.items() if given.get(k) is None and v is not None}
+    if not left:
+        return None
+    return (f"{path} leaves out {len(left)} of the keys read; {source} apply: "
+            + ", ".join(f"{k}={v!r}" for k, v in left.items()))
+
+
+_HF_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+               "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "gpt2": "GPT2Config"}
+
 
 def ignored_keys(path: str | os.PathLike) -> list[str]:
     """The keys of :data:`IGNORED` that a ``config.json`` sets (not null, not false)."""
@@ -107,6 +148,9 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
         except (OSError, json.JSONDecodeError) as e:
             raise RematError(f"cannot read the Hugging Face config {os.fspath(source)!r}: {e}") from e
         where = os.fspath(source)
+    if not isinstance(raw, Mapping):
+        raise RematError(f"{where} is a JSON {type(raw).__name__}, not an object of keys and values: "
+                         "a Hugging Face config.json is one object")
     kind = raw.get("model_type")
     if kind not in HF_FALLBACKS:
         raise RematError(f"model_type={kind!r} in {where} is not supported; supported: "
@@ -116,7 +160,11 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
         verb = "changes shapes and is" if len(unmodelled) == 1 else "change shapes and are"
         raise RematError(f"{where} sets {', '.join(unmodelled)}, which {verb} not modelled "
                          f"(supported: dense decoders of model_type {', '.join(SUPPORTED)})")
+    hf = known_keys()["hf"]
+    _check_typos(raw, {*hf["PretrainedConfig"], *hf[kind], *IGNORED}, where,
+                 f"transformers' {_HF_CLASSES[kind]}")
     c = {**HF_FALLBACKS[kind], **{k: v for k, v in raw.items() if v is not None or k == "n_inner"}}
+    _check_types(c, HF_FALLBACKS[kind], where)
     if kind == "gpt2":
         act_key = "activation_function"
     else:
@@ -150,13 +198,76 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
     return ModelConfig(**{**fields, "dropout_rate": 0.0, "dtype": "bf16", "name": kind, **overrides})
 
 
+@functools.cache
+def known_keys() -> dict[str, Any]:
+    """Every key a config may hold, shipped with remat (``config_keys.json``):
+    ``["hf"]``: per ``model_type``, the parameters of its ``transformers``
+    configuration class, and ``"PretrainedConfig"``'s; ``["maxtext"]["keys"]``:
+    the top-level keys of MaxText's ``base.yml``; each with its ``source`` and
+    the date it was ``read``."""
+    return json.loads(importlib.resources.files("remat.models").joinpath("config_keys.json").read_text())
+
+
+TYPO_CUTOFF = 0.85
+"""How close (``difflib`` ratio) an unknown key must be to a known one to be a typo of it."""
+
+
+def _check_typos(keys: Iterable[str], known: set[str], where: str, what: str) -> None:
+    """Raise :class:`RematError` for every key not in ``known`` that closely
+    matches one that is (:data:`TYPO_CUTOFF`), naming both; other unknown
+    keys pass (configs carry keys of their own)."""
+    typos = [(k, m[0]) for k in keys if k not in known
+             for m in [difflib.get_close_matches(k, known, n=1, cutoff=TYPO_CUTOFF)] if m]
+    if typos:
+        raise RematError(f"{where}: " + "; ".join(f"{k!r} is not a key of {what}: did you mean {m!r}?"
+                                                  for k, m in typos)
+                         + " (a misspelt key would take the default without a word)")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_types(config: Mapping[str, Any], fallbacks: Mapping[str, Any], where: str,
+                 yaml_numbers: bool = False) -> None:
+    """Each key read holds its default's type (an int where the default is an
+    int, a number for a float, ...; an int or null where the default is null).
+    ``yaml_numbers``: a float may be written as text (YAML 1.1, which PyYAML
+    reads, takes ``1e-5`` without a dot for a string).
+
+    Raises:
+      RematError: naming the key, the value and the type expected.
+    """
+    for key, default in fallbacks.items():
+        v = config.get(key)
+        if default is None:
+            ok, want = v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or null"
+        elif isinstance(default, bool):
+            ok, want = isinstance(v, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
+        elif isinstance(default, float):
+            ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+            if yaml_numbers and isinstance(v, str):
+                ok = _is_number(v)
+        else:
+            ok, want = isinstance(v, type(default)), f"a {type(default).__name__}"
+        if not ok:
+            raise RematError(f"{key}={v!r} in {where}: expected {want}")
+
+
 MAXTEXT_FALLBACKS: dict[str, Any] = {
     "base_emb_dim": 2048, "base_num_query_heads": 16, "base_num_kv_heads": 16, "base_mlp_dim": 7168,
     "base_num_decoder_layers": 16, "head_dim": 128, "mlp_activations": ["silu", "linear"],
     "vocab_size": 32000,
     "decoder_block": "llama2", "normalization_layer_epsilon": 1e-5, "logits_via_embedding": False,
-    "max_target_length": 2048, "rope_max_timescale": 10000, "use_qk_norm": False}
-"""MaxText's defaults (``MaxText/configs/base.yml``) for the keys read."""
+    "max_target_length": 2048, "rope_max_timescale": 10000.0, "use_qk_norm": False}
+"""MaxText's defaults (``MaxText/configs/base.yml``) for the keys read
+(``rope_max_timescale`` as a float: published model YAMLs write it either way)."""
 
 MAXTEXT_BLOCKS: dict[str, str] = {"llama2": "llama", "mistral": "mistral", "gemma": "gemma", "qwen3": "qwen3"}
 """MaxText ``decoder_block`` values read, and the family each becomes."""
@@ -172,6 +283,9 @@ def _maxtext_yaml(path: str | os.PathLike) -> dict[str, Any]:
             raw = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as e:
         raise RematError(f"cannot read the MaxText config {os.fspath(path)!r}: {e}") from e
+    if not isinstance(raw, dict):
+        raise RematError(f"{os.fspath(path)} is a YAML {type(raw).__name__}, not a mapping of keys and "
+                         "values")
     if "base_emb_dim" not in raw and raw.get("model_name"):
         model = os.path.join(os.path.dirname(os.fspath(path)), "models", f"{raw['model_name']}.yml")
         raw = {**_maxtext_yaml(model), **raw}
@@ -194,7 +308,10 @@ def from_maxtext_config(path: str | os.PathLike, **overrides: Any) -> ModelConfi
         a file that cannot be read.
     """
     where = os.fspath(path)
-    c = {**MAXTEXT_FALLBACKS, **_maxtext_yaml(path)}
+    raw = _maxtext_yaml(path)
+    _check_typos(raw, set(known_keys()["maxtext"]["keys"]), where, "MaxText's base.yml")
+    c = {**MAXTEXT_FALLBACKS, **raw}
+    _check_types(c, MAXTEXT_FALLBACKS, where, yaml_numbers=True)
     block = c["decoder_block"]
     if block not in MAXTEXT_BLOCKS or c.get("num_experts", 1) > 1:
         raise RematError(f"decoder_block={block!r} (num_experts={c.get('num_experts', 1)}) in {where} is not "

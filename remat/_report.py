@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from rich.console import Group
     from rich.table import Table
 
-__all__ = ["HOST_LINK_BYTES_PER_S", "PEAK_FLOPS_PER_S", "Report"]
+__all__ = ["HOST_LINK_BYTES_PER_S", "PEAK_FLOPS_PER_S", "Report", "render_text"]
 
 HOST_LINK_BYTES_PER_S = 64e9
 """Default host-link bandwidth, bytes per second each way: PCIe Gen5 x16, as
@@ -357,6 +357,10 @@ class Report:
                       "/".join(b.op_name.split("/")[-2:]), b.source)
         return t
 
+    def __str__(self) -> str:
+        """The text rich renders (:func:`render_text`): ``print(report)`` reads as the CLI prints it."""
+        return render_text(self)
+
     def __rich__(self) -> Group:
         from rich.console import Group
 
@@ -365,3 +369,16 @@ class Report:
             parts += [self.peak_table(), self.buffer_table()]
         parts += [f"[yellow]note:[/] {n}" for n in self.notes]
         return Group(*parts)
+
+
+def render_text(renderable: Any, width: int = 120) -> str:
+    """What rich prints for ``renderable`` (tables, groups), as plain text
+    ``width`` columns wide: the ``__str__`` of :class:`Report`,
+    :class:`remat.SweepResult` and :class:`remat.TuneResult`."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    console.print(renderable)
+    return console.file.getvalue()  # type: ignore[attr-defined]

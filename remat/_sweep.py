@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from rich.console import Console
 from rich.table import Table
 
 from remat import _compat, models
@@ -33,14 +34,15 @@ from remat._apply import PolicyLike, check_offload
 from remat._apply import label as label_of
 from remat._errors import RematError
 from remat._files import replaced
-from remat._format import format_bytes, format_flops
+from remat._format import byte_unit, flop_unit, format_bytes, format_flops
 from remat._jaxpr import checkpoint_names
 from remat._memory import TERMS
 from remat._mesh import Rules
-from remat._report import HOST_LINK_BYTES_PER_S, PEAK_FLOPS_PER_S, Report
+from remat._report import HOST_LINK_BYTES_PER_S, PEAK_FLOPS_PER_S, Report, render_text
 from remat._scan import policy_names, segment_policies
 from remat._targets import Target, get_target, prepare_environment
 from remat._workload import TrainStepSetup, Workload, bind
+from remat.models.hf import defaults_note
 from remat.policies import Policy
 from remat.step import lm_workload
 
@@ -92,9 +94,12 @@ def as_workload(model: ModelLike, *, seq: int | None = None, dtype: str | None =
         raise RematError(f"model={model!r}: give a preset name, a ModelConfig or a remat.Workload")
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype)
-    return lm_workload(config, seq=min(DEFAULT_SEQ, config.max_seq_len) if seq is None else seq,
-                       name=model if isinstance(model, str) else "custom config", optimizer=optimizer,
-                       api=api or "linen", rules=rules, platform=get_target(target).platform)
+    workload = lm_workload(config, seq=min(DEFAULT_SEQ, config.max_seq_len) if seq is None else seq,
+                           name=model if isinstance(model, str) else "custom config", optimizer=optimizer,
+                           api=api or "linen", rules=rules, platform=get_target(target).platform)
+    is_file = isinstance(model, str) and model.endswith((".json", ".yml", ".yaml"))
+    note = defaults_note(model) if is_file else None
+    return dataclasses.replace(workload, notes=(note,)) if note else workload
 
 
 def train_step_setup(model: ModelLike, *, batch: int | None = None, seq: int | None = None,
@@ -262,6 +267,11 @@ def pareto_frontier(reports: Sequence[Report], rtol: float = 1e-3) -> tuple[int,
     return tuple(sorted(idx, key=lambda i: (reports[i].peak_bytes, reports[i].flops)))
 
 
+DROPPED_FIRST = ("transfer/compute", "on host", "temp", "headroom", "residuals", "FLOPs")
+"""The columns :meth:`SweepResult.table` leaves out, in this order, to fit a width
+(the policy, its peak and recompute always stay)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepResult:
     """A model's train step under several policies.
@@ -317,53 +327,84 @@ class SweepResult:
         reports = tuple(r.with_rates(host_link_bytes_per_s, peak_flops_per_s) for r in self.reports)
         return dataclasses.replace(self, reports=reports)
 
-    def table(self, timings: bool = True) -> Table:
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        """rich prints the table fitted to the console's width (:meth:`table`)."""
+        yield self.table(width=options.max_width)
+
+    def __str__(self) -> str:
+        """The text rich renders: ``print(result)`` reads as ``remat sweep`` prints it."""
+        return render_text(self)
+
+    def table(self, timings: bool = True, width: int | None = None) -> Table:
         """A rich table sorted by peak bytes, one row per cost (policies that
         cost the same joined by ``=``); frontier rows marked ``*``.
         ``timings=False`` leaves the wall time out of the title (output that
-        is the same on every machine, as the committed notebooks need)."""
+        is the same on every machine, as the committed notebooks need).
+        ``width``: the columns to fit; columns are left out in the order of
+        :data:`DROPPED_FIRST` until the table fits (the caption says which),
+        and a policy name too long for its column folds, never cut."""
         n = len(self.reports)
         mesh = self.reports[0].mesh if self.reports else ()
         r0 = self.reports[0] if self.reports else None
         link, peak = ((r0.host_link_bytes_per_s, r0.peak_flops_per_s) if r0
                       else (HOST_LINK_BYTES_PER_S, PEAK_FLOPS_PER_S))
         on = (" on mesh " + ",".join(f"{a}={k}" for a, k in mesh if k > 1)) if mesh else ""
-        t = Table(title=f"remat sweep: {self.model}{shape_text(self.batch, self.seq)}{on} "
-                        f"({n} policies{f', {self.wall_seconds:.1f} s' if timings else ''})",
-                  caption="* = Pareto frontier (no other policy is as good on peak memory and FLOPs "
-                          "and better on one, by more than 0.1%); ! = the compiled memory does not show the "
-                          "residual saving (see the report's notes); recompute against no jax.checkpoint; "
-                          "memory per device, compile-only; transfer/compute = host traffic time over "
-                          f"compute time at {link / 1e9:.3g} GB/s and {peak / 1e12:.4g} TFLOP/s (above 1: "
-                          "the offload cannot hide)")
+        title = (f"remat sweep: {self.model}{shape_text(self.batch, self.seq)}{on} "
+                 f"({n} policies{f', {self.wall_seconds:.1f} s' if timings else ''})")
+        caption = ("* = Pareto frontier (no other policy is as good on peak memory and FLOPs "
+                   "and better on one, by more than 0.1%); ! = the compiled memory does not show the "
+                   "residual saving (see the report's notes); recompute against no jax.checkpoint; "
+                   "memory per device, compile-only; transfer/compute = host traffic time over "
+                   f"compute time at {link / 1e9:.3g} GB/s and {peak / 1e12:.4g} TFLOP/s (above 1: "
+                   "the offload cannot hide)")
         limit = r0.limit_bytes if r0 else None
         if limit is not None:
-            t.title += f"\ntarget {r0.target} ({r0.device_kind}): {format_bytes(limit)} usable per device"
-            t.caption += "; x = does not fit the usable memory"
+            title += f"\ntarget {r0.target} ({r0.device_kind}): {format_bytes(limit)} usable per device"
+            caption += "; x = does not fit the usable memory"
         if any(r.peak_source == "out-of-memory error" for r in self.reports):
-            t.caption += ("; >= = the compiler refused the step for lack of memory: the need its message "
-                          "states")
+            caption += ("; >= = the compiler refused the step for lack of memory: the need its message "
+                        "states")
         for note in self.notes:
-            t.caption += f"; {note}"
-        for col, just in (("", "center"), ("policy", "left"), ("peak", "right"),
-                          *((("headroom", "right"),) if limit is not None else ()), ("temp", "right"),
-                          ("residuals", "right"), ("on host", "right"), ("transfer/compute", "right"),
-                          ("FLOPs", "right"), ("recompute", "right")):
-            t.add_column(col, justify=just)
-        front = set(self.frontier)
+            caption += f"; {note}"
+        columns = [c for c in ("", "policy", "peak", "headroom", "temp", "residuals", "on host",
+                               "transfer/compute", "FLOPs", "recompute")
+                   if c != "headroom" or limit is not None]
+        front, rows = set(self.frontier), []
         for group in self.groups():
             r, on_front = self.reports[group[0]], bool(front & set(group))
-            mark = ("*" if on_front else "") + ("!" if r.saving_unconfirmed else "") + (
-                "x" if r.fits is False else "")
-            headroom = () if limit is None else (format_bytes(r.headroom_bytes),)
             refused = ">= " if r.peak_source == "out-of-memory error" else ""
-            t.add_row(mark, self.group_label(group), refused + format_bytes(r.peak_bytes), *headroom,
-                      format_bytes(r.temp_bytes), format_bytes(r.residual_bytes),
-                      format_bytes(r.host_residual_bytes) if r.host_residual_bytes else "-",
-                      f"{r.transfer_compute_ratio:.2f}" if r.host_transfer_bytes else "-",
-                      format_flops(r.flops),
-                      "-" if r.recompute_overhead is None else f"{r.recompute_overhead:+.1%}",
-                      style="bold" if on_front else None)
+            rows.append((on_front, {
+                "": ("*" if on_front else "") + ("!" if r.saving_unconfirmed else "") + (
+                    "x" if r.fits is False else ""),
+                "policy": self.group_label(group), "peak": refused + format_bytes(r.peak_bytes),
+                "headroom": format_bytes(r.headroom_bytes), "temp": format_bytes(r.temp_bytes),
+                "residuals": format_bytes(r.residual_bytes),
+                "on host": format_bytes(r.host_residual_bytes) if r.host_residual_bytes else "-",
+                "transfer/compute": f"{r.transfer_compute_ratio:.2f}" if r.host_transfer_bytes else "-",
+                "FLOPs": format_flops(r.flops),
+                "recompute": "-" if r.recompute_overhead is None else f"{r.recompute_overhead:+.1%}"}))
+
+        longest = max((len(cells["policy"]) for _, cells in rows), default=6)
+
+        def build(shown: list[str], note: str) -> Table:
+            t = Table(title=title, caption=caption + note)
+            for col in shown:
+                t.add_column(col, justify="center" if col == "" else "left" if col == "policy" else "right",
+                             overflow="fold", no_wrap=col != "policy",
+                             min_width=min(longest, 24) if col == "policy" else None)
+            for on_front, cells in rows:
+                t.add_row(*(cells[c] for c in shown), style="bold" if on_front else None)
+            return t
+
+        t = build(columns, "")
+        dropped: list[str] = []
+        for col in DROPPED_FIRST:
+            if width is None or Console(width=10**4).measure(t).maximum <= width:  # the width it wants
+                break
+            if col in columns:
+                dropped.append(col)
+                t = build([c for c in columns if c not in dropped],
+                          f"; left out to fit {width} columns: {', '.join(dropped)}")
         return t
 
 
@@ -477,7 +518,8 @@ def sweep(model: ModelLike | TrainStepSetup, policies: Sequence[PolicyLike] | No
 
 
 def plot_sweep(result: SweepResult, path: str | None = None) -> Any:
-    """Peak memory per device (GiB) against FLOPs (TFLOP), one numbered point
+    """Peak memory per device against FLOPs, in the units the data reads best
+    in (MiB, GiB, ...; GFLOP, TFLOP, ...), one numbered point
     per cost (policies that cost the same share it; the key beside the axes
     lists them), the Pareto frontier drawn as a step line; beside it, where
     the reports have the peak by term (``Report.peak_terms``), the terms of
@@ -501,8 +543,10 @@ def plot_sweep(result: SweepResult, path: str | None = None) -> Any:
         _plot_terms(fig.add_subplot(1, 2, 2), [result.reports[g[0]] for g in groups])
     front = set(result.frontier)
     on_front = [bool(front & set(g)) for g in groups]
-    gib = [result.reports[g[0]].peak_bytes / 2**30 for g in groups]
-    tflop = [result.reports[g[0]].flops / 1e12 for g in groups]
+    mem_unit, mem_size = byte_unit(max(result.reports[g[0]].peak_bytes for g in groups))
+    flop_name, flop_size = flop_unit(max(result.reports[g[0]].flops for g in groups))
+    gib = [result.reports[g[0]].peak_bytes / mem_size for g in groups]
+    tflop = [result.reports[g[0]].flops / flop_size for g in groups]
     ax.scatter([x for x, f in zip(gib, on_front, strict=True) if not f],
                [y for y, f in zip(tflop, on_front, strict=True) if not f], color="tab:gray", label="policy")
     ax.scatter([x for x, f in zip(gib, on_front, strict=True) if f],
@@ -517,8 +561,8 @@ def plot_sweep(result: SweepResult, path: str | None = None) -> Any:
            for k in range(1, len(groups) + 1)]
     fig.legend(key, [result.group_label(g) for g in groups], loc="outside right upper", fontsize=7,
                title="policies (same cost: one point)", title_fontsize=8)
-    ax.set_xlabel("peak memory per device (GiB)")
-    ax.set_ylabel("train step FLOPs (TFLOP)")
+    ax.set_xlabel(f"peak memory per device ({mem_unit})")
+    ax.set_ylabel(f"train step FLOPs ({flop_name})")
     ax.set_title(f"{result.model}{shape_text(result.batch, result.seq)}, "
                  f"{result.reports[0].backend} compile-only")
     ax.grid(alpha=0.3)
@@ -530,17 +574,18 @@ def plot_sweep(result: SweepResult, path: str | None = None) -> Any:
 
 
 def _plot_terms(ax: Any, reports: Sequence[Report]) -> None:
-    """The peak by term of each report as one stacked bar (GiB), numbered as the points."""
+    """The peak by term of each report as one stacked bar, numbered as the points."""
     x = np.arange(1, len(reports) + 1)
     bottom = np.zeros(len(reports))
+    unit, size = byte_unit(max(r.peak_bytes for r in reports))
     for term in TERMS:
-        gib = np.array([dict(r.peak_terms).get(term, 0) / 2**30 for r in reports])
+        gib = np.array([dict(r.peak_terms).get(term, 0) / size for r in reports])
         if gib.any():
             ax.bar(x, gib, bottom=bottom, label=term)
             bottom += gib
     ax.set_xticks(x)
     ax.set_xlabel("policy (numbered as in the key)")
-    ax.set_ylabel("peak memory per device (GiB)")
+    ax.set_ylabel(f"peak memory per device ({unit})")
     ax.set_title("the peak by term")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")

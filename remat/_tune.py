@@ -72,10 +72,10 @@ from remat._analysis import compile_figures, measure
 from remat._apply import NeverKeptError, OffloadUnsupportedError, check_offload
 from remat._errors import RematError
 from remat._flops import count_flops
-from remat._format import format_bytes, format_flops, parse_bytes
+from remat._format import check_size, format_bytes, format_flops, parse_bytes
 from remat._memory import advice
 from remat._mesh import Rules
-from remat._report import Report
+from remat._report import Report, render_text
 from remat._residuals import residual_rows
 from remat._scan import parse_groups
 from remat._sweep import ModelLike, as_workload, default_policies, shape_text
@@ -288,13 +288,15 @@ class TuneResult:
     def candidates_table(self) -> Table:
         """Every configuration compiled (batches tried first), with its peak,
         recompute and whether it fits (a rich table)."""
+        rows = (*self.batches, *self.candidates)
+        estimated = any(x.estimate for x in rows)  # the footnote only where a row is marked
         t = Table(title="every configuration compiled",
                   caption="* estimate: the backend does not account host memory, so the device peak is the "
-                          "compiled peak minus the offloaded residuals")
+                          "compiled peak minus the offloaded residuals" if estimated else None)
         for col in ("role", "batch", "flags", "peak per device", "recompute", "fits"):
             t.add_column(col, justify="right" if col in ("batch", "peak per device", "recompute") else "left",
                          overflow="fold")
-        for x in (*self.batches, *self.candidates):
+        for x in rows:
             t.add_row(x.role, str(x.batch), x.config.flags(),
                       format_bytes(x.device_peak_bytes) + ("*" if x.estimate else ""),
                       format_flops(x.recompute_flops), "yes" if x.fits else "no")
@@ -302,6 +304,10 @@ class TuneResult:
 
     def __rich__(self) -> Group:
         return Group(self.summary(), self.candidates_table())
+
+    def __str__(self) -> str:
+        """The text rich renders: ``print(result)`` reads as ``remat tune`` prints it."""
+        return render_text(self)
 
 
 class Oracle(Protocol):
@@ -719,9 +725,11 @@ def tune(model: ModelLike, budget: int | str | None = None, *, batch: int | str 
         budget = tgt.usable_bytes(mem_fraction)
         if budget is None:
             raise RematError(f"target {tgt.name!r} states no device memory: give a budget (bytes per device)")
-    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else check_size(budget, budget)
     if budget_bytes <= 0:
         raise RematError(f"budget={budget!r} must be a positive size")
+    if max_compiles is not None and (not isinstance(max_compiles, int) or max_compiles < 1):
+        raise RematError(f"max_compiles={max_compiles!r} must be a positive integer (the cap on compiles)")
     if batch != "auto" and batch is not None and (not isinstance(batch, int) or batch < 1):
         raise RematError(f"batch={batch!r} must be a positive integer or 'auto'")
     if allow_offload:

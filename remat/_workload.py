@@ -161,6 +161,8 @@ class Workload:
       layers: the layer count of the scan the policy applies to, if its
         segments may split it (``"8x SPEC; 24x SPEC"``); None: no segments.
       seq: tokens (or positions) per example, shown in titles; None: not a sequence model.
+      notes: what every report of it says besides (e.g. the defaults a
+        config file left to apply).
     """
 
     name: str
@@ -169,6 +171,7 @@ class Workload:
     batch_axes: tuple[str, ...] = ("data", "fsdp")
     layers: int | None = None
     seq: int | None = None
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Raises :class:`remat.RematError` when ``build`` is not callable."""
@@ -388,6 +391,7 @@ class TrainStepSetup:
         step, t = self.step(self.configuration.policy), self.target
         return dataclasses.replace(
             report, mesh=mesh, rules=step.rules if mesh else (), target=t.name,
+            notes=(*report.notes, *self.workload.notes),
             limit_bytes=t.usable_bytes(self.mem_fraction), peak_flops_per_s=t.peak_flops_per_s,
             host_link_bytes_per_s=t.host_link_bytes_per_s, **self.argument_split(step))
 

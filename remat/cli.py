@@ -167,19 +167,23 @@ def _model(text: str) -> Any:
 
 
 def _say_ignored(model: str | None) -> None:
-    """For a ``config.json``, say which keys it sets that change numerics only
-    and are not modelled (RoPE scaling, sliding windows)."""
-    if model and model.endswith(".json"):
-        from remat.models.hf import ignored_keys
+    """For a ``config.json`` or MaxText YAML, say which keys it sets that change
+    numerics only and are not modelled (RoPE scaling, sliding windows), and
+    which keys read it leaves to their defaults."""
+    if model and model.endswith((".json", ".yml", ".yaml")):
+        from remat.models.hf import defaults_note, ignored_keys
 
         try:
-            keys = ignored_keys(model)
-        except (OSError, ValueError):
+            keys = ignored_keys(model) if model.endswith(".json") else []
+            note = defaults_note(model)
+        except (OSError, ValueError, AttributeError):
             return  # reading it fails later, with the reader's message
+        console = Console(stderr=True, soft_wrap=True)
         if keys:
-            console = Console(stderr=True, soft_wrap=True)
             console.print(f"note: {model} sets {', '.join(keys)}: numerics only (no shape, parameter or "
                           "memory figure changes), not modelled", highlight=False)
+        if note:
+            console.print(f"note: {note}", highlight=False)
 
 
 def _run_defaults(args: argparse.Namespace) -> None:
@@ -392,7 +396,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
             result = sweep(setup, specs, workers=args.workers, on_report=advance,
                            compiler_options=_compiler_options(args))
         result = result.with_rates(args.host_bandwidth, args.peak_flops)
-        _print_wide(result.table(), width=160)
+        _print_wide(result, width=160)  # fitted to a terminal's width, 160 columns in a pipe
         if args.json:
             write_text(args.json, json.dumps(result.to_dict(), indent=2))
             console.print(f"wrote {args.json}", highlight=False)

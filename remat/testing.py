@@ -52,6 +52,25 @@ def _loss(fn: Callable[..., Any]) -> Callable[..., jax.Array]:
     return loss
 
 
+def _argnums(args: Sequence[Any], caller: str) -> tuple[int, ...]:
+    """Every argument's position (gradients are taken for all), once each leaf
+    is checked to be a float array, which ``jax.grad`` can differentiate.
+
+    Raises:
+      RematError: a leaf that is not (an NNX RNG key or count, an integer array).
+    """
+    for i, a in enumerate(args):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
+            dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+            if not jnp.issubdtype(dtype, jnp.inexact):
+                raise RematError(
+                    f"remat.testing.{caller}: argument {i}{jax.tree_util.keystr(path)} is {dtype}, not a "
+                    "float array, and gradients are taken for every argument; an NNX state from nnx.split "
+                    "holds RNG keys and counts: pass the parameters only (graphdef, params, rest = "
+                    "nnx.split(model, nnx.Param, ...)) and close over the rest")
+    return tuple(range(len(args)))
+
+
 def _tolerance(tree: Any, rtol: float | None, atol: float | None) -> tuple[float, float]:
     dtypes = {str(jnp.asarray(x).dtype) for x in jax.tree.leaves(tree)}
     loosest = max((TOLERANCES.get(d, TOLERANCES["float32"]) for d in dtypes), default=TOLERANCES["float32"])
@@ -84,7 +103,7 @@ def assert_policy_parity(fn: Callable[..., Any], policy: str | Policy | Sequence
       AssertionError: outputs or gradients differ (chex names the leaf and
         the message names the policy).
     """
-    argnums = tuple(range(len(args)))
+    argnums = _argnums(args, "assert_policy_parity")
 
     def outputs_and_grads(f: Callable[..., Any]) -> Any:
         return jax.jit(lambda *a: (f(*a), jax.grad(_loss(f), argnums=argnums)(*a)))(*args)
@@ -106,7 +125,7 @@ def saved_names(fn: Callable[..., Any], policy: str | Policy, *args: Any) -> dic
     arguments may be ``jax.ShapeDtypeStruct`` (nothing is computed).
     """
     loss = _loss(checkpoint(fn, policy))
-    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=_argnums(args, "saved_names")))(*args)
     out: dict[str, set[str]] = {"device": set(), "host": set()}
     for row in residual_rows(jaxpr):
         if row.source == "checkpoint_name":
@@ -148,7 +167,7 @@ def temp_bytes(build: Callable[[Policy], Callable[..., Any]], policy: str | Poli
       NoMemoryAnalysisError: the backend gives no memory analysis (or all
         zeros), so there is no figure to compare.
     """
-    grad = jax.grad(_loss(build(get(policy))), argnums=tuple(range(len(args))))
+    grad = jax.grad(_loss(build(get(policy))), argnums=_argnums(args, "temp_bytes"))
     mem = compiled_memory(jax.jit(grad).lower(*args).compile())
     if mem is None:
         raise NoMemoryAnalysisError(
@@ -196,7 +215,7 @@ def compiled_op_count(fn: Callable[..., Any], op: str, *args: Any, policy: str |
       tracing ``fn`` on ``args``.
     """
     f = fn if policy is None else checkpoint(fn, policy)
-    lowered = jax.jit(jax.value_and_grad(_loss(f), argnums=tuple(range(len(args))))).lower(*args)
+    lowered = jax.jit(jax.value_and_grad(_loss(f), argnums=_argnums(args, "compiled_op_count"))).lower(*args)
     return len(re.findall(rf"\s{re.escape(op)}\(", lowered.compile().as_text()))
 
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from remat import models as M
 from remat._analysis import compile_traced, measure
 from remat._buffers import DumpFormatError, device_memory, read_dump
+from remat._format import byte_unit
 from remat._memory import TERMS, advice, peak_terms
 from remat._sweep import SweepResult, plot_sweep, train_step_setup
 
@@ -186,7 +187,9 @@ def test_sweep_plot_draws_the_terms_as_stacked_bars(reports):
     assert labels == [t for t in TERMS if dict(r1.peak_terms).get(t) or dict(r8.peak_terms).get(t)]
     heights = sum(c.patches[0].get_height() for c in bars.containers)
     first = min(r1, r8, key=lambda r: r.peak_bytes)  # bars in the order of the points: by peak
-    assert heights == pytest.approx(sum(n for _, n in first.peak_terms) / 2**30, rel=1e-9)
+    unit, size = byte_unit(max(r1.peak_bytes, r8.peak_bytes))
+    assert bars.get_ylabel() == f"peak memory per device ({unit})" and unit == "MiB"
+    assert heights == pytest.approx(sum(n for _, n in first.peak_terms) / size, rel=1e-9)
 
 
 # -- advice in numbers --------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 
 import remat
 from remat import cli, policies
+from remat._format import flop_unit
 from remat._sweep import default_policies, pareto_frontier, plot_sweep, train_step_setup
 
 # the order the definitions imply: each keeps a subset of what the one before keeps
@@ -88,6 +89,29 @@ def test_plot_marks_frontier_and_labels_points(tiny_sweep, tmp_path):
     assert [t.get_text() for t in ax.texts] == [str(k) for k in range(1, len(groups) + 1)]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [tiny_sweep.group_label(g) for g in groups]
     assert len(groups) < len(tiny_sweep.reports)  # policies that cost the same are one point
+    # units the data reads in: a tiny model's peak in MiB and FLOPs in GFLOP, not 0.016 GiB and 0.0009 TFLOP
+    assert ax.get_xlabel() == "peak memory per device (MiB)"
+    assert ax.get_ylabel() == f"train step FLOPs ({flop_unit(max(r.flops for r in tiny_sweep.reports))[0]})"
+    assert ax.get_ylabel() in ("train step FLOPs (MFLOP)", "train step FLOPs (GFLOP)")
+
+
+def test_the_table_fits_80_columns_and_never_cuts_a_policy_name(tiny_sweep):
+    from rich.console import Console
+
+    console = Console(record=True, width=80)
+    console.print(tiny_sweep)  # fitted to the console
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for g in tiny_sweep.groups():
+        for label in tiny_sweep.group_label(g).split(" = "):
+            assert label in text, label  # whole, on one line
+    assert "left out to fit 80 columns: transfer/compute" in " ".join(text.split())
+    assert "…" not in text
+    wide = Console(record=True, width=200)
+    wide.print(tiny_sweep)
+    text = wide.export_text()
+    assert "left out" not in text and "transfer/compute" in text
+    assert str(tiny_sweep).startswith(" " * 10) and "remat sweep: tiny" in str(tiny_sweep)  # print(result)
 
 
 def test_table_sorted_by_peak_with_frontier_marked(tiny_sweep):

@@ -63,6 +63,8 @@ def test_a_vit_is_tuned_with_the_levers_it_reads(vit_sweep):
     assert t.chosen.device_peak_bytes <= budget and t.chosen.recompute_flops < r["full"].recompute_flops
     assert all(c.config.microbatches == 1 and c.config.loss_chunks == 1 for c in t.candidates)
     assert (t.model, t.batch, t.seq) == ("vit-linen", 8, None)
+    assert t.candidates_table().caption is None  # no offload, no estimate: no footnote for it
+    assert str(t).lstrip().startswith("remat tune: vit-linen, batch 8")  # print(result)
     assert t.report.parameter_bytes == r["full"].parameter_bytes
 
 
