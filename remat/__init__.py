@@ -21,6 +21,7 @@ JAX starts (:mod:`remat._environment`).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
 from remat import _environment
@@ -159,7 +160,7 @@ __all__ = [
     "tune",
     "without_remat",
 ]
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("remat")  # one place: pyproject.toml
 
 
 def __getattr__(name: str) -> Any:

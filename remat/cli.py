@@ -1,4 +1,4 @@
-"""The ``remat`` command line: ``remat policies | inspect | sweep | train``.
+"""The ``remat`` command line: ``remat policies | inspect | sweep | tune | targets | train``.
 
 Each subcommand lives in its own ``_add_<name>`` function below; ``--help``
 on any of them lists its options. Human tables (rich) by default, ``--json``
@@ -268,9 +268,13 @@ def _add_rates(p: argparse.ArgumentParser) -> None:
                                                      "the target's; on cpu 989e12, H200 dense bf16, assumed)")
 
 
+API_CHOICES = ("linen", "nnx")
+"""``--api``'s values: :data:`remat.models.nnx.APIS` (not imported here: ``--help`` stays fast)."""
+
+
 def _add_api(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--api", help="the Flax API a preset is built in: linen (default) or nnx (the same "
-                                 "parameters)")
+    p.add_argument("--api", choices=API_CHOICES, help="the Flax API a preset is built in: linen (default) or "
+                                                      "nnx (the same parameters)")
 
 
 def _add_mesh_options(p: argparse.ArgumentParser) -> None:

@@ -165,3 +165,15 @@ def test_every_train_config_field_has_a_flag():
     subcommands = next(a for a in cli.build_parser()._actions if a.dest == "command")
     dests = {a.dest for a in subcommands.choices["train"]._actions}
     assert {f.name for f in dataclasses.fields(TrainConfig)} - dests == set()
+
+
+def test_one_version_and_one_list_of_apis():
+    import tomllib
+
+    from remat.models.nnx import APIS
+
+    pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert remat.__version__ == pyproject["project"]["version"]  # read from the package metadata
+    assert cli.API_CHOICES == APIS
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["inspect", "--model", "tiny", "--api", "jax"])

@@ -3,7 +3,7 @@ under per-layer full remat, nested sqrt-N remat, Flax's nn.remat_scan, and no
 remat. Compile-only on abstract shapes (nothing allocated); prints
 ``temp_size_in_bytes`` and the ratios.
 
-Run: ``python benchmarks/nested_remat.py``.
+Run: ``python tests/benchmarks/nested_remat.py``.
 """
 
 from __future__ import annotations
