@@ -263,5 +263,9 @@ def test_the_tools_run_the_nnx_model_with_the_same_memory(capsys):
     assert reports["nnx"].temp_bytes == reports["linen"].temp_bytes > 0
     tuned = remat.tune("tiny", "1GiB", batch=2, seq=32, api="nnx")  # no remat fits: one compile
     assert tuned.pick.policy == "none" and tuned.compiles == 1
-    assert cli.main(["inspect", "--model", "tiny", "--policy", "full", "--api", "jax"]) == 2
-    assert "error: unknown model api 'jax'; valid: linen, nnx" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's choices: a usage error, before any work
+        cli.main(["inspect", "--model", "tiny", "--policy", "full", "--api", "jax"])
+    assert e.value.code == 2
+    assert "argument --api: invalid choice: 'jax' (choose from 'linen', 'nnx')" in capsys.readouterr().err
+    with pytest.raises(remat.RematError, match=r"^unknown model api 'jax'; valid: linen, nnx$"):
+        remat.train_step_setup("tiny", seq=32, api="jax")  # from Python, the library's own check
