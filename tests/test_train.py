@@ -9,6 +9,7 @@ faster compiles; the HLO passes that remat and fusion go through are unchanged).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -272,6 +273,10 @@ def _truncate_largest(folder: Path) -> None:
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
 
 
+# orbax's reader of a truncated checkpoint raises on the first bad shard and leaves its other read
+# coroutines unawaited; Python reports them when they are collected (third-party, not ours): collected
+# within this test (gc.collect below) and their warning ignored here by name.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_checkpoint_is_moved_aside_and_resume_goes_on_from_the_previous(
         uninterrupted, text_dir, dropout_model, tmp_path):
     """Checkpoints 4 and 6: 6's largest data file truncated and a torn last
@@ -299,6 +304,7 @@ def test_a_damaged_checkpoint_is_moved_aside_and_resume_goes_on_from_the_previou
     with pytest.raises(RematError, match=r"no intact checkpoint \(damaged: steps 6, 4, moved to "):
         _run(_cfg(text_dir), run, resume=True, model=dropout_model, deterministic=False)
     assert sorted(p.name.split("-")[0] for p in (run / "damaged").iterdir()) == ["4", "6", "6"]
+    gc.collect()  # orbax's abandoned read coroutines: reported in this test, not in the next one
 
 
 def test_checkpoints_of_another_model_are_named_not_a_traceback(uninterrupted, text_dir, dropout_model,
