@@ -29,8 +29,13 @@ from remat import nnx as remat_nnx
 from remat._errors import RematError
 from remat.models.config import ModelConfig, residual_init_std
 from remat.models.layers import attention, has_bias, mlp, mlp_inputs, project
-from remat.models.transformer import Transformer as LinenTransformer
-from remat.models.transformer import check_tokens, decoder_layer, embed_tokens, lm_head
+from remat.models.transformer import (
+    Transformer as LinenTransformer,
+    check_tokens,
+    decoder_layer,
+    embed_tokens,
+    lm_head,
+)
 from remat.policies import Policy
 
 __all__ = ["APIS", "Attention", "Block", "LinenApply", "Mlp", "Transformer", "check_api", "linen_params",

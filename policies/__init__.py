@@ -5,19 +5,18 @@ registry of presets and the checkpoint-name vocabulary (:mod:`remat.policies.voc
 """
 
 from remat import _compat
-from remat.policies import presets as _presets  # noqa: F401  (registers the presets)
-from remat.policies import vocab
+from remat._errors import PolicyNotTextError, PolicySpecError, UnknownPolicyError, UnsupportedJaxModeError
+from remat.policies import (
+    presets as _presets,  # noqa: F401  (registers the presets)
+    vocab,
+)
 from remat.policies.policy import (
     DotsRule,
     OpaquePolicy,
     Policy,
-    PolicyNotTextError,
-    UnsupportedJaxModeError,
     require_text,
 )
 from remat.policies.registry import (
-    PolicySpecError,
-    UnknownPolicyError,
     describe,
     get,
     names,

@@ -12,7 +12,7 @@ import jax
 from jax.ad_checkpoint import Offloadable, Recompute, Saveable
 
 from remat import _compat
-from remat._errors import RematError
+from remat._errors import PolicyNotTextError, RematError, UnsupportedJaxModeError
 
 _compat.hide_frames(__file__)
 
@@ -268,10 +268,6 @@ def _to_jax(p: Policy) -> Callable[..., Any]:
     return _ThreeWay(p)
 
 
-class UnsupportedJaxModeError(RematError):
-    """A policy meets a JAX mode that would silently drop it (``jax_remat3``)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class _ThreeWay:
     """A hashable ``jax.checkpoint`` policy for combinations JAX has no object for."""
@@ -292,12 +288,6 @@ class _ThreeWay:
                 if test(prim, *args, **params):
                     return answer
         return Recompute
-
-
-class PolicyNotTextError(RematError, TypeError):
-    """A JAX policy callable (an :class:`OpaquePolicy`) where a policy must be
-    text: a spec string, ``+``, ``--policy``, ``run.json``, ``remat tune``,
-    the registry. Both a :class:`RematError` and a ``TypeError``."""
 
 
 _OPAQUE_FORMS = ("jax.checkpoint_policies objects (dots_saveable, save_only_these_names(...), ...) and "

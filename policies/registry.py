@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from remat import _compat
-from remat._errors import RematError
+from remat._errors import PolicySpecError, RematError, UnknownPolicyError
 from remat.policies.policy import OpaquePolicy, Policy, require_text
 
 _compat.hide_frames(__file__)
@@ -25,23 +25,6 @@ _PRESET_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _KEYWORDS = ("save", "offload", "dots", "offload_dots")
 _GRAMMAR = ("a preset name, save:NAME[,NAME], offload:NAME[,NAME], dots, dots:no_batch, "
             "offload_dots or offload_dots:no_batch")
-
-
-class UnknownPolicyError(RematError):
-    """A policy name that is not registered. The message lists close matches
-    and every valid name; ``.name`` is the bad name."""
-
-    def __init__(self, name: str, valid: list[str]):
-        self.name = name
-        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        super().__init__(
-            f"unknown remat policy {name!r}{hint}; valid names: {', '.join(valid)}")
-
-
-class PolicySpecError(RematError):
-    """A spec string that does not parse. The message names the bad term and
-    its 0-based character position in the spec."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +76,11 @@ def _lookup(name: str) -> _Entry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownPolicyError(name, names()) from None
+        valid = names()
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise UnknownPolicyError(f"unknown remat policy {name!r}{hint}; valid names: {', '.join(valid)}",
+                                 name=name) from None
 
 
 def describe(name: str) -> str:

@@ -37,8 +37,8 @@ from jax.extend import core as jcore
 
 from remat import _cache, _compat
 from remat._apply import collect_notes, without_remat
-from remat._buffers import DumpFormatError, PeakDump, read_dump
-from remat._errors import RematError
+from remat._buffers import PeakDump, read_dump
+from remat._errors import DumpFormatError, RematError
 from remat._flops import count_dots, count_flops
 from remat._format import format_bytes
 from remat._jaxpr import CALL_BODY, CHECKPOINT, checkpoint_names, nbytes, walk

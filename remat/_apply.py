@@ -25,7 +25,6 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,14 @@ from jax.ad_checkpoint import checkpoint_name
 
 from remat import _compat, _jaxpr
 from remat._call import ArgSplitter, Statics
-from remat._errors import RematError
+from remat._errors import (
+    MissingCheckpointNameError,
+    NeverKeptError,
+    NeverKeptWarning,
+    OffloadUnsupportedError,
+    RematTargetError,
+    ScanCarryOffloadError,
+)
 from remat._residuals import output_names, residual_rows
 from remat.policies import OpaquePolicy, Policy, get, vocab
 from remat.policies.registry import written_names
@@ -44,35 +50,6 @@ _compat.hide_frames(__file__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=type[nn.Module])
-
-
-class MissingCheckpointNameError(RematError):
-    """A policy saves or offloads a checkpoint name that the function never
-    emits. ``.missing`` and ``.emitted`` hold the two sets of names."""
-
-    def __init__(self, policy: Policy, missing: frozenset[str], emitted: frozenset[str], where: str,
-                 label: str | None = None):
-        self.missing, self.emitted = missing, emitted
-        super().__init__(
-            f"remat policy {_quote(policy, label)} names checkpoint name(s) that {where} never emits: "
-            f"{', '.join(sorted(missing))}; it emits: {', '.join(sorted(emitted)) or '(none)'}. "
-            "Tag values with jax.ad_checkpoint.checkpoint_name, or fix the policy.")
-
-
-class NeverKeptError(RematError):
-    """A policy's checkpoint names are emitted, but none of them is ever kept:
-    the backward pass never reads those values, so JAX drops them whatever the
-    policy says (silently "full" remat). ``.names`` holds the names."""
-
-
-class NeverKeptWarning(UserWarning):
-    """A checkpoint name the policy saves or offloads is emitted but never
-    kept (the backward pass never reads it); the policy's other names are."""
-
-
-class ScanCarryOffloadError(RematError):
-    """A layer-scan policy offloads the name that tags the block's output,
-    which is the scan carry: the scan itself keeps it on device."""
 
 
 _DISABLED = contextvars.ContextVar("remat_disabled", default=False)
@@ -187,7 +164,11 @@ def check_names(policy: Policy, jaxpr: Any, where: str, label: str | None = None
     emitted = _jaxpr.checkpoint_names(jaxpr)
     missing = missing_names(policy.names, emitted)
     if missing:
-        raise MissingCheckpointNameError(policy, missing, emitted, where, label)
+        raise MissingCheckpointNameError(
+            f"remat policy {_quote(policy, label)} names checkpoint name(s) that {where} never emits: "
+            f"{', '.join(sorted(missing))}; it emits: {', '.join(sorted(emitted)) or '(none)'}. "
+            "Tag values with jax.ad_checkpoint.checkpoint_name, or fix the policy.",
+            missing=missing, emitted=emitted)
     carried = {n for n in output_names(jaxpr)[:carry_outputs] if n in policy.offload}
     if carried:
         raise ScanCarryOffloadError(
@@ -199,14 +180,12 @@ def check_names(policy: Policy, jaxpr: Any, where: str, label: str | None = None
     never = (policy.names & emitted) - kept
     if not policy.names & kept:
         is_, it = ("is", "it") if len(never) == 1 else ("are", "them")
-        err = NeverKeptError(
+        raise NeverKeptError(
             f"remat policy {_quote(policy, label)} keeps nothing on {where}: {', '.join(sorted(never))} "
             f"{is_} emitted, but the backward pass never reads {it} (e.g. a value whose only use is an "
             f"addition, or the output of a nonlinearity whose derivative reads its own untagged result), "
             f"so JAX drops {it} whatever the policy says. Tag and save a value the backward pass reads, "
-            "e.g. a matmul output before its nonlinearity.")
-        err.names = frozenset(never)
-        raise err
+            "e.g. a matmul output before its nonlinearity.", names=frozenset(never))
     written = never & written_names(policy if label is None or isinstance(policy, OpaquePolicy) else label)
     if written:
         warnings.warn(
@@ -299,10 +278,6 @@ def validate_once(policy: Policy, owner: Any, key: Any, make: Probe, dynamic: An
         check_names(policy, probe_jaxpr(make, dynamic, policy), where, label, carry_outputs=carry_outputs)
     if seen is not None:
         seen.add(key)
-
-
-class OffloadUnsupportedError(RematError):
-    """The policy offloads to ``pinned_host`` memory, which the backend lacks."""
 
 
 def check_offload(policy: Policy, device: jax.Device | None = None) -> None:
@@ -511,16 +486,6 @@ def module_fields(module: nn.Module, cls: type[nn.Module]) -> dict[str, Any]:
     """The constructor attributes of a linen module (without parent and name)."""
     return {f.name: getattr(module, f.name) for f in dataclasses.fields(cls)
             if f.init and f.name not in ("parent", "name")}
-
-
-class RematTargetError(RematError, flax.errors.TransformTargetError):
-    """A remat wrapper got something other than what it wraps (a module
-    instance, a bound method, a function, a class of the other Flax API).
-    Also a ``flax.errors.TransformTargetError``, as ``nn.remat`` raises for a
-    module instance; the message names what was passed and what is expected."""
-
-    def __init__(self, message: str):
-        Exception.__init__(self, message)
 
 
 def check_target(target: Any, base: type, api: str) -> None:

@@ -29,10 +29,11 @@ import re
 from pathlib import Path
 
 from remat import _compat
+from remat._errors import DumpFormatError
 
 _compat.hide_frames(__file__)
 
-__all__ = ["DumpFormatError", "LiveValue", "PeakDump", "device_memory", "read_dump"]
+__all__ = ["LiveValue", "PeakDump", "device_memory", "read_dump"]
 
 HOST_MEMORY_SPACE = 5
 """XLA's memory space of ``pinned_host`` buffers (``S(5)`` in a layout)."""
@@ -54,11 +55,6 @@ def device_memory(space: int, platform: str) -> bool:
     if platform == "tpu":
         return space == TPU_HBM_MEMORY_SPACE
     return space != HOST_MEMORY_SPACE
-
-
-class DumpFormatError(Exception):
-    """The dump is missing a file or section this reader expects (XLA changed
-    its format, or the backend writes none)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from remat import _compat
-from remat._errors import RematError
+from remat._errors import CorpusError
 from remat._files import replaced, write_text
 
 _compat.hide_frames(__file__)
@@ -42,11 +42,6 @@ _CHUNK = 1 << 20
 _CACHE_VERSION = 1
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 """Folder names skipped when walking the standard library (and ``__pycache__`` everywhere)."""
-
-
-class CorpusError(RematError):
-    """A data path that does not exist, a corpus with no bytes, a binary file, or a split too
-    small for the requested windows. The message names the bad path or value."""
 
 
 def stdlib_root() -> Path:

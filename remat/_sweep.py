@@ -27,11 +27,9 @@ from jax.sharding import Mesh
 from rich.console import Console
 from rich.table import Table
 
-from remat import _compat, models
-from remat import policies as registry
+from remat import _compat, models, policies as registry
 from remat._analysis import Traced, compile_figures, measure
-from remat._apply import PolicyLike, check_offload
-from remat._apply import label as label_of
+from remat._apply import PolicyLike, check_offload, label as label_of
 from remat._errors import RematError
 from remat._files import replaced
 from remat._format import byte_unit, flop_unit, format_bytes, format_flops

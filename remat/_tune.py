@@ -69,8 +69,8 @@ from rich.table import Table
 
 from remat import _compat
 from remat._analysis import compile_figures, measure
-from remat._apply import NeverKeptError, OffloadUnsupportedError, check_offload
-from remat._errors import RematError
+from remat._apply import check_offload
+from remat._errors import NeverKeptError, OffloadUnsupportedError, RematError
 from remat._flops import count_flops
 from remat._format import check_size, format_bytes, format_flops, parse_bytes
 from remat._memory import advice
@@ -81,8 +81,7 @@ from remat._scan import parse_groups
 from remat._sweep import ModelLike, as_workload, default_policies, shape_text
 from remat._targets import Target, get_target, prepare_environment, target_devices
 from remat._workload import TrainStepSetup, Workload, bind, knobs_read
-from remat.policies import get as get_policy
-from remat.policies import require_text
+from remat.policies import get as get_policy, require_text
 
 _compat.hide_frames(__file__)
 

@@ -39,8 +39,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from remat import _compat
 from remat._analysis import Traced, device_bytes, trace, trace_without_remat
-from remat._apply import OffloadUnsupportedError, PolicyLike, check_offload
-from remat._errors import RematError
+from remat._apply import PolicyLike, check_offload
+from remat._errors import OffloadUnsupportedError, RematError
 from remat._mesh import batch_factor, check_batch, make_mesh
 from remat._report import Report
 from remat._scan import SEGMENT_SEPARATOR, Groups

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from remat import _compat
 from remat._apply import checkpoint
-from remat._errors import RematError
+from remat._errors import NoMemoryAnalysisError, RematError
 from remat._memory import compiled_memory
 from remat._residuals import residual_rows
 from remat.policies import Policy, get
@@ -174,10 +174,6 @@ def temp_bytes(build: Callable[[Policy], Callable[..., Any]], policy: str | Poli
             f"the {jax.default_backend()!r} backend ({jax.devices()[0].device_kind}) gives no compiled "
             "memory analysis (none, or all zeros): remat.testing cannot compare memory on it")
     return mem["temp"]
-
-
-class NoMemoryAnalysisError(RematError):
-    """The backend reports no compiled memory figures to compare."""
 
 
 def compiled_op_count(fn: Callable[..., Any], op: str, *args: Any, policy: str | Policy | None = None) -> int:

@@ -3,8 +3,7 @@ name per distinct policy."""
 
 from __future__ import annotations
 
-from remat import models as M
-from remat import policies as P
+from remat import models as M, policies as P
 
 _FIRST_NAME: dict[P.Policy, str] = {}
 for _name in P.names():

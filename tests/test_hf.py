@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 import remat
-from remat import cli
-from remat import models as M
+from remat import cli, models as M
 from remat.models.hf import from_hf_config
 from remat.step import lm_loss
 from remat.testing import TOLERANCES

@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
-from small_models import UNIQUE_POLICIES as ALL_POLICIES
-from small_models import small
+from small_models import UNIQUE_POLICIES as ALL_POLICIES, small
 
 import remat
-from remat import cli
-from remat import models as M
+from remat import cli, models as M
 from remat._memory import default_compiler_options
 from remat.models import nnx as MN
 from remat.step import lm_loss

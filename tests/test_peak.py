@@ -12,9 +12,9 @@ import tarfile
 import pytest
 from rich.console import Console
 
-from remat import models as M
+from remat import DumpFormatError, models as M
 from remat._analysis import compile_traced, measure
-from remat._buffers import DumpFormatError, device_memory, read_dump
+from remat._buffers import device_memory, read_dump
 from remat._format import byte_unit
 from remat._memory import TERMS, advice, peak_terms
 from remat._sweep import SweepResult, plot_sweep, train_step_setup

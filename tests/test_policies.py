@@ -9,8 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from vocab_layer import vocab_layer
 
 import remat

@@ -11,13 +11,11 @@ import pytest
 from jax.ad_checkpoint import checkpoint_name
 
 import remat
-from remat import testing
+from remat import NeverKeptError, NeverKeptWarning, ScanCarryOffloadError, testing
 from remat._analysis import count_checkpoints
-from remat._apply import NeverKeptError, NeverKeptWarning, ScanCarryOffloadError
 from remat._sweep import inspect_policy, sweep, train_step_setup
 from remat.models import Transformer, get_config
-from remat.policies import UnsupportedJaxModeError
-from remat.policies import vocab as v
+from remat.policies import UnsupportedJaxModeError, vocab as v
 
 D, F = 8, 16
 X = jax.random.normal(jax.random.key(0), (2, 3, D))

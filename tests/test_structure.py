@@ -20,7 +20,9 @@ from remat import cli
 
 PUBLIC = {
     "remat": [
-        "Configuration", "CorpusError", "MissingCheckpointNameError", "NeverKeptError", "NeverKeptWarning",
+        "Configuration", "CorpusError", "DumpFormatError", "MissingCheckpointNameError",
+        "NoMemoryAnalysisError",
+        "NeverKeptError", "NeverKeptWarning",
         "OffloadUnsupportedError", "OpaquePolicy", "PeakBuffer", "Policy", "PolicyNotTextError",
         "PolicySpecError", "RematError", "RematTargetError", "Report", "ResidualRow",
         "ScanCarryOffloadError", "SweepResult", "TARGETS", "Target", "TrainStep", "TrainStepSetup",
@@ -62,11 +64,44 @@ def test_public_names_are_a_snapshot(module):
         assert getattr(mod, name) is not None
 
 
-def test_every_public_error_is_a_remat_error_and_a_value_error():
+def test_every_error_lives_in_one_module_and_is_a_remat_error_and_a_value_error():
+    from remat import _errors
+
     errors = [getattr(remat, n) for n in remat.__all__ if n.endswith("Error")]
-    errors.append(remat.testing.NoMemoryAnalysisError)
-    assert len(errors) == 12
+    assert len(errors) == 13
     assert all(issubclass(e, remat.RematError) and issubclass(e, ValueError) for e in errors)
+    assert {e.__module__ for e in [*errors, remat.NeverKeptWarning]} == {"remat._errors"}
+    assert sorted(_errors.__all__) == sorted(n for n in remat.__all__ if n.endswith(("Error", "Warning")))
+    assert remat.testing.NoMemoryAnalysisError is remat.NoMemoryAnalysisError
+    assert remat.policies.UnknownPolicyError is remat.UnknownPolicyError
+
+
+def test_errors_are_built_one_way_message_then_keyword_fields():
+    import inspect
+
+    with_fields = []
+    for name in remat.__all__:
+        init = getattr(remat, name).__init__
+        if name.endswith("Error") and init not in (ValueError.__init__, TypeError.__init__):
+            params = list(inspect.signature(init).parameters.values())[1:]
+            assert params[0].name == "message" and params[0].kind is params[0].POSITIONAL_OR_KEYWORD, name
+            assert all(p.kind is p.KEYWORD_ONLY for p in params[1:]), name
+            with_fields.append(name)
+    assert sorted(with_fields) == ["MissingCheckpointNameError", "NeverKeptError", "RematTargetError",
+                                   "UnknownPolicyError"]
+    err = remat.MissingCheckpointNameError("m", missing=frozenset({"a"}), emitted=frozenset({"b"}))
+    assert (str(err), err.missing, err.emitted) == ("m", {"a"}, {"b"})
+    assert remat.NeverKeptError("m", names=frozenset({"a"})).names == {"a"}
+    assert remat.UnknownPolicyError("m", name="x").name == "x"
+
+
+def test_the_public_names_are_written_once():
+    """``remat/__init__.pyi`` is the one list: ``__all__`` and the lazy
+    loader both come from it, and every name in it resolves."""
+    stub = pathlib.Path(remat.__file__).with_suffix(".pyi").read_text()
+    init = pathlib.Path(remat.__file__).read_text()
+    assert "__all__" not in stub and not [n for n in PUBLIC["remat"] if f'"{n}"' in init and n != "remat"]
+    assert sorted(remat.__all__) == sorted(PUBLIC["remat"])
 
 
 def test_policies_need_only_jax():

@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from remat import RematError, _environment
-from remat import _targets as targets
+from remat import RematError, _environment, _targets as targets
 from remat._flops import count_flops
 from remat._memory import default_compiler_options
 from remat._targets import (

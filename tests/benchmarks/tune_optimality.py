@@ -26,9 +26,8 @@ import time
 
 import optax
 
-from remat import models
+from remat import NeverKeptError, models
 from remat._analysis import compile_traced, measure
-from remat._apply import NeverKeptError
 from remat._flax_workload import linen_workload
 from remat._flops import count_flops
 from remat._jaxpr import checkpoint_names
