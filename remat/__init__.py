@@ -21,7 +21,9 @@ JAX starts (:mod:`remat._environment`).
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+from typing import Any
 
 import lazy_loader
 
@@ -29,5 +31,13 @@ from remat import _environment
 
 _environment.quiet_start()  # before JAX starts its backends: no CUDA or libtpu start-up noise where absent
 
-__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)
+_lazy_getattr, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TuneConfig":  # renamed SearchPoint: the old name warns, for one release
+        return importlib.import_module("remat._tune").TuneConfig
+    return _lazy_getattr(name)
+
+
 __version__ = importlib.metadata.version("remat")  # one place: pyproject.toml

@@ -70,7 +70,7 @@ from ._targets import (
     target_mesh as target_mesh,
 )
 from ._tune import (
-    TuneConfig as TuneConfig,
+    SearchPoint as SearchPoint,
     TuneResult as TuneResult,
     tune as tune,
 )

@@ -1,7 +1,7 @@
 """``remat tune``: the configuration with the least recomputation whose train
 step fits a memory budget per device, and the largest batch that fits.
 
-The search space (one :class:`TuneConfig`): for each checkpoint name the
+The search space (one :class:`SearchPoint`): for each checkpoint name the
 model emits, save it, recompute it, or (``allow_offload``) offload it to host;
 a dots rule (``dots``, ``dots:no_batch``); two policy segments over the layer
 stack (one more name saved on the first ``m`` layers only); nested groups;
@@ -53,12 +53,12 @@ after one that does not is not searched.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import math
 import shlex
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -77,7 +77,7 @@ from remat._memory import advice
 from remat._mesh import Rules
 from remat._report import Report, render_text
 from remat._residuals import residual_rows
-from remat._scan import parse_groups
+from remat._scan import Groups, parse_groups
 from remat._sweep import ModelLike, as_workload, default_policies, shape_text
 from remat._targets import Target, get_target, prepare_environment, target_devices
 from remat._workload import TrainStepSetup, Workload, bind, knobs_read
@@ -85,7 +85,7 @@ from remat.policies import get as get_policy, require_text
 
 _compat.hide_frames(__file__)
 
-__all__ = ["Candidate", "TuneConfig", "TuneResult", "tune"]
+__all__ = ["Candidate", "Found", "SearchPoint", "Segments", "TuneResult", "search", "tune"]
 
 LOSS_CHUNKS = 8
 """The chunked loss head's chunks the search tries."""
@@ -102,49 +102,84 @@ RERANK = 3
 _DOTS = ("", "dots:no_batch", "dots")
 
 
+Segments = tuple[tuple[int, str], ...]
+"""A policy per run of layers, ``((8, "minimal"), (24, "full"))``: the first 8
+layers under ``minimal``, the next 24 under ``full`` (as ``"8x minimal; 24x full"``)."""
+
+
 @dataclasses.dataclass(frozen=True)
-class TuneConfig:
-    """One point of the search space: what ``remat train`` takes.
+class SearchPoint:
+    """One point of :func:`tune`'s search space: how the train step is
+    rematerialized. With the batch (and the workload's attention) it is a
+    :class:`remat.Configuration`, which is what ``remat train`` runs.
 
     Attributes:
-      policy: a policy spec, or segments ``"8x SPEC; 24x SPEC"``.
-      groups: ``None``, ``"sqrt"`` or ``"G,K"`` (nested checkpointing).
+      policy: a policy spec (text, e.g. ``"save:qkv_proj + dots:no_batch"``),
+        or :data:`Segments`, a spec per run of layers.
+      groups: nested checkpointing of the layer scan: ``None``, ``"sqrt"`` or
+        ``(G, K)`` (:func:`remat.scan_layers`).
       loss_chunks: the loss head's chunks (1: the whole logits).
       microbatches: gradient accumulation over this many micro-batches.
+
+    Raises:
+      PolicyNotTextError: ``policy`` is a JAX policy callable: a search point
+        is written out as flags (:meth:`flags`).
+      RematError: segments that are not ``(count, spec)`` pairs.
     """
 
-    policy: str
-    groups: str | None = None
+    policy: str | Segments
+    groups: Groups = None
     loss_chunks: int = 1
     microbatches: int = 1
 
     def __post_init__(self) -> None:
-        """Raises :class:`remat.policies.PolicyNotTextError` for a policy callable:
-        a tune point is written out as flags."""
-        require_text(self.policy, "TuneConfig.policy (remat tune writes it as --policy)")
+        where = "SearchPoint.policy (remat tune writes it as --policy)"
+        if isinstance(self.policy, tuple):
+            if not self.policy or not all(isinstance(n, int) and n > 0 and isinstance(spec, str)
+                                          for n, spec in self.policy):
+                raise RematError(f"{where}: segments must be (count, spec) pairs, got {self.policy!r}")
+        else:
+            require_text(self.policy, where)
+
+    @property
+    def policy_text(self) -> str:
+        """``policy`` as ``--policy`` takes it (segments as ``"8x SPEC; 24x SPEC"``)."""
+        if isinstance(self.policy, str):
+            return self.policy
+        return "; ".join(f"{n}x {spec}" for n, spec in self.policy)
+
+    @property
+    def groups_text(self) -> str | None:
+        """``groups`` as ``--groups`` takes it (``"sqrt"`` or ``"G,K"``)."""
+        if self.groups is None or isinstance(self.groups, str):
+            return self.groups
+        return f"{self.groups[0]},{self.groups[1]}"
 
     def flags(self) -> str:
         """The command-line flags that reproduce it (for ``remat train``,
         ``inspect`` and ``sweep``), e.g. ``--policy minimal --loss-chunks 8``."""
-        out = ["--policy", shlex.quote(self.policy)]
-        if self.groups:
-            out += ["--groups", self.groups]
+        out = ["--policy", shlex.quote(self.policy_text)]
+        if self.groups is not None:
+            out += ["--groups", self.groups_text]
         if self.loss_chunks != 1:
             out += ["--loss-chunks", str(self.loss_chunks)]
         if self.microbatches != 1:
             out += ["--microbatches", str(self.microbatches)]
         return " ".join(out)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able, as ``--json`` writes it: policy and groups as their flag text."""
+        return {"policy": self.policy_text, "groups": self.groups_text, "loss_chunks": self.loss_chunks,
+                "microbatches": self.microbatches}
+
     @classmethod
-    def from_flags(cls, text: str) -> TuneConfig:
-        """The inverse of :meth:`flags` (``argparse`` over ``shlex.split``)."""
-        p = argparse.ArgumentParser(add_help=False, exit_on_error=False)
-        p.add_argument("--policy", required=True)
-        p.add_argument("--groups")
-        p.add_argument("--loss-chunks", type=int, default=1)
-        p.add_argument("--microbatches", type=int, default=1)
-        a = p.parse_args(shlex.split(text))
-        return cls(a.policy, a.groups, a.loss_chunks, a.microbatches)
+    def from_flags(cls, text: str) -> SearchPoint:
+        """Deprecated: parse the flags with ``remat.cli.search_point`` (the CLI's own parser)."""
+        warnings.warn("SearchPoint.from_flags is deprecated: use remat.cli.search_point(shlex.split(text))",
+                      DeprecationWarning, stacklevel=2)
+        from remat import cli  # the command line's parser; cli imports this module lazily, no cycle
+
+        return cli.search_point(shlex.split(text))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +202,7 @@ class Candidate:
       estimate: ``device_peak_bytes`` is an estimate (see above).
     """
 
-    config: TuneConfig
+    config: SearchPoint
     role: str
     batch: int | None
     peak_bytes: int
@@ -187,9 +222,8 @@ class TuneResult:
         one for ``"auto"``; None where the workload does not read it; ``seq``
         None where it is not a sequence model).
       budget_bytes: the budget per device.
-      pick: the configuration; ``pick.flags()`` reproduces it.
+      chosen: the pick's compiled candidate (:attr:`pick` is its configuration).
       report: its :class:`remat.Report`.
-      headroom_bytes: ``budget_bytes`` minus the pick's device peak.
       candidates: every configuration compiled, in order.
       compiles: how many compiles the call made (<= its cap).
       preset: the best registered preset that fits at the pick's chunks,
@@ -209,9 +243,8 @@ class TuneResult:
     batch: int | None
     seq: int | None
     budget_bytes: int
-    pick: TuneConfig
+    chosen: Candidate
     report: Report
-    headroom_bytes: int
     candidates: tuple[Candidate, ...]
     compiles: int
     preset: Candidate | None
@@ -222,9 +255,14 @@ class TuneResult:
     levers: tuple[str, ...] = ()
 
     @property
-    def chosen(self) -> Candidate:
-        """The pick's compiled candidate."""
-        return next(c for c in reversed(self.candidates) if c.config == self.pick and c.batch == self.batch)
+    def pick(self) -> SearchPoint:
+        """The configuration; ``pick.flags()`` reproduces it."""
+        return self.chosen.config
+
+    @property
+    def headroom_bytes(self) -> int:
+        """``budget_bytes`` minus the pick's device peak (bytes per device)."""
+        return self.budget_bytes - self.chosen.device_peak_bytes
 
     @property
     def recompute_saved_flops(self) -> int | None:
@@ -233,9 +271,9 @@ class TuneResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: the pick as flags and fields, every candidate, the report."""
-        cand = lambda c: {**dataclasses.asdict(c), "flags": c.config.flags()}
+        cand = lambda c: {**dataclasses.asdict(c), "config": c.config.to_dict(), "flags": c.config.flags()}
         return {"model": self.model, "batch": self.batch, "seq": self.seq, "budget_bytes": self.budget_bytes,
-                "pick": {**dataclasses.asdict(self.pick), "flags": self.pick.flags()},
+                "pick": {**self.pick.to_dict(), "flags": self.pick.flags()},
                 "headroom_bytes": self.headroom_bytes, "compiles": self.compiles,
                 "preset": None if self.preset is None else cand(self.preset),
                 "recompute_saved_flops": self.recompute_saved_flops,
@@ -315,13 +353,13 @@ class Oracle(Protocol):
     names: tuple[str, ...]
     """The checkpoint names the step emits."""
 
-    def traced(self, config: TuneConfig, batch: int) -> tuple[dict[str, int], int]:
+    def traced(self, config: SearchPoint, batch: int) -> tuple[dict[str, int], int]:
         """Device residual bytes per checkpoint name, and the step's FLOPs (no compile)."""
 
-    def compiled(self, config: TuneConfig, batch: int, role: str) -> Candidate:
+    def compiled(self, config: SearchPoint, batch: int, role: str) -> Candidate:
         """Compile and measure (one counted compile)."""
 
-    def report(self, config: TuneConfig, batch: int) -> Report:
+    def report(self, config: SearchPoint, batch: int) -> Report:
         """The report of a configuration compiled before."""
 
 
@@ -346,29 +384,42 @@ class _Item:
 class _Search:
     """The search over one model and batch against one oracle (see the module doc)."""
 
-    def __init__(self, oracle: Oracle, budget: int, *, layers: int, allow_offload: bool, groups: str | None,
+    def __init__(self, oracle: Oracle, budget: int, *, layers: int, allow_offload: bool, groups: Groups,
                  max_microbatches: int, batch: int, factor: int, chunks: bool):
         self.o, self.budget, self.layers = oracle, budget, layers
         self.allow_offload, self.groups, self.max_mb = allow_offload, groups, max_microbatches
         self.batch, self.factor, self.chunks = batch, factor, chunks
         self.seen: list[Candidate] = []
+        self.best: Candidate | None = None  # the confirmed spec with the least recompute that fits
         self.capped = False
 
-    def compile(self, config: TuneConfig, role: str) -> Candidate:
+    def compile(self, config: SearchPoint, role: str) -> Candidate:
         c = self.o.compiled(config, self.batch, role)
         self.seen.append(c)
         return c
 
-    def done(self, config: TuneConfig) -> Candidate | None:
+    def confirm(self, spec: str, role: str, base: SearchPoint, model: _PeakModel) -> Candidate | None:
+        """Compile ``spec`` at ``base``'s options unless done (then None); it
+        becomes an anchor of ``model``, and :attr:`best` if it fits with less recompute."""
+        config = dataclasses.replace(base, policy=str(get_policy(spec)))
+        if self.done(config) is not None:
+            return None
+        c = self.compile(config, role)
+        model.add(self.exact(base, config.policy)[0], c.device_peak_bytes)
+        if c.fits and (self.best is None or c.recompute_flops < self.best.recompute_flops):
+            self.best = c
+        return c
+
+    def done(self, config: SearchPoint) -> Candidate | None:
         """The candidate of ``config`` if it was compiled already."""
         return next((c for c in self.seen if c.config == config), None)
 
     def base(self) -> Candidate:
         """The least frugal configuration whose ``full`` fits; raises if none does."""
-        full = self.compile(TuneConfig("full"), "full")
+        full = self.compile(SearchPoint("full"), "full")
         best = full
         if self.chunks and (not full.fits or self._head_share(full) >= 0.05):
-            chunked = self.compile(TuneConfig("full", loss_chunks=LOSS_CHUNKS), "full")
+            chunked = self.compile(SearchPoint("full", loss_chunks=LOSS_CHUNKS), "full")
             best = min(full, chunked, key=lambda c: c.device_peak_bytes)
         if best.fits:
             return best
@@ -394,7 +445,7 @@ class _Search:
         terms = dict(self.o.report(c.config, self.batch).peak_terms)
         return terms.get("loss head", 0) / max(c.peak_bytes, 1)
 
-    def items(self, base: TuneConfig) -> tuple[list[_Item], list[str]]:
+    def items(self, base: SearchPoint) -> tuple[list[_Item], list[str]]:
         """Each name's device bytes and FLOP saving over ``full``, from traces,
         and the names dropped (never residuals)."""
         base = dataclasses.replace(base, groups=None)  # a group's residuals are transient: not in the rows
@@ -414,7 +465,7 @@ class _Search:
             items.append(_Item(rule, sum(by_name.values()), max(0, full_flops - flops)))
         return items, dropped
 
-    def exact(self, base: TuneConfig, spec: str) -> tuple[int, int]:
+    def exact(self, base: SearchPoint, spec: str) -> tuple[int, int]:
         """``(residual device bytes beyond full's, step FLOPs)`` of ``spec`` at
         ``base``'s options, from its trace (no compile): the model's inputs
         for a configuration, exact where the items only add up (a dots rule
@@ -424,7 +475,7 @@ class _Search:
         by_name, flops = self.o.traced(dataclasses.replace(at, policy=str(get_policy(spec))), self.batch)
         return sum(by_name.values()) - sum(full.values()), flops
 
-    def solve(self, items: list[_Item], model: _PeakModel, budget: int, base: TuneConfig,
+    def solve(self, items: list[_Item], model: _PeakModel, budget: int, base: SearchPoint,
               top: int = 1) -> list[str]:
         """The ``top`` specs with the least recompute whose modelled peak
         fits ``budget``, best first: every assignment of the names (and dots
@@ -462,9 +513,10 @@ class _Search:
         return [spec for *_, spec in sorted(found)]
 
     def segments(self, spec: str, items: list[_Item], model: _PeakModel, budget: int,
-                 base: TuneConfig) -> str | None:
-        """``spec`` plus one more name saved on the first ``m`` layers, the most
-        FLOPs the headroom allows by the model; None when no layer fits."""
+                 base: SearchPoint) -> Segments | None:
+        """``spec`` plus one more name saved on the first ``m`` layers (and
+        ``spec`` on the rest), the most FLOPs the headroom allows by the
+        model; None when no layer fits."""
         policy = get_policy(spec)
         dev = self.exact(base, spec)[0]
         best = None
@@ -476,7 +528,7 @@ class _Search:
             m = max(room, default=0)
             if m and (best is None or i.flops * m > best[0]):
                 more = get_policy(f"{spec} + save:{i.name}" if spec != "full" else f"save:{i.name}")
-                best = (i.flops * m, f"{m}x {more}; {self.layers - m}x {policy}")
+                best = (i.flops * m, ((m, str(more)), (self.layers - m, str(policy))))
         return None if best is None else best[1]
 
 
@@ -510,57 +562,61 @@ def _microbatches(batch: int | None, factor: int, limit: int) -> list[int]:
     return [k for k in range(1, limit + 1) if batch % (factor * k) == 0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """What :func:`search` found.
+
+    Attributes:
+      pick: the compiled candidate with the least recompute that fits (ties:
+        fewer micro-batches, no groups, fewer loss chunks, lower peak).
+      candidates: every configuration compiled, in order.
+      preset: the best registered preset that fits (None: none, or the cap).
+      dropped_names: checkpoint names that are never residuals, left out.
+      capped: the compile cap stopped the search.
+    """
+
+    pick: Candidate
+    candidates: tuple[Candidate, ...]
+    preset: Candidate | None
+    dropped_names: tuple[str, ...]
+    capped: bool
+
+
 def search(oracle: Oracle, budget: int, *, batch: int | None, layers: int | None, allow_offload: bool = False,
-           groups: str | None = "sqrt", max_microbatches: int = 8, factor: int = 1,
-           chunks: bool = True) -> tuple[TuneConfig, list[Candidate], Candidate | None, list[str], bool]:
-    """The search of :func:`tune` against any :class:`Oracle` (a fake one in
-    tests): ``(pick, candidates, best preset, dropped names, compile cap reached)``.
+           groups: Groups = "sqrt", max_microbatches: int = 8, factor: int = 1, chunks: bool = True) -> Found:
+    """The search of :func:`tune` against any :class:`Oracle` (a fake one in tests).
 
     Raises:
       RematError: nothing fits (see :func:`tune`).
     """
     s = _Search(oracle, budget, layers=layers, allow_offload=allow_offload, groups=groups,
                 max_microbatches=max_microbatches, batch=batch, factor=factor, chunks=chunks)
+    preset, dropped = None, []
     try:
-        none = s.compile(TuneConfig("none"), "none")
+        none = s.compile(SearchPoint("none"), "none")
         if none.fits:
-            return none.config, s.seen, none, [], False
+            return Found(none, tuple(s.seen), none, (), False)
         base = s.base()
         items, dropped = s.items(base.config)
-        preset = None
         if items:
             all_names = [i.name for i in items if i.name not in _DOTS]
             every = s.compile(dataclasses.replace(base.config, policy=_spec(all_names)), "calibration")
             model = _PeakModel()
             model.add(0, base.device_peak_bytes)
             model.add(s.exact(base.config, every.config.policy)[0], every.device_peak_bytes)
-            best: Candidate | None = None
-
-            def confirm(spec: str, role: str) -> Candidate | None:
-                """Compile ``spec`` unless done; it becomes an anchor of the model. None if done before."""
-                nonlocal best
-                config = dataclasses.replace(base.config, policy=str(get_policy(spec)))
-                if s.done(config) is not None:
-                    return None
-                c = s.compile(config, role)
-                model.add(s.exact(base.config, config.policy)[0], c.device_peak_bytes)
-                if c.fits and (best is None or c.recompute_flops < best.recompute_flops):
-                    best = c
-                return c
-
             role = "pick"
             for _ in range(4):  # pick, then repair (over budget) or improve (headroom): each adds an anchor
                 solved = s.solve(items, model, budget, base.config)
-                c = confirm(solved[0], role) if solved else None
+                c = s.confirm(solved[0], role, base.config, model) if solved else None
                 if c is None:
                     break  # no answer, or the model's answer did not change
                 role = "improve" if c.fits else "repair"
             for spec in s.solve(items, model, budget, base.config, top=RUNNERS_UP + 1)[1:]:  # approximate
-                confirm(spec, "runner-up")
-            if best is not None and layers:
-                seg = s.segments(best.config.policy, items, model, budget, base.config)
+                s.confirm(spec, "runner-up", base.config, model)
+            if s.best is not None and layers:
+                seg = s.segments(s.best.config.policy, items, model, budget, base.config)
                 if seg is not None:
-                    s.compile(dataclasses.replace(best.config, policy=seg), "segments")
+                    s.compile(dataclasses.replace(s.best.config, policy=seg), "segments")
             preset = _best_preset(s, base.config, model)
     except _CapReached:
         preset, s.capped = None, True
@@ -570,10 +626,10 @@ def search(oracle: Oracle, budget: int, *, batch: int | None, layers: int | None
                          f"{format_bytes(budget)}: raise max_compiles")
     pick = min(fits, key=lambda c: (c.recompute_flops, c.config.microbatches, c.config.groups is not None,
                                     c.config.loss_chunks, c.device_peak_bytes))
-    return pick.config, s.seen, preset, dropped, s.capped
+    return Found(pick, tuple(s.seen), preset, tuple(dropped), s.capped)
 
 
-def _best_preset(s: _Search, base: TuneConfig, model: _PeakModel) -> Candidate | None:
+def _best_preset(s: _Search, base: SearchPoint, model: _PeakModel) -> Candidate | None:
     """The registered preset with the least recompute (FLOPs from traces) that
     fits at ``base``'s chunks, micro-batches and groups, by the model then by
     compiling, in order of recompute."""
@@ -614,31 +670,31 @@ class _CompileOracle:
         self._baseline: dict[tuple, int] = {}
         self.names: tuple[str, ...] = ()
 
-    def setup(self, config: TuneConfig, batch: int | None) -> TrainStepSetup:
+    def setup(self, config: SearchPoint, batch: int | None) -> TrainStepSetup:
         key = (batch, config.groups, config.loss_chunks, config.microbatches)
         if key not in self._setups:
             self._setups[key] = bind(
                 self.workload, mesh=self.mesh, target=self.target, mem_fraction=self.mem_fraction,
                 **{**self.knobs, "batch": batch,
-                   "groups": parse_groups(config.groups) if config.groups else None,
+                   "groups": config.groups,
                    "loss_chunks": config.loss_chunks if config.loss_chunks != 1 else None,
                    "microbatches": config.microbatches if config.microbatches != 1 else None})
         return self._setups[key]
 
-    def _trace(self, config: TuneConfig, batch: int | None) -> Any:
+    def _trace(self, config: SearchPoint, batch: int | None) -> Any:
         key = (config, batch)
         if key not in self._traced:
-            self._traced[key] = self.setup(config, batch).trace(config.policy, config.policy)
+            self._traced[key] = self.setup(config, batch).trace(config.policy_text, config.policy_text)
         return self._traced[key]
 
-    def baseline_flops(self, config: TuneConfig, batch: int | None) -> int:
+    def baseline_flops(self, config: SearchPoint, batch: int | None) -> int:
         key = (batch, config.groups, config.loss_chunks, config.microbatches)
         if key not in self._baseline:
             b = self.setup(config, batch).baseline()
             self._baseline[key] = count_flops(b.traced.jaxpr.jaxpr)[0]
         return self._baseline[key]
 
-    def traced(self, config: TuneConfig, batch: int | None) -> tuple[dict[str, int], int]:
+    def traced(self, config: SearchPoint, batch: int | None) -> tuple[dict[str, int], int]:
         t = self._trace(config, batch)
         by_name: dict[str, int] = {}
         for r in residual_rows(t.traced.jaxpr.jaxpr):
@@ -646,7 +702,7 @@ class _CompileOracle:
                 by_name[r.name] = by_name.get(r.name, 0) + r.device_bytes
         return by_name, count_flops(t.traced.jaxpr.jaxpr)[0]
 
-    def compiled(self, config: TuneConfig, batch: int | None, role: str) -> Candidate:
+    def compiled(self, config: SearchPoint, batch: int | None, role: str) -> Candidate:
         t = self._trace(config, batch)
         report = self._by_program.get(t.program)
         if report is None:
@@ -666,13 +722,13 @@ class _CompileOracle:
             self.on_candidate(c)
         return c
 
-    def report(self, config: TuneConfig, batch: int | None) -> Report:
+    def report(self, config: SearchPoint, batch: int | None) -> Report:
         return self._reports[(config, batch)]
 
 
 def tune(model: ModelLike, budget: int | str | None = None, *, batch: int | str | None = None,
          seq: int | None = None, dtype: str | None = None, mesh: Mesh | Mapping[str, int] | None = None,
-         rules: Rules | None = None, allow_offload: bool = False, groups: str | None = "sqrt",
+         rules: Rules | None = None, allow_offload: bool = False, groups: Groups | str = "sqrt",
          max_microbatches: int = 8, max_compiles: int | None = None,
          compiler_options: dict[str, Any] | None = None,
          on_candidate: Callable[[Candidate], None] | None = None, api: str | None = None,
@@ -698,7 +754,8 @@ def tune(model: ModelLike, budget: int | str | None = None, *, batch: int | str 
       seq, dtype, rules, api: a preset's options (:func:`remat.train_step_setup`).
       mesh: a ``jax.sharding.Mesh``, or sizes of the axes ``data``/``fsdp``/``tensor``.
       allow_offload: let names be offloaded to host memory.
-      groups: the nested grouping the search may use (``"sqrt"`` or ``"G,K"``), or None.
+      groups: the nested grouping the search may use: ``"sqrt"``, ``(G, K)`` (or its
+        flag text ``"G,K"``), or None.
       max_microbatches: the most micro-batches the search may use.
       max_compiles: the cap on compiles (the result says how many it made);
         None: :data:`DEFAULT_MAX_COMPILES`, 40 with ``batch="auto"``.
@@ -748,8 +805,8 @@ def tune(model: ModelLike, budget: int | str | None = None, *, batch: int | str 
         raise RematError(f"batch='auto': workload {workload.name!r} does not read the batch (the knobs it "
                          f"reads: {', '.join(sorted(read)) or 'none'})")
     devices = mesh.size if isinstance(mesh, Mesh) else math.prod(mesh.values()) if mesh else 1
-    probe = oracle.setup(TuneConfig("full"), devices if batch == "auto" else batch)  # all batch axes divide
-    groups = groups if "groups" in read else None
+    probe = oracle.setup(SearchPoint("full"), devices if batch == "auto" else batch)  # all batch axes divide
+    groups = (parse_groups(groups) if isinstance(groups, str) else groups) if "groups" in read else None
     max_microbatches = max_microbatches if "microbatches" in read else 1
     chunks = "loss_chunks" in read
     levers = ("save, recompute, offload per checkpoint name" if allow_offload
@@ -767,25 +824,21 @@ def tune(model: ModelLike, budget: int | str | None = None, *, batch: int | str 
                              "batch that fits was found: raise max_compiles, or give a batch") from None
     else:
         batch = probe.batch
-    pick, seen, preset, dropped, capped = search(
-        oracle, budget_bytes, batch=batch, layers=workload.layers, allow_offload=allow_offload,
-        groups=groups, max_microbatches=max_microbatches, factor=factor, chunks=chunks)
-    report = oracle.report(pick, batch)
-    chosen = next(c for c in reversed(seen) if c.config == pick and c.batch == batch)
+    found = search(oracle, budget_bytes, batch=batch, layers=workload.layers, allow_offload=allow_offload,
+                   groups=groups, max_microbatches=max_microbatches, factor=factor, chunks=chunks)
     return TuneResult(
-        model=workload.name, batch=batch, seq=workload.seq, budget_bytes=budget_bytes, pick=pick,
-        report=report,
-        headroom_bytes=budget_bytes - chosen.device_peak_bytes, candidates=tuple(seen),
-        compiles=oracle.compiles, preset=preset, dropped_names=tuple(dropped),
-        wall_seconds=time.perf_counter() - t0, batches=tuple(batches), capped=capped, levers=levers)
+        model=workload.name, batch=batch, seq=workload.seq, budget_bytes=budget_bytes, chosen=found.pick,
+        report=oracle.report(found.pick.config, batch), candidates=found.candidates,
+        compiles=oracle.compiles, preset=found.preset, dropped_names=found.dropped_names,
+        wall_seconds=time.perf_counter() - t0, batches=tuple(batches), capped=found.capped, levers=levers)
 
 
-def _frugal(batch: int, factor: int, groups: str | None, max_microbatches: int, chunks: bool) -> TuneConfig:
+def _frugal(batch: int, factor: int, groups: Groups, max_microbatches: int, chunks: bool) -> SearchPoint:
     k = max(_microbatches(batch, factor, max_microbatches))
-    return TuneConfig("full", groups=groups, loss_chunks=LOSS_CHUNKS if chunks else 1, microbatches=k)
+    return SearchPoint("full", groups=groups, loss_chunks=LOSS_CHUNKS if chunks else 1, microbatches=k)
 
 
-def _largest_batch(oracle: _CompileOracle, budget: int, factor: int, groups: str | None,
+def _largest_batch(oracle: _CompileOracle, budget: int, factor: int, groups: Groups,
                    max_microbatches: int, chunks: bool) -> tuple[int, list[Candidate]]:
     """The largest multiple of ``factor`` whose most frugal configuration fits
     (doubling, then bisecting; see the module doc), and every batch tried."""
@@ -811,3 +864,11 @@ def _largest_batch(oracle: _CompileOracle, budget: int, factor: int, groups: str
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     fits(lo + factor)  # the next batch up was compiled and does not fit
     return lo, [tried[b] for b in sorted(tried)]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TuneConfig":  # the old name, for one release
+        warnings.warn("remat.TuneConfig is deprecated: it is remat.SearchPoint (one point of the search)",
+                      DeprecationWarning, stacklevel=2)
+        return SearchPoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,10 @@
 """The ``remat`` command line: ``remat policies | inspect | sweep | tune | targets | train``.
 
 Each subcommand lives in its own ``_add_<name>`` function below; ``--help``
-on any of them lists its options. Human tables (rich) by default, ``--json``
-for machines.
+on any of them lists its options. Human tables (rich) by default; ``--json``
+means one thing in every subcommand: alone, only JSON on stdout; ``--json
+PATH``, the table and the JSON written to ``PATH``. Flag text becomes typed
+values only here (e.g. :func:`search_point`).
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ def _policies(args: argparse.Namespace) -> int:
             "doc": policies.describe(name),
         })
     if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
+        _write_json(rows, args.json)
+        if args.json == "-":
+            return 0
     table = Table(title="remat policies", show_lines=True)
     for col in ("name", "saves", "offloads", "doc"):
         table.add_column(col, overflow="fold")
@@ -71,7 +74,7 @@ def _policies(args: argparse.Namespace) -> int:
 def _add_policies(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("policies", help="list the registered remat policies",
                        description="List every registered policy: what it saves, offloads, and its doc.")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_json(p, "the policies")
     p.add_argument("--markdown", action="store_true", help="print the Markdown table the README embeds")
     p.set_defaults(func=_policies)
 
@@ -217,19 +220,27 @@ def _device_count(args: argparse.Namespace) -> int:
     return math.prod(parse_mesh(args.mesh).values()) if args.mesh else 1
 
 
-def _add_step_options(p: argparse.ArgumentParser) -> None:
-    """The train-step shape options that ``inspect`` and ``sweep`` share."""
+def _add_step_options(p: argparse.ArgumentParser, *, search: bool = False) -> None:
+    """The train-step options that ``inspect``, ``sweep`` and (``search=True``)
+    ``tune`` share, each declared here once. ``tune`` searches the knobs:
+    its ``--batch`` also takes ``auto``, its ``--groups`` is what the search
+    may use, and it has no ``--loss-chunks``/``--microbatches``."""
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--batch", type=int, help="sequences (examples) per step (default: a MaxText YAML's "
-                                           "per_device_batch_size x devices, else the workload's: 1 for a "
-                                           "preset)")
+    auto = ", or 'auto': the largest that fits" if search else ""
+    p.add_argument("--batch", type=None if search else int,
+                   help=f"global sequences (examples) per step{auto} (default: a MaxText YAML's "
+                        "per_device_batch_size x devices, else the workload's: 1 for a preset)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
     p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
-    p.add_argument("--groups", help="nested layer groups: 'sqrt' or 'G,K' with G*K = layers")
-    p.add_argument("--loss-chunks", type=int, help="compute the logits and loss in this many chunks over the "
-                                                    "tokens (default 1: at once)")
-    p.add_argument("--microbatches", type=int,
-                   help="accumulate gradients over this many micro-batches of batch/microbatches (default 1)")
+    if search:
+        p.add_argument("--groups", default="sqrt", help="nested layer groups the search may use: 'sqrt', "
+                                                        "'G,K' with G*K = layers, or 'none' (default sqrt)")
+    else:
+        p.add_argument("--groups", help="nested layer groups: 'sqrt' or 'G,K' with G*K = layers")
+        p.add_argument("--loss-chunks", type=int, help="compute the logits and loss in this many chunks over "
+                                                        "the tokens (default 1: at once)")
+        p.add_argument("--microbatches", type=int, help="accumulate gradients over this many micro-batches "
+                                                        "of batch/microbatches (default 1)")
     _add_api(p)
     _add_mesh_options(p)
     _add_target_options(p)
@@ -327,15 +338,32 @@ def _print_wide(renderable: object, width: int = 150) -> None:
     (console if console.is_terminal else Console(width=width)).print(renderable)
 
 
+def _add_json(p: argparse.ArgumentParser, what: str) -> None:
+    """``--json [PATH]``, one meaning in every subcommand: alone (or ``-``),
+    only the JSON, on stdout; with a path, the table as usual and the JSON
+    written to ``PATH``."""
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help=f"{what} as JSON: alone (or '-'), on stdout instead of the table; with PATH, also "
+                        "written to PATH")
+
+
+def _write_json(value: Any, json_path: str) -> None:
+    """``value`` as JSON on stdout (``"-"``) or written whole to ``json_path``."""
+    text = json.dumps(value, indent=2)
+    if json_path == "-":
+        print(text)
+    else:
+        write_text(json_path, text)
+        Console(stderr=True).print(f"wrote {json_path}", highlight=False)
+
+
 def _emit(value: Any, json_path: str | None, width: int = 150) -> int:
     """Print ``value`` (a rich renderable with ``to_dict()``), or only its JSON
     for ``json_path="-"``; also write the JSON to ``json_path``. Returns 0."""
-    if json_path == "-":
-        print(json.dumps(value.to_dict(), indent=2))
-        return 0
-    _print_wide(value, width=width)
+    if json_path != "-":
+        _print_wide(value, width=width)
     if json_path:
-        write_text(json_path, json.dumps(value.to_dict(), indent=2))
+        _write_json(value.to_dict(), json_path)
     return 0
 
 
@@ -349,7 +377,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     _add_step_options(p)
     p.add_argument("--policy", help="remat policy name or spec (see `remat policies`; default: a MaxText "
                                     "YAML's remat_policy)")
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH ('-': stdout only)")
+    _add_json(p, "the report")
     _add_rates(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -374,7 +402,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policies", help="comma-separated policy names or specs (default: every preset "
                                       "that applies to the model, one per distinct policy)")
     p.add_argument("--workers", type=int, default=2, help="compile threads (default 2)")
-    p.add_argument("--json", metavar="PATH", help="write every report as JSON to PATH")
+    _add_json(p, "every report")
     p.add_argument("--plot", metavar="PATH", help="save the memory-vs-FLOPs plot (.png, .svg, .pdf)")
     _add_rates(p)
 
@@ -399,11 +427,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
             result = sweep(setup, specs, workers=args.workers, on_report=advance,
                            compiler_options=_compiler_options(args))
-        result = result.with_rates(args.host_bandwidth, args.peak_flops)
-        _print_wide(result, width=160)  # fitted to a terminal's width, 160 columns in a pipe
-        if args.json:
-            write_text(args.json, json.dumps(result.to_dict(), indent=2))
-            console.print(f"wrote {args.json}", highlight=False)
+        _emit(result.with_rates(args.host_bandwidth, args.peak_flops), args.json, width=160)
         if args.plot:
             plot_sweep(result, args.plot)
             console.print(f"wrote {args.plot}", highlight=False)
@@ -420,25 +444,17 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                     "recompute FLOPs whose train step fits --budget per device: a cost model from a few "
                     "compiles, solved exactly, the pick confirmed by compiling. Prints the flags that "
                     "reproduce it.")
-    p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--batch", help="global sequences per step, or 'auto': the largest that fits (default: a "
-                                   "MaxText YAML's per_device_batch_size x devices, else 1)")
-    p.add_argument("--seq", type=int, help="tokens per sequence (default min(2048, max_seq_len))")
-    p.add_argument("--dtype", help="compute dtype override: bf16, f32 or f16 (default: the preset's)")
+    _add_step_options(p, search=True)
     p.add_argument("--budget", help="memory per device, with its unit: 80GiB, 512MiB, 4e10B (default: the "
                                     "target's usable memory; required on cpu)")
     p.add_argument("--allow-offload", action="store_true", help="let checkpoint names be offloaded to host")
-    p.add_argument("--groups", default="sqrt",
-                   help="the nested grouping the search may use: 'sqrt', 'G,K' or 'none' (default sqrt)")
     p.add_argument("--max-microbatches", type=int, default=8, help="the most micro-batches (default 8)")
     p.add_argument("--max-compiles", type=int, help="the cap on compiles (default 15; 40 with --batch auto)")
-    p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH ('-': stdout only)")
-    _add_api(p)
-    _add_mesh_options(p)
-    _add_target_options(p)
+    _add_json(p, "the result")
 
     def run(args: argparse.Namespace) -> int:
         from remat._mesh import parse_mesh
+        from remat._scan import parse_groups
         from remat._tune import tune
 
         if args.batch != "auto":
@@ -448,7 +464,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         with Console(stderr=True).status(f"tuning the {args.model} train step on {args.target} ..."):
             result = tune(_model(args.model), args.budget, batch=batch, seq=args.seq, dtype=args.dtype,
                           mesh=parse_mesh(args.mesh) if args.mesh else None, allow_offload=args.allow_offload,
-                          groups=None if args.groups == "none" else args.groups,
+                          groups=None if args.groups == "none" else parse_groups(args.groups),
                           max_microbatches=args.max_microbatches, max_compiles=args.max_compiles,
                           api=args.api, compiler_options=_compiler_options(args), **_target_kwargs(args))
         return _emit(result, args.json, width=160)
@@ -461,6 +477,26 @@ def _positive_int(flag: str, text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise RematError(f"{flag} {text!r}: a positive integer or 'auto'")
     return int(text)
+
+
+def search_point(argv: Sequence[str]) -> Any:
+    """The :class:`remat.SearchPoint` that ``--policy``, ``--groups``,
+    ``--loss-chunks`` and ``--microbatches`` give (as
+    :meth:`remat.SearchPoint.flags` writes them), parsed by ``remat
+    train``'s own parser: flag text is read only here, at the CLI edge.
+
+    Raises:
+      RematError: bad ``--policy`` segments or ``--groups``.
+      SystemExit: flags ``remat train`` does not take (argparse's usage error).
+    """
+    from remat._scan import SEGMENT_SEPARATOR, parse_groups, parse_segments
+    from remat._tune import SearchPoint
+
+    args = build_parser().parse_args(["train", *argv])
+    policy = args.policy or "full"
+    return SearchPoint(tuple(parse_segments(policy)) if SEGMENT_SEPARATOR in policy else policy,
+                       parse_groups(args.groups) if args.groups else None, args.loss_chunks or 1,
+                       args.microbatches or 1)
 
 
 def build_parser() -> argparse.ArgumentParser:

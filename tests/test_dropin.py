@@ -383,10 +383,8 @@ def test_a_callable_where_a_policy_must_be_text_says_so():
         remat.policies.get(cp.dots_saveable) + remat.policies.get("full")
     with pytest.raises(TypeError, match="needs a policy as text"):
         remat.train.TrainConfig(policy=cp.dots_saveable)
-    from remat._tune import TuneConfig
-
-    with pytest.raises(remat.RematError, match="TuneConfig.policy .* needs a policy as text"):
-        TuneConfig(policy=cp.dots_saveable)
+    with pytest.raises(remat.RematError, match="SearchPoint.policy .* needs a policy as text"):
+        remat.SearchPoint(policy=cp.dots_saveable)
     with pytest.raises(remat.PolicyNotTextError, match="register\\('mine'\\) needs a policy as text"):
         remat.policies.register("mine", cp.dots_saveable, doc="x")
 

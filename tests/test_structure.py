@@ -26,7 +26,7 @@ PUBLIC = {
         "OffloadUnsupportedError", "OpaquePolicy", "PeakBuffer", "Policy", "PolicyNotTextError",
         "PolicySpecError", "RematError", "RematTargetError", "Report", "ResidualRow",
         "ScanCarryOffloadError", "SweepResult", "TARGETS", "Target", "TrainStep", "TrainStepSetup",
-        "TuneConfig", "TuneResult", "Workload",
+        "SearchPoint", "TuneResult", "Workload",
         "UnknownPolicyError", "UnsupportedJaxModeError", "analyze", "checkpoint", "checkpoint_names",
         "inspect_policy", "linen_workload", "models", "nnx", "nnx_workload", "plot_sweep", "policies",
         "remat", "scan_layers",

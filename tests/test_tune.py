@@ -1,17 +1,16 @@
 """``remat tune``: the search against a fake compiler oracle (the traps of
 public estimators), then once on a real model with the command line."""
 
-import dataclasses
 import json
 import shlex
 import types
 
 import pytest
 
+import remat
 from remat import cli
 from remat._errors import RematError
-from remat._scan import parse_segments
-from remat._tune import Candidate, TuneConfig, _largest_batch, search, tune
+from remat._tune import Candidate, SearchPoint, _largest_batch, search, tune
 from remat.policies import get as get_policy
 
 MiB = 2**20
@@ -36,7 +35,7 @@ class FakeOracle:
         (``"names"``: saved or offloaded); segments count as their union."""
         if config.policy == "none":
             return set(NAMES)
-        parts = parse_segments(config.policy) if ";" in config.policy else [(4, config.policy)]
+        parts = config.policy if isinstance(config.policy, tuple) else [(4, config.policy)]
         return set().union(*(getattr(get_policy(p), field) for _, p in parts))
 
     def traced(self, config, batch):
@@ -66,15 +65,16 @@ class FakeOracle:
 
 def run(budget, **kw):
     o = FakeOracle(budget, **{k: v for k, v in kw.items() if k in ("extra", "activations", "cap")})
-    pick, seen, preset, dropped, _ = search(o, budget, batch=4, layers=4, chunks=False,
-                                         **{k: v for k, v in kw.items() if k in ("allow_offload", "groups")})
-    return o, pick, seen, preset, dropped
+    found = search(o, budget, batch=4, layers=4, chunks=False,
+                   **{k: v for k, v in kw.items() if k in ("allow_offload", "groups")})
+    assert found.pick in found.candidates and found.pick.fits
+    return o, found.pick.config, list(found.candidates), found.preset, list(found.dropped_names)
 
 
 def test_no_remat_already_fitting_is_the_answer():
     """``none`` fits: it is the result (not an error, not a search), after one compile."""
     o, pick, _, preset, _ = run(1000 * MiB)
-    assert pick == TuneConfig("none") and o.compiles == 1 and preset.config == pick
+    assert pick == SearchPoint("none") and o.compiles == 1 and preset.config == pick
 
 
 @pytest.mark.parametrize("budget_mib", [160, 185, 215])
@@ -129,8 +129,8 @@ def test_the_compile_cap_holds_and_is_reported():
         search(o, 160 * MiB, batch=4, layers=4, chunks=False)
     o = FakeOracle(160 * MiB)
     o.compiled = _capped(o.compiled, 2)  # none, then full (which fits): no room for the search
-    pick, _, preset, _, capped = search(o, 160 * MiB, batch=4, layers=4, chunks=False)
-    assert capped and pick == TuneConfig("full") and preset is None
+    found = search(o, 160 * MiB, batch=4, layers=4, chunks=False)
+    assert found.capped and found.pick.config == SearchPoint("full") and found.preset is None
 
 
 def _capped(f, n):
@@ -148,14 +148,23 @@ def _capped(f, n):
 
 
 @pytest.mark.parametrize("config", [
-    TuneConfig("minimal"), TuneConfig("save:a,b + dots:no_batch", "sqrt", 8, 2),
-    TuneConfig("3x save:a,b + offload:c; 1x full", "2,2", 1, 4)])
+    SearchPoint("minimal"), SearchPoint("save:a,b + dots:no_batch", "sqrt", 8, 2),
+    SearchPoint(((3, "save:a,b + offload:c"), (1, "full")), (2, 2), 1, 4)])
 def test_flags_round_trip(config):
-    """``pick.flags()`` parses back to the pick, and the CLI takes them."""
-    assert TuneConfig.from_flags(config.flags()) == config
+    """``pick.flags()`` parses back to the pick (the CLI's own parser, at the
+    CLI edge), and ``inspect`` takes them too."""
+    assert cli.search_point(shlex.split(config.flags())) == config
     args = cli.build_parser().parse_args(["inspect", "--model", "tiny", *shlex.split(config.flags())])
     parsed = (args.policy, args.groups, args.loss_chunks or 1, args.microbatches or 1)
-    assert parsed == dataclasses.astuple(config)
+    assert parsed == (config.policy_text, config.groups_text, config.loss_chunks, config.microbatches)
+
+
+def test_the_old_names_warn_and_still_work():
+    """``remat.TuneConfig`` and ``from_flags`` are deprecated aliases for one release."""
+    with pytest.warns(DeprecationWarning, match="remat.TuneConfig is deprecated: it is remat.SearchPoint"):
+        assert remat.TuneConfig is SearchPoint
+    with pytest.warns(DeprecationWarning, match="SearchPoint.from_flags is deprecated"):
+        assert SearchPoint.from_flags("--policy minimal --groups 2,2") == SearchPoint("minimal", (2, 2))
 
 
 def test_batch_auto_is_the_largest_fitting_multiple():
@@ -182,7 +191,9 @@ def test_tune_on_tiny_fits_and_beats_the_best_preset(capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["headroom_bytes"] >= 0 and d["compiles"] <= 15
     assert d["report"]["peak_bytes"] <= 30 * MiB
-    assert TuneConfig.from_flags(d["pick"]["flags"]).policy == d["pick"]["policy"]
+    assert cli.search_point(shlex.split(d["pick"]["flags"])).policy_text == d["pick"]["policy"]
+    assert set(d["pick"]) == {"policy", "groups", "loss_chunks", "microbatches", "flags"}
+    assert set(d["candidates"][0]["config"]) == {"policy", "groups", "loss_chunks", "microbatches"}
     assert d["preset"] is not None and d["recompute_saved_flops"] >= 0
     assert len(d["candidates"]) >= d["compiles"]
 
