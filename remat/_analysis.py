@@ -43,7 +43,7 @@ from remat._flops import count_dots, count_flops
 from remat._format import format_bytes
 from remat._jaxpr import CALL_BODY, CHECKPOINT, checkpoint_names, nbytes, walk
 from remat._memory import PEAK_BUFFERS, advice, compiled_memory, default_compiler_options, peak_terms
-from remat._report import Report
+from remat._report import Compute, HostTraffic, Memory, PeakBreakdown, Report, Residuals
 from remat._residuals import host_traffic, residual_rows
 
 _compat.hide_frames(__file__)
@@ -354,17 +354,18 @@ def measure(t: Traced, compiled: Any, compile_seconds: float, dump: PeakDump | s
                      "rule keeps none of them (an outer vmap or batched expert einsums?)")
 
     return Report(
-        label=t.label, backend=backend, device_kind=t.device.device_kind,
-        jax_version=jax.__version__,
-        temp_bytes=fields["temp"], argument_bytes=fields["argument"], output_bytes=fields["output"],
-        alias_bytes=fields["alias"], host_temp_bytes=fields["host_temp"],
-        peak_bytes=peak, peak_source=peak_source,
-        residual_bytes=residual_bytes, host_residual_bytes=host_residual_bytes, residuals=rows,
-        host_transfer_bytes=host_transfer_bytes, flops=flops, recompute_flops=None, recompute_overhead=None,
-        dots_forward=dots, dots_forward_batched=batched, dots_kept=dots_kept,
-        checkpoint_names=tuple(sorted(checkpoint_names(jaxpr))),
-        trace_seconds=t.trace_seconds, compile_seconds=compile_seconds, notes=tuple(notes),
-        devices=devices, limit_bytes=limit, **peak_fields)
+        label=t.label, backend=backend, device_kind=t.device.device_kind, jax_version=jax.__version__,
+        memory=Memory(temp_bytes=fields["temp"], argument_bytes=fields["argument"],
+                      output_bytes=fields["output"], alias_bytes=fields["alias"],
+                      host_temp_bytes=fields["host_temp"], peak_bytes=peak, peak_source=peak_source,
+                      limit_bytes=limit),
+        saved=Residuals(residuals=rows, residual_bytes=residual_bytes,
+                        host_residual_bytes=host_residual_bytes,
+                        checkpoint_names=tuple(sorted(checkpoint_names(jaxpr))), dots_forward=dots,
+                        dots_forward_batched=batched, dots_kept=dots_kept),
+        compute=Compute(flops=flops), breakdown=PeakBreakdown(**peak_fields),
+        host_traffic=HostTraffic(host_transfer_bytes=host_transfer_bytes),
+        trace_seconds=t.trace_seconds, compile_seconds=compile_seconds, notes=tuple(notes), devices=devices)
 
 
 def compile_and_analyze(fn: Callable[..., Any], *args: Any, label: str | None = None,

@@ -389,8 +389,8 @@ class TrainStepSetup:
         and rates)."""
         mesh = tuple(self.mesh.shape.items()) if self.mesh is not None else ()
         step, t = self.step(self.configuration.policy), self.target
-        return dataclasses.replace(
-            report, mesh=mesh, rules=step.rules if mesh else (), target=t.name,
+        return report.replace(
+            mesh=mesh, rules=step.rules if mesh else (), target=t.name,
             notes=(*report.notes, *self.workload.notes),
             limit_bytes=t.usable_bytes(self.mem_fraction), peak_flops_per_s=t.peak_flops_per_s,
             host_link_bytes_per_s=t.host_link_bytes_per_s, **self.argument_split(step))

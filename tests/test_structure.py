@@ -135,7 +135,8 @@ def test_the_cli_prints_one_line_for_bad_input_and_lets_a_bug_raise(capsys, monk
 LAYERS = [
     ("remat.policies", "remat._errors", "remat._compat", "remat._environment"),
     ("remat._call", "remat._jaxpr", "remat._residuals", "remat._apply", "remat._scan", "remat._flops",
-     "remat._format", "remat._buffers", "remat._cache", "remat._memory", "remat._report", "remat._analysis",
+     "remat._format", "remat._buffers", "remat._cache", "remat._memory", "remat._report", "remat._summary",
+     "remat._analysis",
      "remat._mesh", "remat._targets", "remat._workload", "remat._files",
      "remat.testing", "remat.nnx"),
     ("remat.models", "remat.step", "remat._flax_workload"),

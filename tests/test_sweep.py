@@ -3,7 +3,6 @@ orderings the policy definitions imply, the Pareto frontier, the plot, JSON."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -68,7 +67,7 @@ def test_frontier_is_exactly_the_undominated_reports(tiny_sweep):
 def test_pareto_frontier_on_given_points(tiny_sweep):
     r0 = tiny_sweep.reports[0]
     points = [(10, 5), (8, 7), (9, 9), (12, 4), (8, 8)]
-    reports = [dataclasses.replace(r0, peak_bytes=p, flops=f) for p, f in points]
+    reports = [r0.replace(peak_bytes=p, flops=f) for p, f in points]
     assert pareto_frontier(reports) == (1, 0, 3)  # by peak bytes; (9,9) and (8,8) are dominated
 
 
