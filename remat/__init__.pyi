@@ -48,7 +48,12 @@ from ._mesh import (
     set_cpu_devices as set_cpu_devices,
 )
 from ._report import (
+    Compute as Compute,
+    HostTraffic as HostTraffic,
+    Memory as Memory,
+    PeakBreakdown as PeakBreakdown,
     Report as Report,
+    Residuals as Residuals,
 )
 from ._residuals import (
     ResidualRow as ResidualRow,

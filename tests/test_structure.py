@@ -25,6 +25,7 @@ PUBLIC = {
         "NeverKeptError", "NeverKeptWarning",
         "OffloadUnsupportedError", "OpaquePolicy", "PeakBuffer", "Policy", "PolicyNotTextError",
         "PolicySpecError", "RematError", "RematTargetError", "Report", "ResidualRow",
+        "Compute", "HostTraffic", "Memory", "PeakBreakdown", "Residuals",
         "ScanCarryOffloadError", "SweepResult", "TARGETS", "Target", "TrainStep", "TrainStepSetup",
         "SearchPoint", "TuneResult", "Workload",
         "UnknownPolicyError", "UnsupportedJaxModeError", "analyze", "checkpoint", "checkpoint_names",
