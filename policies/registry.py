@@ -124,18 +124,7 @@ def get(spec: str | Policy | Callable[..., Any]) -> Policy:
         raise TypeError(
             f"a remat policy is a name, a spec string, a Policy or a JAX policy callable, got {spec!r}; "
             "for no remat write 'none', for recompute-everything write 'full'")
-    result: Policy | None = None
-    pos = 0
-    for raw in spec.split("+"):
-        start = pos + len(raw) - len(raw.lstrip())
-        pos += len(raw) + 1
-        term = _term(raw.strip(), start, spec)
-        try:
-            result = term if result is None else result | term
-        except ValueError as e:
-            raise RematError(f"in spec {spec!r}, term {raw.strip()!r} at position {start}: {e}") from None
-    assert result is not None
-    return result
+    return _parse(spec)[0]
 
 
 def written_names(spec: str | Policy) -> frozenset[str]:
@@ -144,18 +133,50 @@ def written_names(spec: str | Policy) -> frozenset[str]:
     of a :class:`Policy` (every name a JAX policy object lists, too: the
     user wrote them out).
 
+    >>> sorted(written_names("minimal + save:mlpwo"))
+    ['mlpwo']
+
     Raises:
       The errors of :func:`get` for a bad spec.
     """
     if isinstance(spec, Policy):
         return spec.names
-    get(spec)
-    return frozenset().union(*(
-        get(term).names for term in spec.split("+")
-        if term.partition(":")[0].strip() in ("save", "offload")))
+    return _parse(spec)[1]
 
 
-def _term(term: str, pos: int, spec: str) -> Policy:
+def _parse(spec: str) -> tuple[Policy, frozenset[str]]:
+    """The one parse of a spec string: its :class:`Policy` (the union of its
+    ``+``-joined terms, in order) and the names its ``save:``/``offload:``
+    terms write out.
+
+    Raises:
+      The errors of :func:`get` for a bad spec.
+    """
+    result: Policy | None = None
+    written: frozenset[str] = frozenset()
+    pos = 0
+    for raw in spec.split("+"):
+        start = pos + len(raw) - len(raw.lstrip())
+        pos += len(raw) + 1
+        key, term = _term(raw.strip(), start, spec)
+        if key in ("save", "offload"):
+            written |= term.names
+        try:
+            result = term if result is None else result | term
+        except ValueError as e:
+            raise RematError(f"in spec {spec!r}, term {raw.strip()!r} at position {start}: {e}") from None
+    assert result is not None
+    return result, written
+
+
+def _term(term: str, pos: int, spec: str) -> tuple[str, Policy]:
+    """One term of a spec: its keyword (a preset name, ``save``, ``offload``,
+    ``dots`` or ``offload_dots``) and its :class:`Policy`.
+
+    Raises:
+      PolicySpecError: a malformed term, naming it and its position.
+      UnknownPolicyError: an unregistered preset name.
+    """
     def bad(why: str) -> PolicySpecError:
         return PolicySpecError(f"bad term {term!r} at position {pos} in spec {spec!r}: {why}")
 
@@ -165,23 +186,23 @@ def _term(term: str, pos: int, spec: str) -> Policy:
     key = key.strip()
     if not sep:
         if key in ("dots", "offload_dots"):
-            return Policy(**{key: "all"})
+            return key, Policy(**{key: "all"})
         if key in _KEYWORDS:
             raise bad(f"{key!r} needs names, as {key}:NAME[,NAME]")
         if not _PRESET_RE.match(key):
             raise bad(f"expected {_GRAMMAR}")
-        return _lookup(key).policy
+        return key, _lookup(key).policy
     if key in ("save", "offload"):
         parts = [n.strip() for n in value.split(",")]
         if not all(parts):
             raise bad("empty checkpoint name in the list")
         try:
-            return Policy(**{key: frozenset(parts)})
+            return key, Policy(**{key: frozenset(parts)})
         except ValueError as e:
             raise bad(str(e)) from None
     if key in ("dots", "offload_dots"):
         rule = value.strip()
         if rule not in ("all", "no_batch"):
             raise bad(f"unknown matmul rule {rule!r}; valid: all, no_batch")
-        return Policy(**{key: rule})
+        return key, Policy(**{key: rule})
     raise bad(f"unknown key {key!r}; expected {_GRAMMAR}")

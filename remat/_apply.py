@@ -22,8 +22,8 @@ import functools
 import inspect
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, Protocol, TypeVar
 
 import flax.linen as nn
 import jax
@@ -249,10 +249,20 @@ def _note_opaque(policy: Policy, where: str) -> None:
         notes.append(note)
 
 
+def validation_key(policy: Policy, statics: Hashable, state: Hashable, inputs: Any) -> tuple[Any, ...]:
+    """The key of :func:`validate_once`, the same shape for every wrapper: the
+    policy, the static argument values, what of the wrapped module's state
+    the check depends on (its constructor fields or the signature of its
+    variables; None for a function), and the shapes and dtypes of the traced
+    ``inputs`` (a pytree of arrays or abstract values). Unhashable parts make
+    the key unhashable, which :func:`validate_once` checks every time."""
+    return (policy, statics, state, str(abstract(inputs)))
+
+
 def validate_once(policy: Policy, owner: Any, key: Any, make: Probe, dynamic: Any, where: str,
                   label: str | None = None, *, carry_outputs: int = 0) -> None:
     """Check, once per ``owner`` (the wrapped function or module class) and
-    hashable ``key`` (policy, static arguments, input shapes), that the
+    hashable ``key`` (:func:`validation_key`), that the
     backend can do what ``policy`` asks (:func:`check_offload`) and that the
     policy fits what it wraps (:func:`check_names` on the :func:`probe_jaxpr`
     of ``make`` on the abstract ``dynamic`` inputs). A policy without names is
@@ -475,7 +485,8 @@ def checkpoint(fn: F, policy: PolicyLike, *, static_argnames: str | Sequence[str
         statics, dyn_args, dyn_kwargs = splitter.split(args, kwargs)
         dynamic = abstract((dyn_args, dyn_kwargs))
         probe = function_probe(lambda d: statics.call(fn, *d[0], **d[1]))
-        validate_once(pol, fn, (pol, statics, str(dynamic)), probe, dynamic, where, label(policy))
+        validate_once(pol, fn, validation_key(pol, statics, None, (dyn_args, dyn_kwargs)), probe, dynamic,
+                      where, label(policy))
         with traced_flag_hint(where, splitter.traced_names(statics, dyn_kwargs)):
             return checkpointed(statics)(*dyn_args, **dyn_kwargs)
 
@@ -571,18 +582,60 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: str | Sequenc
       TypeError: at call time, an unhashable value for a static argument.
     """
     check_target(module_cls, nn.Module, "remat.remat")
-    return remat_class(module_cls, policy, static_argnames, static_argnums, methods, functools.partial(
-        _linen_remat, prevent_cse=prevent_cse))
+    return remat_class(module_cls, policy, static_argnames, static_argnums, methods, _linen_remat,
+                       prevent_cse=prevent_cse)
 
 
-RematBody = Callable[..., Any]
-"""``body(cls, orig, pol, label, self, call, dynamic, where) -> outputs``:
-one call of a rematerialized method, after its arguments are split: a
-:class:`MethodCall` and the traced ``dynamic = (args, kwargs)``."""
+@dataclasses.dataclass(frozen=True)
+class RematMethod:
+    """One method that :func:`remat_class` rematerializes: what a
+    :class:`RematBody` needs besides the call.
+
+    Attributes:
+      owner: the class given to ``remat`` (it owns the :func:`validate_once`
+        cache; the probe builds a fresh one).
+      policy: the resolved policy (never ``"none"``).
+      label: how messages name the policy (:func:`label`).
+      where: the method, for messages (``"module Block.__call__"``).
+      prevent_cse: as given to ``remat``.
+    """
+
+    owner: type
+    policy: Policy
+    label: str
+    where: str
+    prevent_cse: bool
+
+    def validate(self, call: MethodCall, state: Hashable, dynamic: Any, make: Probe, inputs: Any) -> None:
+        """:func:`validate_once` for one call: ``call`` (its static values),
+        ``state`` (what of the module's state the check depends on) and the
+        traced ``dynamic`` arguments key it; ``make`` probes ``inputs``.
+
+        Raises:
+          MissingCheckpointNameError, NeverKeptError, OffloadUnsupportedError:
+            see :func:`validate_once`.
+        """
+        key = validation_key(self.policy, call, state, dynamic)
+        validate_once(self.policy, self.owner, key, make, inputs, self.where, self.label)
+
+
+class RematBody(Protocol):
+    """How one Flax API runs one call of a rematerialized method, once
+    :func:`remat_class` has split its arguments: linen's and NNX's ``remat``
+    each pass one."""
+
+    def __call__(self, method: RematMethod, module: Any, call: MethodCall,
+                 dynamic: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+        """Run ``call`` on ``module`` (the instance, ``self``) with the traced
+        ``dynamic = (args, kwargs)`` under ``jax.checkpoint`` with
+        ``method.policy``, after :meth:`RematMethod.validate`; returns the
+        method's outputs."""
+        ...
 
 
 def remat_class(module_cls: M, policy: str | Policy, static_argnames: str | Sequence[str],
-                static_argnums: int | Sequence[int], methods: Sequence[str] | None, body: RematBody) -> M:
+                static_argnums: int | Sequence[int], methods: Sequence[str] | None, body: RematBody, *,
+                prevent_cse: bool) -> M:
     """A subclass of ``module_cls`` whose ``methods`` (default ``__call__``)
     split their arguments into static and traced ones (:class:`ArgSplitter`)
     and run ``body``; outside it, with remat switched off
@@ -599,7 +652,8 @@ def remat_class(module_cls: M, policy: str | Policy, static_argnames: str | Sequ
       RematError: a static name that is not a parameter of a wrapped method.
     """
     if isinstance(module_cls, functools.partial):
-        inner = remat_class(module_cls.func, policy, static_argnames, static_argnums, methods, body)
+        inner = remat_class(module_cls.func, policy, static_argnames, static_argnums, methods, body,
+                            prevent_cse=prevent_cse)
         return functools.partial(inner, *module_cls.args, **module_cls.keywords)  # type: ignore[return-value]
     pol = get(policy)
     if pol.is_none:
@@ -608,6 +662,7 @@ def remat_class(module_cls: M, policy: str | Policy, static_argnames: str | Sequ
     def wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
         where = f"module {module_cls.__name__}.{orig.__name__}"
         splitter = ArgSplitter(orig, static_argnames, static_argnums, where=where, method=True)
+        rematerialized = RematMethod(module_cls, pol, label(policy), where, prevent_cse)
 
         @functools.wraps(orig)
         def method(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -616,8 +671,7 @@ def remat_class(module_cls: M, policy: str | Policy, static_argnames: str | Sequ
             statics, dyn_args, dyn_kwargs = splitter.split((self, *args), kwargs)
             call = MethodCall(statics, orig)
             with traced_flag_hint(where, splitter.traced_names(statics, dyn_kwargs, method=True)):
-                return body(module_cls, orig, pol, label(policy), self, call,
-                            (dyn_args[1:], dyn_kwargs), where)
+                return body(rematerialized, self, call, (dyn_args[1:], dyn_kwargs))
 
         method.method_handler_wrapped = True  # type: ignore[attr-defined]
         return method
@@ -641,14 +695,15 @@ class MethodCall:
         return self.statics.call(self.method, module, *args, **kwargs)
 
 
-def _linen_remat(cls: type[nn.Module], orig: Callable[..., Any], pol: Policy, policy_label: str,
-                 self: nn.Module, call: MethodCall, dynamic: Any, where: str, *, prevent_cse: bool) -> Any:
-    fields = module_fields(self, cls)
-    validate_once(pol, cls, (pol, call, tuple(sorted(fields.items())), str(abstract(dynamic))),
-                  module_probe(cls, fields, call), abstract(dynamic), where, policy_label)
+def _linen_remat(method: RematMethod, module: nn.Module, call: MethodCall,
+                 dynamic: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+    """Linen's :class:`RematBody`: ``nn.remat`` of the call."""
+    fields = module_fields(module, method.owner)
+    method.validate(call, tuple(sorted(fields.items())), dynamic, module_probe(method.owner, fields, call),
+                    abstract(dynamic))
     run = lambda mdl, dyn: call(mdl, dyn)
     run.method_handler_wrapped = True  # setup runs in the clone, when the method is entered
-    return nn.remat(run, policy=pol.to_jax(), prevent_cse=prevent_cse)(self, dynamic)
+    return nn.remat(run, policy=method.policy.to_jax(), prevent_cse=method.prevent_cse)(module, dynamic)
 
 
 def module_probe(cls: type[nn.Module], fields: dict[str, Any], call: Callable[[Any, Any], Any]) -> Probe:

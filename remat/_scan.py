@@ -20,11 +20,12 @@ this CSE prevention mechanism is unnecessary").
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 
 from remat import _compat
 from remat._apply import (
+    Probe,
     abstract,
     check_target,
     label,
@@ -41,6 +43,7 @@ from remat._apply import (
     remat_disabled,
     traced_flag_hint,
     validate_once,
+    validation_key,
 )
 from remat._call import ArgSplitter
 from remat._errors import RematError
@@ -55,10 +58,79 @@ PolicyArg = str | Policy | Callable[..., Any] | Sequence[tuple[int, "str | Polic
 callable), or ``(num_layers_i, policy_i)`` segments."""
 
 
-def is_single(policy: Any) -> bool:
-    """True for one policy (a spec string without segments, a :class:`Policy`,
-    a JAX policy callable, or None, which :func:`get` rejects), False for segments."""
-    return policy is None or isinstance(policy, (str, Policy)) or callable(policy)
+@dataclasses.dataclass(frozen=True)
+class PolicyPart:
+    """One policy of a policy argument, as :func:`policy_parts` normalises it.
+
+    Attributes:
+      num_layers: how many consecutive layers it covers; None for a single
+        policy of a stack whose size :func:`policy_parts` was not given.
+      policy: the resolved :class:`Policy`.
+      label: how messages name it: the user's own string, else the
+        canonical spec (:func:`remat._apply.label`).
+    """
+
+    num_layers: int | None
+    policy: Policy
+    label: str
+
+
+SEGMENT_SEPARATOR = ";"
+"""Separates the segments of a policy string: ``"8x minimal; 24x full"``."""
+
+
+def is_segment_text(policy: object) -> bool:
+    """True for a policy string with segments (``"8x minimal; 24x full"``)."""
+    return isinstance(policy, str) and SEGMENT_SEPARATOR in policy
+
+
+def policy_parts(policy: PolicyArg, num_layers: int | None = None) -> tuple[PolicyPart, ...]:
+    """The one normalisation of a policy argument: one :class:`PolicyPart`
+    for a single policy (a spec without segments, a :class:`Policy` or a JAX
+    policy callable), covering ``num_layers``; else one per segment, in
+    order, from a sequence of ``(num_layers_i, policy_i)`` or a string such
+    as ``"8x minimal; 24x full"`` (:func:`parse_segments`), whose counts,
+    given ``num_layers``, must be positive and add up to it.
+
+    >>> [(p.num_layers, p.label) for p in policy_parts("8x minimal; 24x full")]
+    [(8, 'minimal'), (24, 'full')]
+
+    Raises:
+      RematError: a malformed segment string (:func:`parse_segments`);
+        with ``num_layers``, segment counts that are not positive or do not
+        add up to it.
+      UnknownPolicyError, PolicySpecError, TypeError: the errors of
+        :func:`get` for a policy (``None`` included).
+    """
+    if is_segment_text(policy):
+        policy = parse_segments(policy)  # type: ignore[arg-type]
+    if policy is None or isinstance(policy, (str, Policy)) or callable(policy):
+        return (PolicyPart(num_layers, get(policy), label(policy)),)  # type: ignore[arg-type]  # get(None) raises
+    parts = tuple(PolicyPart(n, get(p), label(p)) for n, p in policy)
+    counts = [p.num_layers for p in parts]
+    if num_layers is not None and (any(not isinstance(n, int) or n < 1 for n in counts)
+                                   or sum(counts) != num_layers):  # type: ignore[arg-type]
+        raise RematError(f"policy segments {counts} must be positive and add up to num_layers={num_layers}")
+    return parts
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanOps:
+    """What :meth:`Segment.scan` needs of one Flax API: its remat and its scan
+    of a scan body ``(..., carry, ...) -> (carry, per_layer)`` (linen's lifted
+    ``nn.remat``/``nn.scan`` on functions of a module, or ``jax.checkpoint``/
+    ``lax.scan`` on functions of the split NNX state).
+
+    Attributes:
+      checkpoint: ``checkpoint(body, jax_policy) -> body``: the body
+        rematerialized with that JAX policy, ``prevent_cse=False`` (the
+        module doc says why).
+      scan: ``scan(body, length) -> body``: ``length`` steps of ``body`` as
+        one body, its scanned inputs and outputs with a leading ``[length]`` axis.
+    """
+
+    checkpoint: Callable[[Callable[..., Any], Any], Callable[..., Any]]
+    scan: Callable[[Callable[..., Any], int], Callable[..., Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +141,34 @@ class Segment:
       num_layers: how many layers.
       policy: the per-layer policy.
       groups: ``(G, K)`` for nested checkpointing (``G * K == num_layers``), or None.
+      label: how messages name the policy (:attr:`PolicyPart.label`).
     """
 
     num_layers: int
     policy: Policy
     groups: tuple[int, int] | None
+    label: str
+
+    def scan(self, layer: Callable[..., Any], ops: ScanOps) -> Callable[..., Any]:
+        """The scan of this segment, for either Flax API: ``layer`` (one
+        layer, a scan body ``(..., carry, ...) -> (carry, per_layer)``) under
+        this segment's policy (as it is under ``"none"``), scanned over
+        ``num_layers`` layers; with ``groups=(G, K)``, G steps of a group that
+        is K layer steps under "full" remat (module doc). The result is a
+        scan body of the same arguments, whose scanned inputs and outputs
+        have a leading ``[num_layers]`` axis, or ``[G, K]`` with groups.
+        """
+        body = layer if self.policy.is_none else ops.checkpoint(layer, self.policy.to_jax())
+        if self.groups is None:
+            return ops.scan(body, self.num_layers)
+        g, k = self.groups
+        return ops.scan(ops.checkpoint(ops.scan(body, k), jax.checkpoint_policies.nothing_saveable), g)
+
+
+def check_num_layers(num_layers: object) -> None:
+    """Raise :class:`RematError` unless ``num_layers`` is a positive int."""
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise RematError(f"num_layers must be a positive int, got {num_layers!r}")
 
 
 def factorizations(n: int) -> list[tuple[int, int]]:
@@ -95,30 +190,22 @@ def plan(num_layers: int, policy: PolicyArg = "full", groups: Groups = None) -> 
     Raises:
       ValueError: a non-positive layer count, segments that do not add up to
         ``num_layers``, or ``groups`` that do not factor the stack (the
-        message lists the valid factorizations).
+        message lists the valid factorizations); a bad policy
+        (:func:`policy_parts`).
     """
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise RematError(f"num_layers must be a positive int, got {num_layers!r}")
-    if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
-        policy = parse_segments(policy)
-    if is_single(policy):
-        parts = [(num_layers, get(policy))]  # type: ignore[arg-type]  # get(None) raises, naming the valid forms
-    else:
-        parts = [(n, get(p)) for n, p in policy]
-        counts = [n for n, _ in parts]
-        if any(not isinstance(n, int) or n < 1 for n in counts) or sum(counts) != num_layers:
-            raise RematError(
-                f"policy segments {counts} must be positive and add up to num_layers={num_layers}")
+    check_num_layers(num_layers)
+    parts = policy_parts(policy, num_layers)
     segments: list[Segment] = []
-    for n, p in parts:
+    for part in parts:
+        n, p = part.num_layers, part.policy
         if groups is None:
-            segments.append(Segment(n, p, None))
+            segments.append(Segment(n, p, None, part.label))
         elif groups == "sqrt":
             k = max(1, round(math.sqrt(n)))
             g = n // k
-            segments.append(Segment(g * k, p, (g, k)))
+            segments.append(Segment(g * k, p, (g, k), part.label))
             if n - g * k:
-                segments.append(Segment(n - g * k, p, None))
+                segments.append(Segment(n - g * k, p, None, part.label))
         else:
             valid = ", ".join(map(str, factorizations(n)))
             if (not isinstance(groups, tuple) or len(groups) != 2
@@ -127,12 +214,8 @@ def plan(num_layers: int, policy: PolicyArg = "full", groups: Groups = None) -> 
                 raise RematError(
                     f"groups={groups!r} must be (G, K) with G * K == {n} layers (one policy "
                     f"segment), or 'sqrt'; valid: {valid}")
-            segments.append(Segment(n, p, groups))
+            segments.append(Segment(n, p, groups, part.label))
     return tuple(segments)
-
-
-SEGMENT_SEPARATOR = ";"
-"""Separates the segments of a policy string: ``"8x minimal; 24x full"``."""
 
 
 def parse_segments(text: str) -> list[tuple[int, str]]:
@@ -156,19 +239,9 @@ def parse_segments(text: str) -> list[tuple[int, str]]:
     return out
 
 
-def segment_policies(policy: PolicyArg) -> list[Policy]:
-    """The :class:`Policy` of a policy, or of each of its segments (a list, or
-    a string such as ``"8x minimal; 24x full"``)."""
-    if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
-        policy = parse_segments(policy)
-    if is_single(policy):
-        return [get(policy)]  # type: ignore[arg-type]
-    return [get(p) for _, p in policy]
-
-
 def policy_names(policy: PolicyArg) -> frozenset[str]:
     """Every checkpoint name a policy (or its segments) saves or offloads."""
-    return frozenset().union(*(p.names for p in segment_policies(policy)))
+    return frozenset().union(*(p.policy.names for p in policy_parts(policy)))
 
 
 def parse_groups(text: str) -> str | tuple[int, int]:
@@ -240,12 +313,16 @@ def _from_segments(inner: dict[str, Any], segments: tuple[Segment, ...]) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class LayerScan:
-    """What a layer scan needs to know of its block and policy, for linen's
-    :func:`scan_layers` and :func:`remat.nnx.scan_layers` alike.
+    """The core of a layer scan, for linen's :func:`scan_layers` and
+    :func:`remat.nnx.scan_layers` alike: the checks when the class is made,
+    the split of a call's arguments, the check of each segment's policy at
+    first trace, and which segments a call scans (each segment's scan:
+    :meth:`Segment.scan`). What differs between the APIs (how the block's
+    state is split, probed and scanned) each one passes in.
 
     Attributes:
+      num_layers: L, the number of layers.
       segments: the plan (:func:`plan`).
-      labels: how each segment's policy is named in messages.
       orig: the block's ``__call__``.
       splitter: how its calls are split into static and traced arguments.
       carry_name: its first argument after ``self``, the carry.
@@ -253,8 +330,8 @@ class LayerScan:
       broadcast_argnames: as given.
     """
 
+    num_layers: int
     segments: tuple[Segment, ...]
-    labels: dict[Policy, str]
     orig: Any
     splitter: ArgSplitter
     carry_name: str
@@ -268,16 +345,12 @@ class LayerScan:
         """Check and plan (errors as :func:`scan_layers`; ``block_cls`` must
         subclass ``base``, else :class:`remat.RematTargetError` names ``api``)."""
         check_target(block_cls, base, api)
-        if isinstance(policy, str) and SEGMENT_SEPARATOR in policy:
-            policy = parse_segments(policy)
         segments = plan(num_layers, policy, groups)
-        labels = ({get(policy): label(policy)} if is_single(policy)  # type: ignore[arg-type]
-                  else {get(p): label(p) for _, p in policy})  # type: ignore[union-attr]
         orig = block_cls.__call__
         where = f"module {block_cls.__name__}"
         splitter = ArgSplitter(orig, static_argnames, where=where, method=True)
         ArgSplitter(orig, broadcast_argnames, where=where, method=True, kind="broadcast")
-        return cls(segments, labels, orig, splitter, list(inspect.signature(orig).parameters)[1], where,
+        return cls(num_layers, segments, orig, splitter, list(inspect.signature(orig).parameters)[1], where,
                    tuple(broadcast_argnames))
 
     def split(self, module: Any, args: tuple, kwargs: dict) -> tuple[dict[str, Any], Any, dict[str, Any]]:
@@ -296,6 +369,36 @@ class LayerScan:
                 f"{self.where}: argument(s) {', '.join(unknown)} are neither static nor broadcast; "
                 "name them in static_argnames (Python constants) or broadcast_argnames (arrays)")
         return static, x, dynamic
+
+    def validate(self, owner: type, static: dict[str, Any], state_key: Hashable, x: Any,
+                 bcast: dict[str, Any], probe: Probe, inputs: Any) -> None:
+        """Check each segment's policy on one layer (:func:`validate_once`,
+        owned by the block class ``owner``), once per policy, static values,
+        ``state_key`` (what of the layer's state the check depends on) and
+        shapes of the carry ``x`` and the ``bcast`` arguments: ``probe`` runs
+        one layer on ``inputs`` (abstract), whose first outputs are the carry.
+
+        Raises:
+          MissingCheckpointNameError, NeverKeptError, ScanCarryOffloadError,
+          OffloadUnsupportedError: see :func:`validate_once`.
+        """
+        for seg in self.segments:
+            key = validation_key(seg.policy, tuple(sorted(static.items())), state_key, (x, bcast))
+            validate_once(seg.policy, owner, key, probe, inputs, self.where, seg.label,
+                          carry_outputs=len(jax.tree.leaves(x)))
+
+    def segments_to_run(self, *, flat: bool = False) -> tuple[Segment, ...]:
+        """The segments a call scans: the plan, or, with ``flat`` (linen's
+        ``init``) or inside :func:`remat.without_remat`, one segment of
+        every layer without remat."""
+        if flat or remat_disabled():
+            return (Segment(self.num_layers, get("none"), None, "none"),)
+        return self.segments
+
+    def traced_hint(self, bcast: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+        """:func:`traced_flag_hint` for a call whose traced arguments are the
+        carry and ``bcast``."""
+        return traced_flag_hint(self.where, [self.carry_name, *bcast])
 
 
 def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyArg = "full",
@@ -355,25 +458,12 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
         broadcast, or an unhashable static value.
     """
     spec = LayerScan.of(block_cls, num_layers, policy, groups, static_argnames, broadcast_argnames)
-    segments, orig, where = spec.segments, spec.orig, spec.where
+    orig = spec.orig
     rngs = {r: True for r in split_rngs}
-
-    def run_segment(seg: Segment, child: nn.Module, x: Any, static: dict, bcast: dict) -> Any:
-        def layer(mdl: nn.Module, carry: Any, b: dict) -> tuple[Any, None]:
-            return orig(mdl, carry, **static, **b), None
-
-        body = layer if seg.policy.is_none else nn.remat(
-            layer, policy=seg.policy.to_jax(), prevent_cse=False)
-        scan = lambda f, n: nn.scan(
-            f, variable_axes={True: 0}, split_rngs=rngs, in_axes=nn.broadcast, length=n,
-            metadata_params={nn.PARTITION_NAME: "layers"})
-        if seg.groups is None:
-            return scan(body, seg.num_layers)(child, x, bcast)[0]
-        g, k = seg.groups
-        inner = scan(body, k)
-        group = nn.remat(lambda mdl, carry, b: inner(mdl, carry, b), prevent_cse=False,
-                         policy=jax.checkpoint_policies.nothing_saveable)
-        return scan(group, g)(child, x, bcast)[0]
+    ops = ScanOps(
+        checkpoint=lambda f, pol: nn.remat(f, policy=pol, prevent_cse=False),
+        scan=lambda f, n: nn.scan(f, variable_axes={True: 0}, split_rngs=rngs, in_axes=nn.broadcast, length=n,
+                                  metadata_params={nn.PARTITION_NAME: "layers"}))
 
     class ScannedLayers(block_cls):  # type: ignore[valid-type, misc]
         def setup(self) -> None:
@@ -386,31 +476,28 @@ def scan_layers(block_cls: type[nn.Module], *, num_layers: int, policy: PolicyAr
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
             static, x, dynamic = spec.split(self, args, kwargs)
             fields = module_fields(self, block_cls)
-            for seg in segments:
-                validate_once(
-                    seg.policy, block_cls, (seg.policy, tuple(sorted(static.items())),
-                                            tuple(sorted(fields.items())), str(abstract((x, dynamic)))),
-                    module_probe(block_cls, fields, lambda m, d: orig(m, **static, **d)),
-                    abstract({spec.carry_name: x, **dynamic}),
-                    where, spec.labels.get(seg.policy), carry_outputs=len(jax.tree.leaves(x)))
-
+            spec.validate(block_cls, static, tuple(sorted(fields.items())), x, dynamic,
+                          module_probe(block_cls, fields, lambda m, d: orig(m, **static, **d)),
+                          abstract({spec.carry_name: x, **dynamic}))
             # Initialise as one flat scan, so the initial parameters are the same
             # whatever the grouping and segmentation (and no remat is traced for init);
             # without_remat() gets the same flat scan.
-            flat = self.is_initializing() or remat_disabled()
-            segs = (Segment(num_layers, get("none"), None),) if flat else segments
+            segs = spec.segments_to_run(flat=self.is_initializing())
+
+            def layer(mdl: nn.Module, carry: Any, b: dict) -> tuple[Any, None]:
+                return orig(mdl, carry, **static, **b), None
 
             def run(mdl: nn.Module, x: Any, bcast: dict) -> Any:
                 for i, seg in enumerate(segs):
                     child = block_cls(**fields, parent=mdl, name=f"segment_{i}")
-                    x = run_segment(seg, child, x, static, bcast)
+                    x = seg.scan(layer, ops)(child, x, bcast)[0]
                 return x
 
             mapped = nn.map_variables(
                 run, True, init=self.is_initializing(), mutable=True,
                 trans_in_fn=lambda v: {c: _to_segments(t, segs) for c, t in v.items()},
                 trans_out_fn=lambda v: {c: _from_segments(t, segs) for c, t in v.items()})
-            with traced_flag_hint(where, [spec.carry_name, *dynamic]):
+            with spec.traced_hint(dynamic):
                 return mapped(self, x, dynamic)
 
     ScannedLayers.__name__ = ScannedLayers.__qualname__ = f"Scanned{block_cls.__name__}"

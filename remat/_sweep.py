@@ -37,7 +37,7 @@ from remat._jaxpr import checkpoint_names
 from remat._memory import TERMS
 from remat._mesh import Rules
 from remat._report import HOST_LINK_BYTES_PER_S, PEAK_FLOPS_PER_S, Report, render_text
-from remat._scan import policy_names, segment_policies
+from remat._scan import policy_names, policy_parts
 from remat._targets import Target, get_target, prepare_environment
 from remat._workload import TrainStepSetup, Workload, bind
 from remat.models.hf import defaults_note
@@ -188,8 +188,8 @@ def inspect_policy(s: TrainStepSetup | ModelLike, policy: PolicyLike, *,
     if not isinstance(s, TrainStepSetup):
         s = train_step_setup(s)
     label = label_of(policy)
-    for p in segment_policies(policy):
-        check_offload(p, s.device())
+    for part in policy_parts(policy):
+        check_offload(part.policy, s.device())
     t = s.trace(policy, label)
     report = s.finish(measure(t, *compile_figures(t, compiler_options)))
     b = s.baseline()
@@ -456,8 +456,8 @@ def sweep(model: ModelLike | TrainStepSetup, policies: Sequence[PolicyLike] | No
         if len(set(labels)) != len(labels):
             raise RematError(f"duplicated policies in {labels}")
         for p in policies:
-            for seg in segment_policies(p):
-                check_offload(seg, s.device())
+            for part in policy_parts(p):
+                check_offload(part.policy, s.device())
     base = s.baseline()
     notes: list[str] = []
     emitted = sorted(checkpoint_names(base.traced.jaxpr))

@@ -43,7 +43,7 @@ from remat._apply import PolicyLike, check_offload
 from remat._errors import OffloadUnsupportedError, RematError
 from remat._mesh import batch_factor, check_batch, make_mesh
 from remat._report import Report
-from remat._scan import SEGMENT_SEPARATOR, Groups
+from remat._scan import Groups, is_segment_text
 from remat._targets import TARGETS, Target, get_target, prepare_environment, target_mesh
 from remat.policies import get as get_policy
 
@@ -322,7 +322,7 @@ class TrainStepSetup:
             leaf is not an array, or the roles are not a prefix of the
             arguments with :data:`ROLES` leaves.
         """
-        if isinstance(policy, str) and SEGMENT_SEPARATOR in policy and self.workload.layers is None:
+        if is_segment_text(policy) and self.workload.layers is None:
             raise RematError(f"workload {self.workload.name!r} states no layer count (Workload.layers), so "
                              f"its policy cannot have segments: {policy!r}")
         c = _recording(dataclasses.replace(self.configuration, policy=policy))

@@ -29,7 +29,6 @@ needs the layer state reshaped, which only the split state allows.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -42,16 +41,14 @@ from remat import _compat
 from remat._apply import (
     MethodCall,
     Probe,
+    RematMethod,
     abstract,
     check_target,
     remat_class,
-    remat_disabled,
-    traced_flag_hint,
-    validate_once,
 )
 from remat._errors import RematError
-from remat._scan import Groups, LayerScan, PolicyArg, Segment
-from remat.policies import Policy, get
+from remat._scan import Groups, LayerScan, PolicyArg, ScanOps, Segment, check_num_layers
+from remat.policies import Policy
 
 __all__ = ["LayerAxes", "remat", "scan_layers", "stack_layers"]
 
@@ -251,21 +248,30 @@ def remat(module_cls: M, policy: str | Policy, *, static_argnames: str | Sequenc
       TypeError: at call time, an unhashable value for a static argument.
     """
     check_target(module_cls, nnx.Module, "remat.nnx.remat")
-    return remat_class(module_cls, policy, static_argnames, static_argnums, methods, functools.partial(
-        _nnx_remat, prevent_cse=prevent_cse))
+    return remat_class(module_cls, policy, static_argnames, static_argnums, methods, _nnx_remat,
+                       prevent_cse=prevent_cse)
 
 
-def _nnx_remat(cls: type[nnx.Module], orig: Callable[..., Any], pol: Policy, policy_label: str,
-               self: nnx.Module, call: MethodCall, dynamic: Any, where: str, *, prevent_cse: bool) -> Any:
-    graphdef, state = nnx.split(self)
-    before, statics = _static_attrs(self), {}
+def _nnx_remat(method: RematMethod, module: nnx.Module, call: MethodCall,
+               dynamic: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+    """NNX's :class:`remat._apply.RematBody`: ``jax.checkpoint`` of the call
+    on the split state, the changes written back."""
+    graphdef, state = nnx.split(module)
+    before, statics = _static_attrs(module), {}
     fn = _pure(graphdef, call, statics)
-    validate_once(pol, cls, (pol, call, _signature(state), str(abstract(dynamic))),
-                  _probe(fn), abstract({"state": state, "args": dynamic}), where, policy_label)
-    out, changed = jax.checkpoint(fn, policy=pol.to_jax(), prevent_cse=prevent_cse)(state, dynamic)
-    _update(self, changed, where)
-    _write_statics(self, before, statics, where)
+    method.validate(call, _signature(state), dynamic, _probe(fn), abstract({"state": state, "args": dynamic}))
+    out, changed = jax.checkpoint(fn, policy=method.policy.to_jax(), prevent_cse=method.prevent_cse)(
+        state, dynamic)
+    _update(module, changed, method.where)
+    _write_statics(module, before, statics, method.where)
     return out
+
+
+_SCAN_OPS = ScanOps(checkpoint=lambda f, pol: jax.checkpoint(f, policy=pol, prevent_cse=False),
+                    scan=lambda f, n: lambda carry, st: jax.lax.scan(f, carry, st))
+"""NNX's :class:`remat._scan.ScanOps`: JAX's own transforms on functions of
+the split state ``(carry, state) -> (carry, changed)``; the scan's length is
+that of the state's leading axis."""
 
 
 def _axis(v: nnx.Variable, layer_axes: LayerAxes) -> int:
@@ -305,8 +311,7 @@ def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: 
     Raises:
       RematError: ``num_layers < 1``.
     """
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise RematError(f"num_layers must be a positive int, got {num_layers!r}")
+    check_num_layers(num_layers)
 
     @nnx.split_rngs(splits=num_layers, graph=True, graph_updates=True)
     @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num_layers, graph=True, graph_updates=True)
@@ -373,22 +378,17 @@ def scan_layers(block_cls: type[nnx.Module], *, num_layers: int, policy: PolicyA
     """
     spec = LayerScan.of(block_cls, num_layers, policy, groups, static_argnames, broadcast_argnames,
                         base=nnx.Module, api="remat.nnx.scan_layers")
-    segments, orig, where, carry_name = spec.segments, spec.orig, spec.where, spec.carry_name
     axes = dict(layer_axes or {})
 
     def run_segment(seg: Segment, fn: Callable[..., Any], x: Any, state: nnx.State, bcast: dict) -> Any:
         def layer(carry: Any, st: nnx.State) -> tuple[Any, nnx.State]:
-            return fn(st, {carry_name: carry, **bcast})
+            return fn(st, {spec.carry_name: carry, **bcast})
 
-        body = layer if seg.policy.is_none else jax.checkpoint(
-            layer, policy=seg.policy.to_jax(), prevent_cse=False)
+        scan = seg.scan(layer, _SCAN_OPS)
         if seg.groups is None:
-            return jax.lax.scan(body, x, state)
+            return scan(x, state)
         g, k = seg.groups
-        grouped = jax.tree.map(lambda a: a.reshape(g, k, *a.shape[1:]), state)
-        group = jax.checkpoint(lambda carry, st: jax.lax.scan(body, carry, st), prevent_cse=False,
-                               policy=jax.checkpoint_policies.nothing_saveable)
-        x, changed = jax.lax.scan(group, x, grouped)
+        x, changed = scan(x, jax.tree.map(lambda a: a.reshape(g, k, *a.shape[1:]), state))
         return x, jax.tree.map(lambda a: a.reshape(g * k, *a.shape[2:]), changed)
 
     class ScannedLayers(nnx.Module):
@@ -400,18 +400,13 @@ def scan_layers(block_cls: type[nnx.Module], *, num_layers: int, policy: PolicyA
             graphdef, stacked = nnx.split(self.block)
             state = _move_layer_axis(stacked, axes, to_front=True)
             before, statics = _static_attrs(self.block), {}
-            fn = _pure(graphdef, lambda m, d: orig(m, **static, **d), statics)
+            fn = _pure(graphdef, lambda m, d: spec.orig(m, **static, **d), statics)
             one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state)
-            for seg in segments:
-                validate_once(
-                    seg.policy, block_cls, (seg.policy, tuple(sorted(static.items())), _signature(stacked),
-                                            str(abstract((x, dynamic)))),
-                    _probe(fn), {"state": one, "args": abstract({carry_name: x, **dynamic})}, where,
-                    spec.labels.get(seg.policy), carry_outputs=len(jax.tree.leaves(x)))
-            segs = (Segment(num_layers, get("none"), None),) if remat_disabled() else segments
+            spec.validate(block_cls, static, _signature(stacked), x, dynamic, _probe(fn),
+                          {"state": one, "args": abstract({spec.carry_name: x, **dynamic})})
             parts, start = [], 0
-            with traced_flag_hint(where, [carry_name, *dynamic]):
-                for seg in segs:
+            with spec.traced_hint(dynamic):
+                for seg in spec.segments_to_run():
                     part = jax.tree.map(lambda a, s=start, n=seg.num_layers: a[s:s + n], state)
                     x, changed = run_segment(seg, fn, x, part, dynamic)
                     parts.append(changed)
