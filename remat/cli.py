@@ -489,12 +489,12 @@ def search_point(argv: Sequence[str]) -> Any:
       RematError: bad ``--policy`` segments or ``--groups``.
       SystemExit: flags ``remat train`` does not take (argparse's usage error).
     """
-    from remat._scan import SEGMENT_SEPARATOR, parse_groups, parse_segments
+    from remat._scan import is_segment_text, parse_groups, parse_segments
     from remat._tune import SearchPoint
 
     args = build_parser().parse_args(["train", *argv])
     policy = args.policy or "full"
-    return SearchPoint(tuple(parse_segments(policy)) if SEGMENT_SEPARATOR in policy else policy,
+    return SearchPoint(tuple(parse_segments(policy)) if is_segment_text(policy) else policy,
                        parse_groups(args.groups) if args.groups else None, args.loss_chunks or 1,
                        args.microbatches or 1)
 
