@@ -358,6 +358,10 @@ import os, signal
 import remat
 from vit_workload import workload
 
+# Python's own Ctrl-C handler, as in a terminal: a background job (CI started with `&`) inherits
+# SIGINT ignored, and then Python installs none (signal module docs: SIG_IGN is kept).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 def build(c, mesh):
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the sweep traces
     return workload.build(c, mesh)
