@@ -9,7 +9,7 @@ the recorded files with ``literalinclude``, as the notebooks keep the outputs
 ``notebooks/regenerate.py`` wrote. Each file starts with the command line
 (``$ ...``); then its standard output and error as a terminal would show them,
 except the lines the CUDA plugin logs on a machine without an NVIDIA driver,
-and with paths in this checkout relative to it. The commands run this
+and with paths relative to the folder it ran in (or this checkout). The commands run this
 checkout's code (it is put first on ``PYTHONPATH``).
 The compile cache is off (``REMAT_CACHE_DIR=``), so the wall times printed are
 those of real compiles. Run it from the repository's root, in a virtual
@@ -70,7 +70,8 @@ def record(name: str) -> float:
         cwd = ROOT / folder if folder is not None else pathlib.Path(tmp)
         done = subprocess.run(shlex.split(command), cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, check=False)
-    lines = [line.rstrip().replace(f"{ROOT}/", "") for line in done.stdout.splitlines()
+        here = f"{cwd.resolve()}/"  # paths under the folder it ran in, relative to it
+    lines = [line.rstrip().replace(here, "").replace(f"{ROOT}/", "") for line in done.stdout.splitlines()
              if not NO_DRIVER.fullmatch(line.strip())]
     if done.returncode != 0:
         sys.exit(f"{name}: `{command}` exited {done.returncode}:\n" + "\n".join(lines[-20:]))

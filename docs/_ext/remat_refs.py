@@ -30,6 +30,7 @@ from docutils import nodes
 from sphinx.addnodes import pending_xref
 from sphinx.application import Sphinx
 from sphinx.environment import BuildEnvironment
+from sphinx.ext.napoleon import _process_docstring as napoleon_process_docstring
 from sphinx.util import logging
 from sphinx.util.nodes import make_refnode
 
@@ -116,16 +117,25 @@ def missing_reference(app: Sphinx, env: BuildEnvironment, node: pending_xref,
     return contnode
 
 
-def attribute_docstring(app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
+def _napoleon_for_prose_attributes(app: Sphinx) -> None:
     """Keep napoleon from reading an attribute's first words as its type.
 
     For an attribute, napoleon takes ``Words: more`` on the first line as
-    ``type: description`` (``Gated MLP: gate projection output``); this
-    project's attribute docstrings are prose and their types are the
-    annotations. A leading blank line leaves the text as written.
+    ``type: description`` (``Gated MLP: gate projection output`` would become
+    the type "Gated MLP"). This project's attribute docstrings are prose, and
+    their types are the annotations: napoleon reads them as it reads a
+    module's docstring (sections, no inline type).
     """
-    if what in ("attribute", "data", "property") and lines and ":" in lines[0]:
-        lines.insert(0, "")
+    listeners = app.events.listeners["autodoc-process-docstring"]
+    for listener in list(listeners):
+        if listener.handler is napoleon_process_docstring:
+            app.disconnect(listener.id)
+
+    def process(app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
+        kind = "module" if what in ("attribute", "data", "property") else what
+        napoleon_process_docstring(app, kind, name, obj, options, lines)
+
+    app.connect("autodoc-process-docstring", process)
 
 
 def check_api_documented(app: Sphinx, env: BuildEnvironment) -> None:
@@ -146,6 +156,6 @@ def check_api_documented(app: Sphinx, env: BuildEnvironment) -> None:
 def setup(app: Sphinx) -> dict[str, Any]:
     app.add_config_value("remat_api_modules", [], "env")
     app.connect("env-check-consistency", check_api_documented)
-    app.connect("autodoc-process-docstring", attribute_docstring, priority=400)  # before napoleon (500)
+    app.connect("builder-inited", _napoleon_for_prose_attributes)
     app.connect("missing-reference", missing_reference)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
