@@ -426,8 +426,9 @@ def sweep(model: ModelLike | TrainStepSetup, policies: Sequence[PolicyLike] | No
       policies: preset names, spec strings, Policies or JAX policy callables
         (applied as they are; one remat cannot check gets a note in its
         report); default :func:`default_policies` of the model.
-      batch, seq, dtype, groups, mesh, rules, loss_chunks, microbatches, api, target,
-        attention, mem_fraction: see :func:`train_step_setup`.
+      batch, seq, dtype, groups, mesh, rules, loss_chunks, microbatches: see
+        :func:`train_step_setup`.
+      api, target, attention, mem_fraction: see :func:`train_step_setup`.
       workers: compile threads (>= 1).
       compiler_options: see :func:`remat.analyze`.
       on_report: called as ``on_report(report, done, total)`` with each finished

@@ -211,12 +211,3 @@ def test_package_exports():
     assert remat.policies is policies
     chex.assert_equal(sorted(remat.__all__), sorted(set(remat.__all__)))
 
-
-def test_readme_policy_table_is_generated_from_the_registry():
-    from pathlib import Path
-
-    from remat.cli import policy_table_markdown
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    table = readme.split("<!-- policy-table:start -->\n")[1].split("<!-- policy-table:end -->")[0]
-    assert table == policy_table_markdown(), "README out of date: paste `remat policies --markdown`"
