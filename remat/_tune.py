@@ -177,7 +177,7 @@ class SearchPoint:
         """Deprecated: parse the flags with ``remat.cli.search_point`` (the CLI's own parser)."""
         warnings.warn("SearchPoint.from_flags is deprecated: use remat.cli.search_point(shlex.split(text))",
                       DeprecationWarning, stacklevel=2)
-        from remat import cli  # the command line's parser; cli imports this module lazily, no cycle
+        from remat import cli  # this deprecated alias only: otherwise the library never imports the CLI
 
         return cli.search_point(shlex.split(text))
 
