@@ -324,7 +324,7 @@ class TuneResult:
 
     def candidates_table(self) -> Table:
         """Every configuration compiled (batches tried first), with its peak,
-        recompute and whether it fits (a rich table)."""
+        recompute and whether it fits, the chosen one marked (a rich table)."""
         rows = (*self.batches, *self.candidates)
         estimated = any(x.estimate for x in rows)  # the footnote only where a row is marked
         t = Table(title="every configuration compiled",
@@ -336,7 +336,8 @@ class TuneResult:
         for x in rows:
             t.add_row(x.role, str(x.batch), x.config.flags(),
                       format_bytes(x.device_peak_bytes) + ("*" if x.estimate else ""),
-                      format_flops(x.recompute_flops), "yes" if x.fits else "no")
+                      format_flops(x.recompute_flops),
+                      "yes (chosen)" if x is self.chosen else "yes" if x.fits else "no")
         return t
 
     def __rich__(self) -> Group:

@@ -28,7 +28,7 @@ _compat.hide_frames(__file__)
 
 def policy_table_markdown() -> str:
     """The registry as a Markdown table (name, saves, offloads, doc), as the
-    README embeds it; ``remat policies --markdown`` prints it."""
+    documentation embeds it (``docs/guide/policies.md``); ``remat policies --markdown`` prints it."""
     lines = ["| policy | saves on device | offloads to host | what it is |", "|---|---|---|---|"]
     for name in policies.names():
         p = policies.get(name)
@@ -75,7 +75,7 @@ def _add_policies(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("policies", help="list the registered remat policies",
                        description="List every registered policy: what it saves, offloads, and its doc.")
     _add_json(p, "the policies")
-    p.add_argument("--markdown", action="store_true", help="print the Markdown table the README embeds")
+    p.add_argument("--markdown", action="store_true", help="print the Markdown table the docs embed")
     p.set_defaults(func=_policies)
 
 

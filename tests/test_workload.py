@@ -65,6 +65,7 @@ def test_a_vit_is_tuned_with_the_levers_it_reads(vit_sweep):
     assert (t.model, t.batch, t.seq) == ("vit-linen", 8, None)
     assert t.candidates_table().caption is None  # no offload, no estimate: no footnote for it
     assert str(t).lstrip().startswith("remat tune: vit-linen, batch 8")  # print(result)
+    assert str(t).count("yes (chosen)") == 1  # the chosen row is marked, whatever stage compiled it
     assert t.report.parameter_bytes == r["full"].parameter_bytes
 
 
