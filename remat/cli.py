@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -567,7 +568,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from remat._mesh import initialize_distributed
 
             initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a reader that went away fails here, inside this handler, not at exit
+        return status
+    except BrokenPipeError:  # `remat policies --json | head`: stop quietly, as a Unix filter does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's signal docs, on SIGPIPE
+        return 1
     except RematError as e:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
         return 2

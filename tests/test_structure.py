@@ -214,3 +214,15 @@ def test_one_version_and_one_list_of_apis():
     assert cli.API_CHOICES == APIS
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["inspect", "--model", "tiny", "--api", "jax"])
+
+
+def test_a_reader_that_goes_away_is_no_traceback():
+    """``remat policies --json | head``: the pipe closed before remat writes is
+    a quiet exit 1, as ``head`` expects of a filter, not a BrokenPipeError."""
+    run = subprocess.Popen([sys.executable, "-m", "remat.cli", "policies", "--json"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    run.stdout.close()  # the reader is gone before the first write
+    err = run.stderr.read()
+    run.stderr.close()
+    assert run.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
