@@ -124,7 +124,8 @@ class SearchPoint:
     Raises:
       PolicyNotTextError: ``policy`` is a JAX policy callable: a search point
         is written out as flags (:meth:`flags`).
-      RematError: segments that are not ``(count, spec)`` pairs.
+      RematError: segments that are not ``(count, spec)`` pairs; ``groups``
+        that is not None, ``"sqrt"`` or two positive ints.
     """
 
     policy: str | Segments
@@ -140,6 +141,11 @@ class SearchPoint:
                 raise RematError(f"{where}: segments must be (count, spec) pairs, got {self.policy!r}")
         else:
             require_text(self.policy, where)
+        g = self.groups
+        if not (g is None or g == "sqrt" or (isinstance(g, tuple) and len(g) == 2
+                                             and all(isinstance(n, int) and n > 0 for n in g))):
+            raise RematError(f"SearchPoint.groups={g!r}: valid values are None, 'sqrt' or (G, K), two "
+                             "positive ints (flag text 'G,K' is read by remat.cli.search_point)")
 
     @property
     def policy_text(self) -> str:

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -25,6 +25,9 @@ from remat._errors import RematError
 from remat._files import write_text
 
 _compat.hide_frames(__file__)
+
+if TYPE_CHECKING:
+    from remat._tune import SearchPoint
 
 
 def policy_table_markdown() -> str:
@@ -480,7 +483,7 @@ def _positive_int(flag: str, text: str) -> int:
     return int(text)
 
 
-def search_point(argv: Sequence[str]) -> Any:
+def search_point(argv: Sequence[str]) -> SearchPoint:
     """The :class:`remat.SearchPoint` that ``--policy``, ``--groups``,
     ``--loss-chunks`` and ``--microbatches`` give (as
     :meth:`remat.SearchPoint.flags` writes them), parsed by ``remat

@@ -159,6 +159,13 @@ def test_flags_round_trip(config):
     assert parsed == (config.policy_text, config.groups_text, config.loss_chunks, config.microbatches)
 
 
+def test_a_search_point_names_bad_fields():
+    with pytest.raises(RematError, match=r"SearchPoint.groups='2,2': valid values are None, 'sqrt' or \(G, "):
+        SearchPoint("full", "2,2")
+    with pytest.raises(RematError, match=r"segments must be \(count, spec\) pairs, got \(\(0, 'full'\),\)"):
+        SearchPoint(((0, "full"),))
+
+
 def test_the_old_names_warn_and_still_work():
     """``remat.TuneConfig`` and ``from_flags`` are deprecated aliases for one release."""
     with pytest.warns(DeprecationWarning, match="remat.TuneConfig is deprecated: it is remat.SearchPoint"):
